@@ -1,0 +1,42 @@
+"""Node-local process coordination for pipeline runners, standard library only.
+
+File-lock mutexes, a last-process-standing election, process names visible
+across containers, crash-safe deferred cleanup functions, real-time log
+shipping over UDP and module shipping, with the names of Toil's
+coordination layer. Vendorable: copy this folder anywhere.
+"""
+from __future__ import annotations
+
+try:
+    import fcntl  # noqa: F401 - everything here stands on flock
+except ImportError:  # pragma: no cover - exercised only off POSIX
+    raise ImportError(
+        "toilcoord needs a POSIX system: it is built on fcntl.flock, "
+        "which this platform does not have"
+    ) from None
+
+from .locks import (
+    FilesystemInfo,
+    LockTimeout,
+    UnsafeFilesystemError,
+    ensure_filesystem_lockable,
+    filesystem_info,
+    global_mutex,
+    locked_file_is,
+    safe_lock,
+    safe_unlock_and_close,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FilesystemInfo",
+    "LockTimeout",
+    "UnsafeFilesystemError",
+    "ensure_filesystem_lockable",
+    "filesystem_info",
+    "global_mutex",
+    "locked_file_is",
+    "safe_lock",
+    "safe_unlock_and_close",
+]

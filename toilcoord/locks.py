@@ -1,0 +1,603 @@
+"""flock-based locks that dead holders release and that leave no files behind.
+
+Everything in toilcoord that proves liveness or excludes other processes
+stands on three ideas kept in this module:
+
+* a lock is an exclusive ``flock`` on an open file, so the kernel drops it
+  when the holder dies, however it dies;
+* after locking, the holder checks with :func:`locked_file_is` that the file
+  it locked is still the one linked at the path, so a file may be unlinked
+  while locked and nobody can ever hold a stale copy;
+* a forked child never keeps a lock of its parent's: the fds are closed in
+  the child (``os.register_at_fork``), so a parent that dies is seen dead even
+  while its children live.
+
+:class:`HeldFile` and :func:`take_over` are the one implementation of the
+"file held locked for liveness" pattern used by process names, the arena and
+the deferred-function manager.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import re
+import threading
+import time
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+
+__all__ = [
+    "FilesystemInfo",
+    "HeldFile",
+    "LockTimeout",
+    "UnsafeFilesystemError",
+    "check_name",
+    "ensure_filesystem_lockable",
+    "filesystem_info",
+    "global_mutex",
+    "locked_file_is",
+    "safe_lock",
+    "safe_unlock_and_close",
+    "take_over",
+]
+
+logger = logging.getLogger(__name__)
+
+PathArg = Union[str, "os.PathLike[str]"]
+
+
+class LockTimeout(TimeoutError):
+    """A lock was not acquired within its timeout."""
+
+
+class UnsafeFilesystemError(RuntimeError):
+    """The filesystem's locks are known to hang or to be unreliable."""
+
+
+# ---------------------------------------------------------------- flock
+
+# EIO and ENOLCK come from network filesystems whose lock service is
+# briefly (EIO) or permanently (ENOLCK: no lockd) unavailable.
+_RETRYABLE = frozenset((errno.EIO, errno.ENOLCK))
+_RETRIES = 10
+_FIRST_BACKOFF = 1.0
+_MAX_BACKOFF = 60.0
+_ADVICE = {
+    errno.ENOLCK: "the filesystem has no working lock daemon; point the "
+    "coordination directory at local storage (for example $TMPDIR on the node)",
+    errno.EIO: "the filesystem's lock service keeps failing; check the mount, "
+    "or point the coordination directory at local storage",
+}
+
+
+def safe_lock(fd: int, block: bool = True, shared: bool = False) -> None:
+    """``flock`` *fd*, retrying EIO and ENOLCK with exponential backoff.
+
+    Retries start after 1 s, double, are capped at 60 s and stop after 10;
+    each is logged, and the last error is re-raised with advice logged. A
+    non-blocking lock that is not available raises OSError with EAGAIN or
+    EACCES at once.
+    """
+    operation = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if block else fcntl.LOCK_NB)
+    try:
+        fcntl.flock(fd, operation)
+    except OSError as error:
+        if error.errno not in _RETRYABLE:
+            raise
+        _retry_flock(fd, operation, error)
+
+
+def _retry_flock(fd: int, operation: int, error: OSError) -> None:
+    delay = _FIRST_BACKOFF
+    for attempt in range(1, _RETRIES + 1):
+        logger.warning(
+            "flock(%d) failed with %s; retry %d of %d in %g s",
+            fd, errno.errorcode.get(error.errno, error.errno), attempt, _RETRIES, delay,
+        )
+        time.sleep(delay)
+        delay = min(delay * 2, _MAX_BACKOFF)
+        try:
+            fcntl.flock(fd, operation)
+            return
+        except OSError as again:
+            if again.errno not in _RETRYABLE:
+                raise
+            error = again
+    logger.error("flock(%d) still fails with %s after %d retries: %s",
+                 fd, errno.errorcode.get(error.errno, error.errno), _RETRIES,
+                 _ADVICE[error.errno])
+    raise error
+
+
+def safe_unlock_and_close(fd: int) -> None:
+    """Unlock and close *fd*; EIO/ENOLCK on unlock are logged and swallowed.
+
+    The fd is always closed. (Closing alone would release the lock too,
+    unless a forked child shares the open file description.)
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError as error:
+        if error.errno not in _RETRYABLE:
+            raise
+        logger.warning("unlocking fd %d failed with %s; closing it anyway",
+                       fd, errno.errorcode.get(error.errno, error.errno))
+    finally:
+        os.close(fd)
+
+
+def locked_file_is(fd: int, path: PathArg) -> bool:
+    """True iff the open *fd* is the file now linked at *path*.
+
+    A missing path, a path through a missing directory and a stale NFS
+    handle (ESTALE) all give False.
+    """
+    try:
+        linked = os.lstat(path)
+        opened = os.fstat(fd)
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
+            return False
+        raise
+    return linked.st_ino == opened.st_ino and linked.st_dev == opened.st_dev
+
+
+# ------------------------------------------------- fork-aware held files
+
+# Fds of locks this process holds. A forked child shares their open file
+# descriptions, so it would keep the locks (and a dead parent "alive") for
+# as long as it lives: the child closes them at once. Closing in the child
+# does not release the parent's lock; only the parent's own unlock or death
+# does. Objects remember the fork epoch they were made in and become inert
+# in a child, so they never act on an fd number the child has reused.
+_held_fds: set = set()
+_fork_epoch = 0
+
+
+def _forget_parent_locks() -> None:
+    global _fork_epoch
+    for fd in _held_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # already closed by the application after fork
+    _held_fds.clear()
+    _fork_epoch += 1
+    # Another thread may have held these at fork time; it does not exist here.
+    global _thread_locks_guard
+    _thread_locks_guard = threading.Lock()
+    _thread_locks.clear()
+
+
+_NAME_BYTES = 16
+_OPEN_EXISTING = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_OR_CREATE = _OPEN_EXISTING | os.O_CREAT
+_CREATE_NEW = _OPEN_OR_CREATE | os.O_EXCL
+
+
+class HeldFile:
+    """A file this process holds an exclusive ``flock`` on.
+
+    While the process lives, the file exists and cannot be locked by anyone
+    else; once it dies, :func:`take_over` succeeds on it. ``release()``
+    unlinks the file while still holding it, then unlocks. In a forked child
+    the object is inert: ``held`` is False and ``release()`` does nothing.
+    """
+
+    __slots__ = ("path", "fd", "_epoch")
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self._epoch = _fork_epoch
+        _held_fds.add(fd)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    @property
+    def held(self) -> bool:
+        """True in the process that locked the file, until ``release()``."""
+        return self.fd >= 0 and self._epoch == _fork_epoch
+
+    @classmethod
+    def create(cls, directory: str, prefix: str = "", suffix: str = "",
+               mode: int = 0o644) -> "HeldFile":
+        """Create a new, randomly named file in *directory* and lock it.
+
+        The name is made with O_EXCL; the lock is taken and verified before
+        returning, so a concurrent :func:`take_over` that got in between
+        (and unlinked the fresh, unlocked file) makes us try another name.
+        """
+        while True:
+            path = os.path.join(directory, prefix + os.urandom(_NAME_BYTES // 2).hex() + suffix)
+            try:
+                fd = os.open(path, _CREATE_NEW, mode)
+            except FileExistsError:
+                continue
+            if _lock_and_verify(fd, path, block=False):
+                return cls(path, fd)
+
+    @classmethod
+    def acquire(cls, path: str, deadline: Optional[float] = None) -> "HeldFile":
+        """Lock the file at *path*, creating it if needed; wait until
+        *deadline* (a ``time.monotonic()`` value; None waits forever)."""
+        while True:
+            fd = os.open(path, _OPEN_OR_CREATE, 0o644)
+            if _lock_and_verify(fd, path, block=True, deadline=deadline):
+                return cls(path, fd)
+
+    def release(self, unlink: bool = True) -> None:
+        """Unlink the file (if *unlink*) while holding it, then unlock it."""
+        if not self.held:
+            self.fd = -1
+            return
+        fd, self.fd = self.fd, -1
+        _held_fds.discard(fd)
+        try:
+            if unlink:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass  # removed by someone else (an rm -rf of the directory)
+        finally:
+            safe_unlock_and_close(fd)
+
+    def __repr__(self) -> str:
+        return f"HeldFile({self.path!r}, held={self.held})"
+
+
+def _lock_and_verify(fd: int, path: str, block: bool,
+                     deadline: Optional[float] = None) -> bool:
+    """Lock *fd* and check it is still linked at *path*; on False or on an
+    exception *fd* has been closed."""
+    try:
+        if deadline is not None:
+            _lock_until(fd, path, deadline)
+        elif block:
+            safe_lock(fd)
+        else:
+            try:
+                safe_lock(fd, block=False)
+            except OSError as error:
+                if error.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                os.close(fd)
+                return False
+        if locked_file_is(fd, path):
+            return True
+    except BaseException:
+        os.close(fd)
+        raise
+    # The file was unlinked by its last holder (or a taker-over) between our
+    # open and our lock: it is garbage, and so is our fd.
+    os.close(fd)
+    return False
+
+
+_POLL_FIRST = 0.001
+_POLL_MAX = 0.05
+
+
+def _lock_until(fd: int, path: str, deadline: float) -> None:
+    # flock has no timeout: poll with LOCK_NB and a growing sleep.
+    delay = _POLL_FIRST
+    while True:
+        try:
+            safe_lock(fd, block=False)
+            return
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise LockTimeout(f"timed out waiting for the lock on {path}")
+        time.sleep(min(delay, remaining))
+        delay = min(delay * 2, _POLL_MAX)
+
+
+def take_over(path: PathArg) -> Optional[int]:
+    """Lock the file at *path* if the process that held it is dead.
+
+    Returns an fd holding an exclusive lock on the file (the caller reads
+    what it needs, then unlinks the path and calls
+    :func:`safe_unlock_and_close`), or None if a live process holds it.
+    Raises FileNotFoundError if no file is (any longer) linked at *path*.
+    Symlinks are never followed.
+    """
+    fd = os.open(path, _OPEN_EXISTING)
+    try:
+        safe_lock(fd, block=False)
+    except OSError as error:
+        os.close(fd)
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    if locked_file_is(fd, path):
+        return fd
+    os.close(fd)
+    raise FileNotFoundError(errno.ENOENT, "file vanished while being taken over", os.fspath(path))
+
+
+def discard_taken(fd: int, path: PathArg) -> None:
+    """Unlink a file taken over with :func:`take_over`, then unlock it."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    finally:
+        safe_unlock_and_close(fd)
+
+
+# ----------------------------------------------------------- global_mutex
+
+_MAX_NAME_BYTES = 200
+
+
+def check_name(name: object, what: str = "mutex name") -> str:
+    """Return *name* if it is usable as one path component, else raise
+    ValueError saying what is wrong with it."""
+    if not isinstance(name, str):
+        raise ValueError(f"{what} must be a str, not {type(name).__name__}: {name!r}")
+    if not name or name in (".", ".."):
+        raise ValueError(f"{what} must be a non-empty file name other than . and ..: {name!r}")
+    if "/" in name or "\0" in name:
+        raise ValueError(f"{what} must not contain '/' or NUL: {name!r}")
+    if len(name) * 4 > _MAX_NAME_BYTES:  # only long names pay for encoding
+        try:
+            size = len(os.fsencode(name))
+        except UnicodeError:
+            raise ValueError(f"{what} cannot be encoded for the filesystem: {name!r}") from None
+        if size > _MAX_NAME_BYTES:
+            raise ValueError(f"{what} is {size} bytes long; at most {_MAX_NAME_BYTES} are allowed: {name[:40]!r}...")
+    return name
+
+
+class _ThreadGate:
+    """In-process queue in front of one lock file, so threads exclude each
+    other even where flock is emulated with per-process POSIX locks (NFS)."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
+_thread_locks: Dict[str, _ThreadGate] = {}
+_thread_locks_guard = threading.Lock()
+
+
+def _enter_gate(path: str) -> _ThreadGate:
+    with _thread_locks_guard:
+        gate = _thread_locks.get(path)
+        if gate is None:
+            gate = _thread_locks[path] = _ThreadGate()
+        gate.users += 1
+        return gate
+
+
+def _leave_gate(path: str, gate: _ThreadGate) -> None:
+    with _thread_locks_guard:
+        gate.users -= 1
+        if gate.users == 0 and _thread_locks.get(path) is gate:
+            del _thread_locks[path]
+
+
+class global_mutex:  # noqa: N801 - a context manager named like Toil's function
+    """Context manager holding the mutex *mutex* scoped to *base_dir*.
+
+    Excludes every process that shares *base_dir* (across containers too)
+    and every other thread of this process. The lock file
+    ``base_dir/toil-mutex-<mutex>`` exists only while the mutex is held; a
+    holder that dies releases it. With *timeout* (seconds) the wait raises
+    :class:`LockTimeout`. Not reentrant: a thread that enters the same mutex
+    twice waits for itself.
+    """
+
+    __slots__ = ("path", "timeout", "_gate", "_file")
+
+    def __init__(self, base_dir: PathArg, mutex: str, timeout: Optional[float] = None) -> None:
+        check_name(mutex)
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be None or a number >= 0, not {timeout!r}")
+        self.path = os.path.abspath(os.path.join(os.fspath(base_dir), "toil-mutex-" + mutex))
+        self.timeout = timeout
+        self._file: Optional[HeldFile] = None
+
+    def __enter__(self) -> None:
+        if self.timeout is None:
+            deadline = None
+            self._gate = gate = _enter_gate(self.path)
+            gate.lock.acquire()
+        else:
+            deadline = time.monotonic() + self.timeout
+            self._gate = gate = _enter_gate(self.path)
+            if not gate.lock.acquire(timeout=self.timeout):
+                _leave_gate(self.path, gate)
+                raise LockTimeout(f"timed out after {self.timeout} s waiting for {self.path}")
+        try:
+            self._file = HeldFile.acquire(self.path, deadline)
+        except BaseException as error:
+            gate.lock.release()
+            _leave_gate(self.path, gate)
+            if isinstance(error, FileNotFoundError):
+                raise FileNotFoundError(
+                    errno.ENOENT, "mutex base directory does not exist", os.path.dirname(self.path)
+                ) from None
+            if isinstance(error, NotADirectoryError):
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "mutex base directory is not a directory", os.path.dirname(self.path)
+                ) from None
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        held = self._file
+        self._file = None
+        if held is None or not held.held:
+            return  # entered in the parent of this forked child: not ours
+        try:
+            held.release()
+        finally:
+            self._gate.lock.release()
+            _leave_gate(self.path, self._gate)
+
+
+# ------------------------------------------------------- filesystem facts
+
+class FilesystemInfo(NamedTuple):
+    """What kind of filesystem a path is on and how far its locks reach."""
+
+    fstype: str
+    mount_point: str
+    options: Tuple[str, ...]
+    lock_scope: str  # "cluster", "node", "unsafe" or "unknown"
+    reason: str
+
+
+class _Mount(NamedTuple):
+    mount_point: str
+    fstype: str
+    options: Tuple[str, ...]
+
+
+# The kernel writes space, tab, newline and backslash in mountinfo as \ooo.
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    if "\\" not in field:
+        return field
+    return _OCTAL_ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> List[_Mount]:
+    """Parse ``/proc/self/mountinfo`` (see proc(5)); bad lines are skipped."""
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        try:
+            separator = fields.index("-", 6)
+            mount_point = _unescape(fields[4])
+            options = fields[5].split(",") + fields[separator + 3].split(",")
+            fstype = _unescape(fields[separator + 1])
+        except (ValueError, IndexError):
+            continue
+        mounts.append(_Mount(mount_point, fstype, tuple(dict.fromkeys(_unescape(o) for o in options if o))))
+    return mounts
+
+
+_NODE_LOCAL_TYPES = frozenset((
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "jfs", "reiserfs",
+    "tmpfs", "ramfs", "overlay", "devtmpfs", "shm",
+))
+
+
+def lock_scope(fstype: str, options: Tuple[str, ...]) -> Tuple[str, str]:
+    """Return ``(scope, reason)`` for a filesystem type and its options."""
+    opts = set(options)
+    if fstype in ("nfs", "nfs4"):
+        for local in ("local_lock=flock", "local_lock=all"):
+            if local in opts:
+                return "node", f"NFS mounted {local}: locks hold only between processes of this node"
+        if "nolock" in opts:
+            return "node", "NFS mounted nolock: locks hold only between processes of this node"
+        return "cluster", "NFS with server-side locking: flock is emulated with byte-range locks that hold between nodes"
+    if fstype == "lustre":
+        if "flock" in opts:
+            return "cluster", "Lustre mounted flock: locks are coherent between nodes"
+        if "localflock" in opts:
+            return "node", "Lustre mounted localflock: locks hold only between processes of this node"
+        return "unsafe", "Lustre mounted without flock or localflock: flock fails; remount with -o flock or use local storage"
+    if fstype == "beegfs":
+        return "node", "BeeGFS: flock is handled by each client, so locks hold only between processes of this node"
+    if fstype in ("ceph", "fuse.ceph-fuse", "fuse.ceph"):
+        return "unsafe", "CephFS: flock is known to hang or be lost; use local storage for coordination"
+    if fstype in _NODE_LOCAL_TYPES:
+        return "node", f"{fstype} is local to this node: locks hold between its processes"
+    return "unknown", f"{fstype} is not a filesystem whose locking toilcoord knows"
+
+
+def filesystem_info(path: PathArg, mountinfo: str = "/proc/self/mountinfo") -> FilesystemInfo:
+    """Describe the filesystem *path* is on, from the mount table.
+
+    The mount whose mount point is the longest prefix of the real path
+    wins. No subprocess is run. Raises FileNotFoundError if *path* is
+    missing; where the mount table cannot be read the answer is "unknown".
+    """
+    real = os.path.realpath(path)
+    os.stat(real)
+    try:
+        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as stream:
+            mounts = parse_mountinfo(stream.read())
+    except OSError:
+        mounts = []
+    best: Optional[_Mount] = None
+    for mount in mounts:
+        point = mount.mount_point
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and (
+                best is None or len(point) >= len(best.mount_point)):
+            best = mount
+    if best is None:
+        return FilesystemInfo("unknown", "/", (), "unknown", "the mount table could not be read")
+    scope, reason = lock_scope(best.fstype, best.options)
+    return FilesystemInfo(best.fstype, best.mount_point, best.options, scope, reason)
+
+
+_lockable_devices: Dict[int, FilesystemInfo] = {}
+
+
+def ensure_filesystem_lockable(path: PathArg, timeout: float = 30, hint: Optional[str] = None) -> None:
+    """Raise unless *path* is on a filesystem whose locks can be trusted.
+
+    FileNotFoundError if *path* is missing; :class:`UnsafeFilesystemError`
+    for filesystems whose locks are known to hang or be lost (CephFS, Lustre
+    without flock), and for an unknown filesystem where a trial lock in
+    *path* fails or takes longer than *timeout* seconds. *hint* is added to
+    the error message. The answer is cached per device.
+    """
+    device = os.stat(path).st_dev
+    info = _lockable_devices.get(device)
+    if info is None:
+        info = filesystem_info(path)
+        if info.lock_scope == "unknown":
+            _trial_lock(path, timeout, info, hint)
+        _lockable_devices[device] = info
+    if info.lock_scope == "unsafe":
+        raise UnsafeFilesystemError(_unsafe_message(path, info.reason, hint))
+
+
+def _unsafe_message(path: PathArg, reason: str, hint: Optional[str]) -> str:
+    message = f"{os.fspath(path)} cannot be used for locks: {reason}."
+    return f"{message} {hint}" if hint else message
+
+
+def _trial_lock(path: PathArg, timeout: float, info: FilesystemInfo, hint: Optional[str]) -> None:
+    # A blocking flock cannot be interrupted, so it runs in a daemon thread
+    # that we stop waiting for after *timeout*.
+    outcome: List[BaseException] = []
+
+    def trial() -> None:
+        try:
+            held = HeldFile.create(os.fspath(path), prefix=".toilcoord-lock-probe-")
+            held.release()
+        except BaseException as error:  # reported to the waiting thread
+            outcome.append(error)
+
+    thread = threading.Thread(target=trial, name="toilcoord-lock-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise UnsafeFilesystemError(_unsafe_message(
+            path, f"a trial lock on {info.fstype} did not finish within {timeout} s", hint))
+    if outcome:
+        error = outcome[0]
+        if isinstance(error, OSError) and error.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise UnsafeFilesystemError(_unsafe_message(
+                path, f"a trial lock on {info.fstype} failed: {error.strerror}", hint)) from error
+        raise error
+
+
+os.register_at_fork(after_in_child=_forget_parent_locks)
