@@ -27,9 +27,26 @@ from .locks import (
     safe_unlock_and_close,
 )
 
+from .procnames import (
+    collect_process_name_garbage,
+    current_process_name_for,
+    current_process_name_lock,
+    destroy_all_process_names,
+    get_process_name,
+    process_name_exists,
+)
+from .arena import LastProcessStandingArena
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "LastProcessStandingArena",
+    "collect_process_name_garbage",
+    "current_process_name_for",
+    "current_process_name_lock",
+    "destroy_all_process_names",
+    "get_process_name",
+    "process_name_exists",
     "FilesystemInfo",
     "LockTimeout",
     "UnsafeFilesystemError",

@@ -1,0 +1,260 @@
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+
+import pytest
+
+from toilcoord import LastProcessStandingArena, LockTimeout, global_mutex
+
+pytestmark = pytest.mark.timeout(90)
+
+# A member in a child process: enters the arena, says so, waits for a line on
+# stdin, then leaves, printing "last" if it ran the cleanup.
+MEMBER = """
+import sys
+from toilcoord import LastProcessStandingArena
+arena = LastProcessStandingArena(sys.argv[1], "test")
+arena.enter()
+print("in", flush=True)
+sys.stdin.readline()
+print("last" if list(arena.leave()) else "not-last", flush=True)
+"""
+
+
+def start_member(children, directory):
+    child = children.python(MEMBER, str(directory), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "in"
+    return child
+
+
+def tell_to_leave(child):
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    outcome = child.stdout.readline().strip()
+    assert child.wait() == 0
+    return outcome
+
+
+def open_fds():
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+def test_single_member_is_last_and_leaves_nothing(tmp_path):
+    arena = LastProcessStandingArena(tmp_path, "solo")
+    before = open_fds()
+    arena.enter()
+    assert list(arena.leave()) == [True]
+    assert os.listdir(tmp_path) == []
+    assert open_fds() == before
+
+
+def test_only_the_last_of_several_members_cleans_up(tmp_path, children):
+    members = [start_member(children, tmp_path) for _ in range(4)]
+    outcomes = [tell_to_leave(member) for member in members]
+    assert outcomes == ["not-last"] * 3 + ["last"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_leaving_while_a_live_member_remains_leaks_no_fd(tmp_path, children):
+    other = start_member(children, tmp_path)
+    arena = LastProcessStandingArena(tmp_path, "test")
+    before = open_fds()
+    arena.enter()
+    assert list(arena.leave()) == []
+    assert open_fds() == before
+    assert tell_to_leave(other) == "last"
+
+
+def test_killed_members_do_not_block_the_election_and_are_all_reaped(tmp_path, children):
+    live = start_member(children, tmp_path)
+    dead = [start_member(children, tmp_path) for _ in range(5)]
+    for member in dead:
+        member.kill()
+        member.wait()
+    arena = LastProcessStandingArena(tmp_path, "test")
+    arena.enter()
+    assert list(arena.leave()) == [], "the live member still counts"
+    assert len(os.listdir(arena.lockfileDir)) == 1, "every dead member was reaped, not just those before the live one"
+    assert tell_to_leave(live) == "last"
+    assert os.listdir(tmp_path) == []
+
+
+def test_member_killed_inside_then_last_leaver_cleans_up(tmp_path, children):
+    dead = start_member(children, tmp_path)
+    dead.kill()
+    dead.wait()
+    arena = LastProcessStandingArena(tmp_path, "test")
+    arena.enter()
+    assert list(arena.leave()) == [True]
+    assert os.listdir(tmp_path) == []
+
+
+def test_entering_twice_and_leaving_unentered_raise(tmp_path):
+    arena = LastProcessStandingArena(tmp_path, "twice")
+    with pytest.raises(RuntimeError):
+        arena.leave()
+    arena.enter()
+    with pytest.raises(RuntimeError):
+        arena.enter()
+    assert list(arena.leave()) == [True]
+    with pytest.raises(RuntimeError):
+        arena.leave()
+
+
+def test_forked_child_is_not_a_member(tmp_path):
+    arena = LastProcessStandingArena(tmp_path, "fork")
+    arena.enter()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            arena.leave()
+            verdict = b"child could leave"
+        except RuntimeError:
+            verdict = b"ok"
+        os.write(write_end, verdict)
+        os._exit(0)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 64) == b"ok"
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert list(arena.leave()) == [True]
+
+
+# Enters, forks a child that outlives it and reports (once it runs, so its
+# at-fork handlers are done), and waits to be killed.
+MEMBER_WITH_CHILD = """
+import os, sys
+from toilcoord import LastProcessStandingArena
+LastProcessStandingArena(sys.argv[1], "test").enter()
+if os.fork() == 0:
+    print(os.getpid(), flush=True)
+    sys.stdin.read()
+    os._exit(0)
+sys.stdin.read()
+"""
+
+
+def test_dead_member_with_live_forked_child_counts_as_dead(tmp_path, children):
+    member = children.python(MEMBER_WITH_CHILD, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child_pid = int(member.stdout.readline())
+    try:
+        member.kill()
+        member.wait()
+        arena = LastProcessStandingArena(tmp_path, "test")
+        arena.enter()
+        assert list(arena.leave()) == [True]
+    finally:
+        os.kill(child_pid, 9)
+
+
+def test_cleanup_runs_while_nobody_can_enter(tmp_path):
+    arena = LastProcessStandingArena(tmp_path, "busy")
+    arena.enter()
+    for _ in arena.leave():
+        newcomer = LastProcessStandingArena(tmp_path, "busy")
+        with pytest.raises(LockTimeout):
+            newcomer.enter(timeout=0.05)
+    newcomer.enter(timeout=5)
+    assert list(newcomer.leave()) == [True]
+
+
+def test_cleanup_that_raises_still_releases_the_arena(tmp_path):
+    arena = LastProcessStandingArena(tmp_path, "boom")
+    arena.enter()
+    with pytest.raises(ZeroDivisionError):
+        for _ in arena.leave():
+            1 / 0
+    assert os.listdir(tmp_path) == []
+    arena.enter(timeout=5)
+    assert list(arena.leave()) == [True]
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "x\0", None, b"bytes", "é" * 150])
+def test_bad_arena_names_touch_nothing(tmp_path, bad):
+    with pytest.raises(ValueError):
+        LastProcessStandingArena(tmp_path, bad)
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_base_dir(tmp_path):
+    arena = LastProcessStandingArena(tmp_path / "missing", "a")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        arena.enter()
+
+
+# ---------------------------------------------------------------- races
+
+def _generation_member(directory, generation, ready, go):
+    arena = LastProcessStandingArena(directory, "gen")
+    arena.enter()
+    inside = os.path.join(directory, "inside", f"{generation}-{os.getpid()}")
+    open(inside, "w").close()
+    ready.release()
+    go.acquire()
+    os.unlink(inside)
+    for _ in arena.leave():
+        _record_cleanup(directory, generation)
+
+
+def _record_cleanup(directory, generation):
+    # Only the last one out gets here, and nobody is inside.
+    with open(os.path.join(directory, "cleanups"), "a") as log:
+        log.write(f"{generation} {len(os.listdir(os.path.join(directory, 'inside')))}\n")
+
+
+def test_exactly_one_cleanup_per_generation(tmp_path):
+    context = multiprocessing.get_context("fork")
+    (tmp_path / "inside").mkdir()
+    generations, size = 5, 6
+    for generation in range(generations):
+        ready, go = context.Semaphore(0), context.Semaphore(0)
+        members = [context.Process(target=_generation_member, args=(str(tmp_path), generation, ready, go))
+                   for _ in range(size)]
+        try:
+            for member in members:
+                member.start()
+            for _ in members:
+                assert ready.acquire(timeout=30)  # all are inside at once
+            for _ in members:
+                go.release()
+        finally:
+            for member in members:
+                member.join(30)
+                if member.is_alive():
+                    member.kill()
+                    member.join()
+        assert [member.exitcode for member in members] == [0] * size
+    lines = (tmp_path / "cleanups").read_text().split("\n")[:-1]
+    assert lines == [f"{generation} 0" for generation in range(generations)]
+    assert sorted(os.listdir(tmp_path)) == ["cleanups", "inside"]
+
+
+def _pool_task(directory):
+    arena = LastProcessStandingArena(directory, "pool")
+    arena.enter()
+    marker = os.path.join(directory, "inside", str(os.getpid()))
+    open(marker, "w").close()
+    os.unlink(marker)
+    cleaned = 0
+    for _ in arena.leave():
+        # Nobody may be inside while the last one cleans up.
+        with global_mutex(directory, "log"):
+            with open(os.path.join(directory, "cleanups"), "a") as log:
+                log.write(f"{len(os.listdir(os.path.join(directory, 'inside')))}\n")
+        cleaned += 1
+    return cleaned
+
+
+def test_pool_of_short_lived_tasks(tmp_path):
+    (tmp_path / "inside").mkdir()
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        results = pool.map(_pool_task, [str(tmp_path)] * 100, chunksize=1)
+    lines = (tmp_path / "cleanups").read_text().split()
+    assert len(lines) == sum(results) >= 1
+    assert set(lines) == {"0"}, "a cleanup ran while a member was inside"
+    assert sorted(os.listdir(tmp_path)) == ["cleanups", "inside"], "nothing of the arena is left"

@@ -1,0 +1,200 @@
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from toilcoord import (
+    collect_process_name_garbage,
+    current_process_name_for,
+    destroy_all_process_names,
+    get_process_name,
+    process_name_exists,
+)
+from toilcoord.procnames import NAME_PREFIX
+
+from conftest import child_env, run_python
+
+pytestmark = pytest.mark.timeout(60)
+
+# A child that takes a name in argv[1], prints it, and lives until stdin closes.
+HOLD_NAME = """
+import sys
+from toilcoord import get_process_name
+print(get_process_name(sys.argv[1]), flush=True)
+sys.stdin.read()
+"""
+
+
+def start_holder(children, directory):
+    child = children.python(HOLD_NAME, str(directory), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return child, child.stdout.readline().strip()
+
+
+def test_name_is_stable_and_a_locked_file(tmp_path):
+    name = get_process_name(tmp_path)
+    assert name.startswith(NAME_PREFIX)
+    assert get_process_name(str(tmp_path)) == name
+    assert (tmp_path / name).is_file()
+    assert process_name_exists(tmp_path, name)
+
+
+def test_other_processes_get_other_names_and_are_seen_alive_then_dead(tmp_path, children):
+    first, first_name = start_holder(children, tmp_path)
+    second, second_name = start_holder(children, tmp_path)
+    mine = get_process_name(tmp_path)
+    assert len({first_name, second_name, mine}) == 3
+    assert process_name_exists(tmp_path, first_name)
+    first.kill()
+    first.wait()
+    assert not process_name_exists(tmp_path, first_name)
+    assert not (tmp_path / first_name).exists(), "a dead process's file is removed"
+    assert process_name_exists(tmp_path, second_name)
+
+
+def test_clean_exit_removes_the_name_file(tmp_path):
+    done = run_python("import sys, toilcoord; print(toilcoord.get_process_name(sys.argv[1]))", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(NAME_PREFIX)
+    assert os.listdir(tmp_path) == []
+
+
+def test_forked_child_gets_its_own_name_and_never_inherits_the_lock(tmp_path):
+    parent_name = get_process_name(tmp_path)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(read_end)
+        child_name = get_process_name(tmp_path)
+        ok = child_name != parent_name and process_name_exists(tmp_path, parent_name)
+        os.write(write_end, b"ok" if ok else b"bad")
+        os._exit(0)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 16) == b"ok"
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    assert get_process_name(tmp_path) == parent_name
+
+
+# The parent takes a name and forks a child that outlives it; the child
+# reports both once it runs (its at-fork handlers are done by then).
+PARENT_WITH_CHILD = """
+import os, sys
+from toilcoord import get_process_name
+name = get_process_name(sys.argv[1])
+if os.fork() == 0:
+    print(name, os.getpid(), flush=True)
+    sys.stdin.read()          # the child lives until the test closes stdin
+    os._exit(0)
+sys.stdin.read()
+"""
+
+
+def test_dead_parent_is_dead_while_its_forked_child_lives(tmp_path, children):
+    parent = children.python(PARENT_WITH_CHILD, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    name, child_pid = parent.stdout.readline().split()
+    child_pid = int(child_pid)
+    try:
+        assert process_name_exists(tmp_path, name)
+        parent.kill()
+        parent.wait()
+        os.kill(child_pid, 0)  # the child still lives...
+        assert not process_name_exists(tmp_path, name)  # ...yet the parent is dead
+    finally:
+        os.kill(child_pid, signal.SIGKILL)
+
+
+def test_names_survive_directory_removal_by_making_new_ones(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    old = get_process_name(base)
+    shutil.rmtree(base)
+    collect_process_name_garbage()
+    assert str(base) not in current_process_name_for
+    base.mkdir()
+    new = get_process_name(base)
+    assert new != old and (base / new).exists()
+
+
+def test_destroy_all_process_names_removes_our_files(tmp_path):
+    name = get_process_name(tmp_path)
+    destroy_all_process_names()
+    assert not (tmp_path / name).exists()
+    assert get_process_name(tmp_path) != name
+
+
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "nul\0", None, b"toil-proc-x", 3, "not-ours", "x" * 300])
+def test_bad_names_are_refused_and_nothing_is_touched(tmp_path, bad):
+    victim = tmp_path / "not-ours"
+    victim.write_text("precious")
+    with pytest.raises(ValueError):
+        process_name_exists(tmp_path, bad)
+    assert victim.read_text() == "precious"
+
+
+def test_missing_directory_means_no_such_process(tmp_path):
+    assert not process_name_exists(tmp_path / "missing", NAME_PREFIX + "0")
+
+
+# In its own PID namespace (as PID 1), take a name, print it with our PIDs
+# there and outside (NSpid in the host's /proc), then answer liveness queries
+# for names read from stdin.
+IN_NAMESPACE = """
+import os, sys
+from toilcoord import get_process_name, process_name_exists
+with open("/proc/self/status") as status:
+    host_pid = [line.split()[1] for line in status if line.startswith("NSpid:")][0]
+print(get_process_name(sys.argv[1]), os.getpid(), host_pid, flush=True)
+for line in sys.stdin:
+    print(process_name_exists(sys.argv[1], line.strip()), flush=True)
+"""
+
+
+def start_in_pid_namespace(children, directory):
+    code = IN_NAMESPACE
+    child = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-c", code, str(directory)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+    )
+    children.started.append(child)
+    line = child.stdout.readline().split()
+    if len(line) != 3:
+        child.kill()
+        _, err = child.communicate()
+        pytest.skip(f"unshare --pid --fork is not permitted here: {err.strip()[:200]}")
+    name, pid, host_pid = line
+    return child, name, int(pid), int(host_pid)
+
+
+def test_names_across_pid_namespaces(tmp_path, children):
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    first, first_name, first_pid, _ = start_in_pid_namespace(children, tmp_path)
+    second, second_name, second_pid, second_host_pid = start_in_pid_namespace(children, tmp_path)
+    assert first_pid == second_pid == 1, "both are PID 1 in their namespaces"
+    assert first_name != second_name
+    assert process_name_exists(tmp_path, first_name) and process_name_exists(tmp_path, second_name)
+
+    first.stdin.write(second_name + "\n")
+    first.stdin.flush()
+    assert first.stdout.readline().strip() == "True"
+
+    os.kill(second_host_pid, signal.SIGKILL)  # the namespace's PID 1, from outside
+    second.wait()  # unshare returns once its child is dead
+    first.stdin.write(second_name + "\n")
+    first.stdin.flush()
+    assert first.stdout.readline().strip() == "False"
+    second.stdout.close()
+    second.stderr.close()
+
+    first.stdin.close()
+    assert first.wait() == 0
+    first.stdout.close()
+    first.stderr.close()
+    assert not process_name_exists(tmp_path, first_name)

@@ -1,0 +1,114 @@
+"""Last-process-standing election: the last process to leave runs the cleanup."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Iterator, Optional
+
+from .locks import HeldFile, PathArg, check_name, discard_taken, global_mutex, take_over
+
+__all__ = ["LastProcessStandingArena", "reap_dead_members"]
+
+logger = logging.getLogger(__name__)
+
+_MEMBERS_SUFFIX = "-arena-members"
+
+
+class LastProcessStandingArena:
+    """Processes enter and leave (or die); the last to leave cleans up.
+
+    Each member holds a locked file in ``base_dir/<name>-arena-members``;
+    entering and leaving are serialised by the mutex ``<name>-arena-lock``.
+    ``leave()`` yields once to the last live member, while no process can
+    enter, and then removes the members directory, so nothing of the arena
+    is left in *base_dir*. Members that died without leaving do not count
+    and their files are removed by whoever leaves next. A forked child is
+    not a member of its parent's arenas.
+
+    Always leave after entering (try/finally), and iterate what ``leave()``
+    returns: the leaving happens as the loop runs::
+
+        arena.enter()
+        try:
+            work()
+        finally:
+            for _ in arena.leave():
+                cleanup()   # only the last process standing gets here
+    """
+
+    def __init__(self, base_dir: PathArg, name: str) -> None:
+        check_name(name, "arena name")
+        self.base_dir = os.fspath(base_dir)
+        self.name = name
+        self.mutex = name + "-arena-lock"
+        self.lockfileDir = os.path.join(self.base_dir, name + _MEMBERS_SUFFIX)
+        self._member: Optional[HeldFile] = None
+
+    def enter(self, timeout: Optional[float] = None) -> None:
+        """Join the arena, waiting (at most *timeout* seconds, then
+        LockTimeout) while a last member is cleaning up.
+
+        Raises RuntimeError if this process is in the arena already.
+        """
+        if self._member is not None and self._member.held:
+            raise RuntimeError(f"this process is already in arena {self.name!r}; leave it first")
+        with global_mutex(self.base_dir, self.mutex, timeout):
+            try:
+                os.mkdir(self.lockfileDir)
+            except FileExistsError:
+                pass
+            self._member = HeldFile.create(self.lockfileDir)
+
+    def leave(self) -> Iterator[bool]:
+        """Leave the arena; yields once (True) if this was the last live
+        member. Raises RuntimeError at once if this process is not in it."""
+        member = self._member
+        if member is None or not member.held:
+            raise RuntimeError(f"this process is not in arena {self.name!r}; enter it first")
+        self._member = None
+        return self._leave(member)
+
+    def _leave(self, member: HeldFile) -> Iterator[bool]:
+        with global_mutex(self.base_dir, self.mutex):
+            member.release()
+            if reap_dead_members(self.lockfileDir):
+                return
+            try:
+                yield True
+            finally:  # also when the cleanup raises or the loop breaks
+                _remove_empty_dir(self.lockfileDir)
+
+
+def reap_dead_members(directory: PathArg) -> int:
+    """Remove the files of dead members in an arena's members *directory*;
+    return how many live members remain. Safe while others use the arena."""
+    live = 0
+    try:
+        entries = os.scandir(directory)
+    except FileNotFoundError:
+        return 0
+    with entries:
+        for entry in entries:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                fd = take_over(entry.path)
+            except FileNotFoundError:
+                continue  # another leaver reaped it first
+            if fd is None:
+                live += 1
+            else:
+                discard_taken(fd, entry.path)
+    return live
+
+
+def _remove_empty_dir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError as error:
+        # Someone put a foreign file there: leave the directory to them.
+        if error.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        if error.errno != errno.ENOENT:
+            logger.warning("arena directory %s is not empty after the last member left; leaving it", path)

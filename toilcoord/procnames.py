@@ -1,0 +1,131 @@
+"""Process names: like PIDs, but valid across containers and PID namespaces.
+
+A process's name in a directory is the basename of a file it created there
+and holds an exclusive ``flock`` on. Any process that can see the directory
+can tell whether the name's owner lives by trying to lock the file, whatever
+PID namespace either of them is in, and a reused PID can never revive a
+name: the file's lock dies with the process that took it.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+from typing import Dict
+
+from .locks import HeldFile, PathArg, check_name, discard_taken, locked_file_is, take_over
+
+__all__ = [
+    "NAME_PREFIX",
+    "collect_process_name_garbage",
+    "current_process_name_for",
+    "current_process_name_lock",
+    "destroy_all_process_names",
+    "get_process_name",
+    "process_name_exists",
+]
+
+#: Every process name starts with this, so that nothing else in a shared
+#: directory is ever mistaken for one (and deleted as dead).
+NAME_PREFIX = "toil-proc-"
+
+#: Guards the two tables below. Reentrant, so a caller holding it (as Toil
+#: asks of callers of collect_process_name_garbage) may call anything here.
+current_process_name_lock = threading.RLock()
+#: Absolute base directory -> this process's name in it.
+current_process_name_for: Dict[str, str] = {}
+_held_names: Dict[str, HeldFile] = {}
+
+
+def _key(base_dir: PathArg) -> str:
+    return os.path.abspath(os.fspath(base_dir))
+
+
+def _still_ours(held: HeldFile) -> bool:
+    return held.held and locked_file_is(held.fd, held.path)
+
+
+def get_process_name(base_dir: PathArg) -> str:
+    """This process's name in *base_dir*, created on first use.
+
+    Stable for the life of the process (unless its file is removed from
+    under it, say by deleting the directory, when a new one is made); never
+    shared with another process, a forked child included.
+    """
+    key = _key(base_dir)
+    with current_process_name_lock:
+        held = _held_names.get(key)
+        if held is not None and _still_ours(held):
+            return current_process_name_for[key]
+        _forget(key)
+        held = HeldFile.create(key, prefix=NAME_PREFIX)
+        _held_names[key] = held
+        current_process_name_for[key] = held.name
+        return held.name
+
+
+def process_name_exists(base_dir: PathArg, name: str) -> bool:
+    """True while the process named *name* in *base_dir* lives.
+
+    A dead process's file is removed here. Raises ValueError for a name that
+    get_process_name cannot have made (so no other file is ever removed).
+    """
+    check_name(name, "process name")
+    if not name.startswith(NAME_PREFIX):
+        raise ValueError(f"process name must start with {NAME_PREFIX!r}: {name!r}")
+    key = _key(base_dir)
+    with current_process_name_lock:
+        if current_process_name_for.get(key) == name and _still_ours(_held_names[key]):
+            # Our own lock: on filesystems that emulate flock with per-process
+            # POSIX locks (NFS) our probe would succeed and delete our file.
+            return True
+    path = os.path.join(key, name)
+    try:
+        fd = take_over(path)
+    except FileNotFoundError:
+        return False
+    if fd is None:
+        return True
+    discard_taken(fd, path)
+    return False
+
+
+def _forget(key: str) -> None:
+    held = _held_names.pop(key, None)
+    current_process_name_for.pop(key, None)
+    if held is not None:
+        held.release(unlink=False)
+
+
+def collect_process_name_garbage() -> None:
+    """Forget this process's names whose files no longer exist (their
+    directory was removed, say)."""
+    with current_process_name_lock:
+        for key in [key for key, held in _held_names.items() if not _still_ours(held)]:
+            _forget(key)
+
+
+def destroy_all_process_names() -> None:
+    """Remove all of this process's name files; runs at interpreter exit."""
+    with current_process_name_lock:
+        for key in list(_held_names):
+            _held_names.pop(key).release()
+            current_process_name_for.pop(key, None)
+
+
+def _forget_parent_names() -> None:
+    # The HeldFiles are already inert here: locks closed their fds.
+    _held_names.clear()
+    current_process_name_for.clear()
+    current_process_name_lock.release()
+
+
+# Fork only between operations (the lock is held briefly and never across a
+# wait), so the child's tables and lock are consistent; the lock object is
+# kept, since callers import it by name.
+os.register_at_fork(
+    before=current_process_name_lock.acquire,
+    after_in_parent=current_process_name_lock.release,
+    after_in_child=_forget_parent_names,
+)
+atexit.register(destroy_all_process_names)
