@@ -8,11 +8,12 @@ from typing import Iterator, Optional
 
 from .locks import HeldFile, PathArg, check_name, discard_taken, global_mutex, take_over
 
-__all__ = ["LastProcessStandingArena", "reap_dead_members"]
+__all__ = ["MEMBERS_SUFFIX", "LastProcessStandingArena", "reap_dead_members"]
 
 logger = logging.getLogger(__name__)
 
-_MEMBERS_SUFFIX = "-arena-members"
+#: An arena *name* keeps its members in ``base_dir/<name><MEMBERS_SUFFIX>``.
+MEMBERS_SUFFIX = "-arena-members"
 
 
 class LastProcessStandingArena:
@@ -42,7 +43,7 @@ class LastProcessStandingArena:
         self.base_dir = os.fspath(base_dir)
         self.name = name
         self.mutex = name + "-arena-lock"
-        self.lockfileDir = os.path.join(self.base_dir, name + _MEMBERS_SUFFIX)
+        self.lockfileDir = os.path.join(self.base_dir, name + MEMBERS_SUFFIX)
         self._member: Optional[HeldFile] = None
 
     def enter(self, timeout: Optional[float] = None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-from typing import Dict
+from typing import Dict, List
 
 from .locks import HeldFile, PathArg, check_name, discard_taken, locked_file_is, take_over
 
@@ -23,6 +23,7 @@ __all__ = [
     "destroy_all_process_names",
     "get_process_name",
     "process_name_exists",
+    "reap_dead_process_names",
 ]
 
 #: Every process name starts with this, so that nothing else in a shared
@@ -88,6 +89,13 @@ def process_name_exists(base_dir: PathArg, name: str) -> bool:
         return True
     discard_taken(fd, path)
     return False
+
+
+def reap_dead_process_names(base_dir: PathArg) -> List[str]:
+    """Remove the name files of dead processes in *base_dir*; return their
+    names. Live processes' files are left alone."""
+    return [name for name in sorted(os.listdir(base_dir))
+            if name.startswith(NAME_PREFIX) and not process_name_exists(base_dir, name)]
 
 
 def _forget(key: str) -> None:

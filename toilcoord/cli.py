@@ -1,0 +1,139 @@
+"""``python -m toilcoord``: smoke check, filesystem probe, benchmark, cleanup."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Iterator, Optional, Sequence
+
+from . import __version__
+from .locks import filesystem_info
+
+__all__ = ["main"]
+
+
+class UsageError(Exception):
+    """Bad command line: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage block
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m toilcoord", description=(
+        "Check that toilcoord's primitives work on this node (and in --dir), "
+        "benchmark them, or clean up after dead processes."))
+    parser.add_argument("--version", action="version", version=f"toilcoord {__version__}")
+    parser.add_argument("--dir", help="run in this directory (say, the scratch filesystem a pipeline will use)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    commands = parser.add_subparsers(dest="command")
+    bench = commands.add_parser("bench", help="benchmark each primitive beside its physical floor")
+    bench.add_argument("--dir", dest="sub_dir", help="benchmark in this directory")
+    bench.add_argument("--procs", type=int, default=4, help="processes for the contended rows (default 4)")
+    bench.add_argument("--quick", action="store_true", help="fewer repetitions: a fast sanity run")
+    bench.add_argument("--json", dest="sub_json", action="store_true", help="print the table as JSON")
+    cleanup = commands.add_parser("cleanup", help="run dead processes' deferred functions and remove their leftovers")
+    cleanup.add_argument("--dir", dest="sub_dir", required=True, help="the coordination directory to clean")
+    for sub in (bench, cleanup):
+        sub.error = parser.error  # type: ignore[method-assign]
+    return parser
+
+
+def _usable_directory(path: str) -> str:
+    if not os.path.isdir(path):
+        raise UsageError(f"--dir {path}: no such directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--dir {path}: not writable by this user")
+    return os.path.abspath(path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        directory = getattr(args, "sub_dir", None) or args.dir
+        if directory is not None:
+            directory = _usable_directory(directory)
+        as_json = args.json or getattr(args, "sub_json", False)
+        if args.command == "bench":
+            if args.procs < 1:
+                raise UsageError(f"--procs must be at least 1, not {args.procs}")
+            from .bench import run_bench
+            return run_bench(directory, args.procs, args.quick, as_json)
+        if args.command == "cleanup":
+            return _cleanup(directory)
+        return _smoke(directory, as_json)
+    except UsageError as error:
+        print(f"python -m toilcoord: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into head: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _smoke(directory: Optional[str], as_json: bool) -> int:
+    from .smoke import run_checks
+
+    report: dict = {"version": __version__, "python": sys.version.split()[0]}
+    if directory is not None:
+        report["filesystem"] = filesystem_info(directory)._asdict()
+    with tempfile.TemporaryDirectory(prefix="toilcoord-smoke-", dir=directory) as workdir:
+        if not as_json:
+            _print_filesystem(report.get("filesystem"))
+        results = run_checks(workdir, on_result=None if as_json else _print_result)
+    failed = [result for result in results if result.status == "FAIL"]
+    report["checks"] = [result._asdict() for result in results]
+    report["passed"] = not failed
+    if as_json:
+        import json
+        print(json.dumps(report, indent=2))
+    else:
+        counts = {status: sum(r.status == status for r in results) for status in ("ok", "FAIL", "skip")}
+        print(f"{counts['ok']} passed, {counts['FAIL']} failed, {counts['skip']} skipped")
+    return 1 if failed else 0
+
+
+def _print_filesystem(info: Optional[dict]) -> None:
+    if info is None:
+        return
+    print(f"filesystem: {info['fstype']} mounted at {info['mount_point']}; lock scope: {info['lock_scope']}")
+    print(f"  {info['reason']}")
+
+
+_NAME_WIDTH = 42
+
+
+def _print_result(result: object) -> None:
+    print(f"{result.status:<4}  {result.name:<{_NAME_WIDTH}} {result.seconds:6.2f} s  {result.detail}", flush=True)
+
+
+def _cleanup(directory: str) -> int:
+    for line in cleanup_directory(directory):
+        print(line)
+    return 0
+
+
+def cleanup_directory(directory: str) -> Iterator[str]:
+    """Remove what dead processes left in *directory*, saying what was done.
+
+    Never touches a live process's files: every removal is of a file whose
+    lock could be taken, and arena directories are removed under the
+    arena's own mutex.
+    """
+    from .arena import MEMBERS_SUFFIX, reap_dead_members
+    from .locks import global_mutex
+    from .procnames import reap_dead_process_names
+
+    removed = reap_dead_process_names(directory)
+    yield f"process names: removed {len(removed)} of dead processes"
+    for entry in sorted(os.listdir(directory)):
+        if not entry.endswith(MEMBERS_SUFFIX):
+            continue
+        arena = entry[: -len(MEMBERS_SUFFIX)]
+        with global_mutex(directory, arena + "-arena-lock"):
+            live = reap_dead_members(os.path.join(directory, entry))
+            if not live:
+                os.rmdir(os.path.join(directory, entry))
+        yield f"arena {arena}: {live} live members" + ("" if live else "; directory removed")

@@ -1,0 +1,269 @@
+"""The smoke check behind ``python -m toilcoord``: every primitive exercised
+with real processes and signals in one directory."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, List, NamedTuple, Optional
+
+from .arena import LastProcessStandingArena
+from .locks import global_mutex
+from .procnames import get_process_name, process_name_exists
+
+__all__ = ["CHECKS", "CheckResult", "run_checks"]
+
+
+class CheckResult(NamedTuple):
+    name: str
+    status: str  # "ok", "FAIL" or "skip"
+    seconds: float
+    detail: str
+
+
+class Skip(Exception):
+    """A check that cannot run here (say, PID namespaces are refused)."""
+
+
+#: (name, function taking a fresh directory and returning a detail line)
+CHECKS: List[tuple] = []
+
+
+def check(name: str) -> Callable:
+    def register(function: Callable[[str], str]) -> Callable[[str], str]:
+        CHECKS.append((name, function))
+        return function
+    return register
+
+
+def run_checks(directory: str, on_result: Optional[Callable[[CheckResult], None]] = None) -> List[CheckResult]:
+    """Run every check in its own subdirectory of *directory*, calling
+    *on_result* with each result as it comes."""
+    results = []
+    for index, (name, function) in enumerate(CHECKS):
+        workdir = os.path.join(directory, f"check-{index}")
+        os.mkdir(workdir)
+        start = time.monotonic()
+        try:
+            status, detail = "ok", function(workdir)
+        except Skip as skipped:
+            status, detail = "skip", str(skipped)
+        except Exception as error:  # a failed check is reported, not raised
+            status, detail = "FAIL", f"{type(error).__name__}: {error}"
+        results.append(CheckResult(name, status, time.monotonic() - start, detail))
+        if on_result is not None:
+            on_result(results[-1])
+        if status == "ok":
+            shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+# ------------------------------------------------------------ processes
+
+class Forked:
+    """A forked child running ``target(child, *args)``; its exit status is 0
+    iff *target* returned. The child talks to the parent with ``tell()``,
+    the parent listens with ``hear()``."""
+
+    def __init__(self, target: Callable[..., object], *args: object) -> None:
+        self._read, self._write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # child
+            code = 1
+            try:
+                os.close(self._read)
+                target(self, *args)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(self._write)
+
+    def tell(self, message: bytes = b"ready") -> None:
+        os.write(self._write, message)
+
+    def hear(self, timeout: float = 10) -> bytes:
+        import select
+        readable, _, _ = select.select([self._read], [], [], timeout)
+        message = os.read(self._read, 4096) if readable else b""
+        if not message:
+            raise RuntimeError(f"child {self.pid} said nothing within {timeout} s")
+        return message
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self) -> int:
+        """Reap the child; its exit code, or minus the signal that killed it."""
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self._read)
+        return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+
+
+def _pause(_: Forked) -> None:
+    while True:
+        signal.pause()
+
+
+# ---------------------------------------------------------------- checks
+
+_PROCS, _ROUNDS = 4, 50
+
+
+def _race_on_potato(directory: str, rounds: int) -> None:
+    """Hold the mutex and prove nobody else does: the holder alone may
+    create (O_EXCL), see and remove the potato."""
+    potato = os.path.join(directory, "potato")
+    for _ in range(rounds):
+        with global_mutex(directory, "smoke"):
+            os.close(os.open(potato, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.unlink(potato)
+
+
+@check("mutex exclusion between processes")
+def check_mutex_processes(directory: str) -> str:
+    children = [Forked(lambda _, d: _race_on_potato(d, _ROUNDS), directory) for _ in range(_PROCS)]
+    codes = [child.wait() for child in children]
+    if codes != [0] * _PROCS:
+        raise AssertionError(f"racing processes exited with {codes}: two held the mutex at once")
+    _assert_empty(directory)
+    return f"{_PROCS} processes x {_ROUNDS} rounds, never two holders"
+
+
+@check("mutex exclusion between threads")
+def check_mutex_threads(directory: str) -> str:
+    errors: List[BaseException] = []
+
+    def race() -> None:
+        try:
+            _race_on_potato(directory, _ROUNDS)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=race) for _ in range(_PROCS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise AssertionError(f"two threads held the mutex at once: {errors[0]!r}")
+    _assert_empty(directory)
+    return f"{_PROCS} threads x {_ROUNDS} rounds, never two holders"
+
+
+def _hold_mutex_forever(child: Forked, directory: str) -> None:
+    with global_mutex(directory, "smoke"):
+        child.tell()
+        _pause(child)
+
+
+@check("SIGKILLed holder releases the mutex")
+def check_killed_holder(directory: str) -> str:
+    holder = Forked(_hold_mutex_forever, directory)
+    holder.hear()
+    holder.kill()
+    holder.wait()
+    start = time.monotonic()
+    with global_mutex(directory, "smoke", timeout=10):
+        waited = time.monotonic() - start
+    _assert_empty(directory)
+    return f"acquired {waited * 1000:.1f} ms after the kill; no lock file left"
+
+
+def _enter_arena_forever(child: Forked, directory: str) -> None:
+    LastProcessStandingArena(directory, "smoke").enter()
+    child.tell()
+    _pause(child)
+
+
+@check("arena election with a killed member")
+def check_arena(directory: str) -> str:
+    killed = Forked(_enter_arena_forever, directory)
+    live = Forked(_enter_arena_forever, directory)
+    killed.hear()
+    live.hear()
+    killed.kill()
+    killed.wait()
+    arena = LastProcessStandingArena(directory, "smoke")
+    arena.enter()
+    if list(arena.leave()):
+        raise AssertionError("elected last while a live member remained")
+    live.kill()
+    live.wait()
+    arena.enter()
+    if list(arena.leave()) != [True]:
+        raise AssertionError("not elected last once every other member was dead")
+    _assert_empty(directory)
+    return "killed members ignored and reaped; last one elected; nothing left"
+
+
+def _take_name(child: Forked, directory: str) -> None:
+    child.tell(get_process_name(directory).encode())
+    _pause(child)
+
+
+@check("process names")
+def check_process_names(directory: str) -> str:
+    child = Forked(_take_name, directory)
+    name = child.hear().decode()
+    mine = get_process_name(directory)
+    try:
+        if name == mine or not process_name_exists(directory, name):
+            raise AssertionError("a live child's name is not distinct and alive")
+    finally:
+        child.kill()
+        child.wait()
+    if process_name_exists(directory, name):
+        raise AssertionError("a SIGKILLed process's name still reads as alive")
+    return "distinct per process; alive while it lives, dead once killed"
+
+
+def _import_root() -> tuple:
+    """(sys.path entry, package name) that import this package in a fresh
+    interpreter, wherever it was vendored."""
+    package = __name__.rpartition(".")[0]
+    root = os.path.dirname(os.path.abspath(__file__))
+    for _ in package.split("."):
+        root = os.path.dirname(root)
+    return root, package
+
+
+_NAMESPACE_CHILD = """
+import importlib, os, sys
+sys.path.insert(0, sys.argv[1])
+package = importlib.import_module(sys.argv[2])
+print(os.getpid(), package.get_process_name(sys.argv[3]), flush=True)
+sys.stdin.read()
+"""
+
+
+@check("process names across PID namespaces")
+def check_pid_namespace(directory: str) -> str:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise Skip("no unshare command")
+    root, package = _import_root()
+    inner = subprocess.Popen(
+        [unshare, "--pid", "--fork", "--kill-child", sys.executable, "-c", _NAMESPACE_CHILD, root, package, directory],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = inner.stdout.readline().split()
+        if len(line) != 2:
+            raise Skip("PID namespaces are not permitted here: " + inner.stderr.read().strip()[:120])
+        pid, name = line
+        if not process_name_exists(directory, name) or name == get_process_name(directory):
+            raise AssertionError("a process in another PID namespace is not seen alive under its own name")
+    finally:
+        inner.kill()  # --kill-child takes the namespace down with it
+        inner.communicate()
+    return f"PID {pid} in its namespace, distinct name, seen alive from outside"
+
+
+def _assert_empty(directory: str) -> None:
+    left = os.listdir(directory)
+    if left:
+        raise AssertionError(f"left behind in the directory: {left}")
