@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from toilcoord import LastProcessStandingArena, locks
+from toilcoord.cli import main
+
+from conftest import ROOT, child_env
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def toilcoord(*args, timeout=90):
+    return subprocess.run([sys.executable, "-m", "toilcoord", *args], cwd=ROOT, env=child_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+
+def test_smoke_check_passes_from_the_checkout():
+    done = toilcoord()
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1].endswith("0 failed, 0 skipped") or " 0 failed" in lines[-1]
+    assert all(line.split()[0] in ("ok", "skip") for line in lines[:-1])
+
+
+def test_smoke_check_in_a_directory_reports_its_filesystem(tmp_path):
+    done = toilcoord("--dir", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("filesystem: ")
+    assert "lock scope: node" in done.stdout.splitlines()[0]
+    assert os.listdir(tmp_path) == [], "the smoke check cleans up after itself"
+
+
+def test_json_report_has_one_entry_per_check(tmp_path):
+    from toilcoord.smoke import CHECKS
+    done = toilcoord("--json", "--dir", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["passed"] is True
+    assert [check["name"] for check in report["checks"]] == [name for name, _ in CHECKS]
+    assert report["filesystem"]["lock_scope"] == "node"
+    assert {"name", "status", "seconds", "detail"} <= set(report["checks"][0])
+
+
+def test_smoke_check_fails_where_locking_is_impossible(monkeypatch, capsys):
+    # A filesystem without a lock daemon answers every flock with ENOLCK.
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(locks, "_FIRST_BACKOFF", 0)
+    monkeypatch.setattr(locks, "_MAX_BACKOFF", 0)
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    assert main([]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "No locks available" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus"], "unrecognized arguments"),
+    (["--dir", "/nonexistent/toilcoord"], "no such directory"),
+    (["bench", "--procs", "0"], "--procs must be at least 1"),
+    (["cleanup"], "--dir"),
+])
+def test_usage_errors_are_one_line_and_exit_2(args, message):
+    done = toilcoord(*args)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+def test_unwritable_dir_is_one_line_and_exit_2(tmp_path):
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    # A read-only mount: even root cannot write there.
+    script = f'mount -t tmpfs -o ro toilcoord-ro "$1" && exec "{sys.executable}" -m toilcoord --dir "$1"'
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", str(tmp_path)], cwd=ROOT, env=child_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    if "mount" in done.stderr and done.returncode != 2:
+        pytest.skip(f"cannot make a read-only mount here: {done.stderr.strip()[:200]}")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("\n") == 1 and "not writable" in done.stderr
+
+
+# Takes a name and enters an arena, says so, and lives until stdin closes.
+LIVE_USER = """
+import sys
+from toilcoord import LastProcessStandingArena, get_process_name
+get_process_name(sys.argv[1])
+LastProcessStandingArena(sys.argv[1], "work").enter()
+print("in", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_cleanup_removes_the_dead_and_leaves_the_living(tmp_path, children):
+    live = children.python(LIVE_USER, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    dead = children.python(LIVE_USER, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    gone = children.python(LIVE_USER.replace('"work"', '"gone"'), str(tmp_path),
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for child in (live, dead, gone):
+        assert child.stdout.readline().strip() == "in"
+    for child in (dead, gone):
+        child.kill()
+        child.wait()
+    before = set(os.listdir(tmp_path))
+    assert len([name for name in before if name.startswith("toil-proc-")]) == 3
+
+    done = toilcoord("cleanup", "--dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "removed 2" in done.stdout
+    after = sorted(os.listdir(tmp_path))
+    assert len([name for name in after if name.startswith("toil-proc-")]) == 1
+    assert "gone-arena-members" not in after, "a dead arena is removed"
+    assert len(os.listdir(tmp_path / "work-arena-members")) == 1, "the live member is untouched"
+
+    live.stdin.close()
+    assert live.wait() == 0
+    arena = LastProcessStandingArena(tmp_path, "work")
+    arena.enter()
+    assert list(arena.leave()) == [True]
