@@ -1,0 +1,660 @@
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+import urllib.request
+import zipfile
+
+import pytest
+from conftest import ROOT, child_env, run_python
+
+from toilcoord.modules import (
+    DirectoryResource,
+    FileResource,
+    LocalJobStore,
+    ModuleDescriptor,
+    Resource,
+    ResourceException,
+    VirtualEnvResource,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+# Leader: import argv[2] from directory argv[1], save it to the job store in
+# argv[3], register it and print the descriptor command and JTRES_ variables.
+LEADER = """
+import importlib, json, os, sys
+sys.path.insert(0, sys.argv[1])
+from toilcoord.modules import LocalJobStore, ModuleDescriptor
+importlib.import_module(sys.argv[2])
+descriptor = ModuleDescriptor.forModule(sys.argv[2])
+descriptor.saveAsResourceTo(LocalJobStore(sys.argv[3])).register()
+print(json.dumps({"command": list(descriptor.toCommand()),
+                  "env": {k: v for k, v in os.environ.items() if k.startswith("JTRES_")}}))
+"""
+
+# Worker: load the descriptor in argv[1:4], call its answer() and report
+# where everything came from.
+WORKER = """
+import json, sys
+from toilcoord.modules import ModuleDescriptor, Resource
+Resource.prepareSystem()
+descriptor = ModuleDescriptor.fromCommand(sys.argv[1:4])
+module = descriptor.load()
+local = descriptor.localize()
+print(json.dumps({"file": module.__file__, "answer": module.answer(),
+                  "local": list(local), "global": list(local.globalize())}))
+"""
+
+
+def write(path, text=""):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def check(result):
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def ship(directory, name, store):
+    """Run the leader in a child; return (command, JTRES_ environment)."""
+    shipped = check(run_python(LEADER, str(directory), name, str(store)))
+    return shipped["command"], shipped["env"]
+
+
+def run_worker(command, env, root, code=WORKER, extra_path=None):
+    """Run *code* as a worker in a child that has only this checkout (and
+    *extra_path*) on its path, with a fresh resource root."""
+    root.mkdir(exist_ok=True)
+    worker_env = child_env(JTRES_ROOT=str(root), **env)
+    if extra_path:
+        worker_env["PYTHONPATH"] += os.pathsep + str(extra_path)
+    return run_python(code, *command, env=worker_env)
+
+
+def gone(directory):
+    """Move *directory* away so nothing can import from its old path."""
+    moved = directory.with_name(directory.name + "-gone")
+    directory.rename(moved)
+    return moved
+
+
+# ----------------------------------------------------------------- round trips
+
+def test_single_file_module_round_trip(tmp_path):
+    app = tmp_path / "app"
+    write(app / "greet.py", """
+        from helper import WORD
+        def answer():
+            return WORD + " from greet"
+    """)
+    write(app / "helper.py", "WORD = 'hello'\n")
+    command, env = ship(app, "greet", tmp_path / "store")
+    assert command == [str(app), "greet", "False"]
+    gone(app)
+
+    result = check(run_worker(command, env, tmp_path / "root"))
+
+    assert result["answer"] == "hello from greet"
+    local = result["local"][0]
+    assert os.path.dirname(local) == str(tmp_path / "root")
+    assert result["file"] == os.path.join(local, "greet.py")
+    assert result["global"] == command[:2] + [False]
+
+
+def test_package_round_trip(tmp_path):
+    src = tmp_path / "src"
+    write(src / "pkg" / "__init__.py", "BASE = 40\n")
+    write(src / "pkg" / "sub" / "__init__.py")
+    write(src / "pkg" / "sub" / "mod.py", """
+        from .. import BASE
+        from . import data
+        def answer():
+            return BASE + data.TWO
+    """)
+    write(src / "pkg" / "sub" / "data.py", "TWO = 2\n")
+    write(src / "unrelated.py", "raise SystemExit('never shipped')\n")
+    command, env = ship(src, "pkg.sub.mod", tmp_path / "store")
+    assert command == [str(src), "pkg.sub.mod", "False"]
+    gone(src)
+
+    result = check(run_worker(command, env, tmp_path / "root"))
+
+    assert result["answer"] == 42
+    local = result["local"][0]
+    assert result["file"] == os.path.join(local, "pkg", "sub", "mod.py")
+    assert sorted(os.listdir(local)) == [".jtres-stash.json", "pkg"]
+
+
+def test_main_script_round_trip(tmp_path):
+    script = write(tmp_path / "app" / "pipeline.py", """
+        import json, os, sys
+        from toilcoord.modules import LocalJobStore, ModuleDescriptor
+        def answer():
+            return "ran " + __name__
+        if __name__ == "__main__":
+            descriptor = ModuleDescriptor.forModule("__main__")
+            descriptor.saveAsResourceTo(LocalJobStore(sys.argv[1])).register()
+            print(json.dumps({"command": list(descriptor.toCommand()),
+                              "env": {k: v for k, v in os.environ.items() if k.startswith("JTRES_")}}))
+    """)
+    leader = subprocess.run([sys.executable, str(script), str(tmp_path / "store")], env=child_env(),
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    shipped = check(leader)
+    assert shipped["command"] == [str(tmp_path / "app"), "pipeline", "False"]
+    gone(tmp_path / "app")
+
+    result = check(run_worker(shipped["command"], shipped["env"], tmp_path / "root"))
+
+    assert result["answer"] == "ran pipeline"
+
+
+def test_shipped_copy_wins_over_installed_module(tmp_path):
+    write(tmp_path / "src" / "pkg" / "__init__.py", "def answer():\n    return 'shipped'\n")
+    write(tmp_path / "installed" / "pkg" / "__init__.py", "def answer():\n    return 'installed'\n")
+    command, env = ship(tmp_path / "src", "pkg", tmp_path / "store")
+    gone(tmp_path / "src")
+
+    result = check(run_worker(command, env, tmp_path / "root", extra_path=tmp_path / "installed"))
+
+    assert result["answer"] == "shipped"
+
+
+def test_module_imported_from_elsewhere_first_is_an_import_error(tmp_path):
+    write(tmp_path / "src" / "pkg" / "__init__.py", "def answer():\n    return 'shipped'\n")
+    write(tmp_path / "installed" / "pkg" / "__init__.py", "def answer():\n    return 'installed'\n")
+    command, env = ship(tmp_path / "src", "pkg", tmp_path / "store")
+    code = "import pkg\n" + WORKER
+
+    result = run_worker(command, env, tmp_path / "root", code=code, extra_path=tmp_path / "installed")
+
+    assert result.returncode == 1
+    assert "ImportError: 'pkg' was imported from " + str(tmp_path / "installed") in result.stderr
+    assert "before load() was called" in result.stderr
+
+
+def test_failed_import_says_what_it_tried(tmp_path):
+    write(tmp_path / "app" / "greet.py", "def answer():\n    return 1\n")
+    command, env = ship(tmp_path / "app", "greet", tmp_path / "store")
+    command[1] = "greeting"  # same directory, so the same resource; no such module in it
+
+    result = run_worker(command, env, tmp_path / "root")
+
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("ImportError: could not import 'greeting' from " + str(tmp_path / "root"))
+    assert "greeting.py nor " in error and "No module named 'greeting'" in error
+
+
+def test_unregistered_module_loads_from_its_own_directory(tmp_path):
+    write(tmp_path / "app" / "greet.py", "def answer():\n    return 'local'\n")
+
+    result = check(run_worker([str(tmp_path / "app"), "greet", "False"], {}, tmp_path / "root"))
+
+    assert result["answer"] == "local"
+    assert result["local"][0] == str(tmp_path / "app")
+    assert os.listdir(tmp_path / "root") == []
+
+
+# ----------------------------------------------------------------- __main__
+
+PRINT_MAIN = """
+from toilcoord.modules import ModuleDescriptor
+print(list(ModuleDescriptor.forModule("__main__")))
+"""
+
+
+def run_main(args, cwd, extra_path=None):
+    env = child_env()
+    if extra_path:
+        env["PYTHONPATH"] += os.pathsep + str(extra_path)
+    return subprocess.run([sys.executable, *args], env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_main_name_of_a_script(tmp_path):
+    script = write(tmp_path / "app" / "my_script.py", PRINT_MAIN)
+
+    result = run_main([str(script)], cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == repr([str(tmp_path / "app"), "my_script", False])
+
+
+@pytest.mark.parametrize("module", ["pkg.tool", "pkg", "tool"])
+def test_main_name_under_python_m(tmp_path, module):
+    write(tmp_path / "pkg" / "__init__.py")
+    write(tmp_path / "pkg" / "tool.py", PRINT_MAIN)
+    write(tmp_path / "pkg" / "__main__.py", PRINT_MAIN)
+    write(tmp_path / "tool.py", PRINT_MAIN)
+
+    result = run_main(["-m", module], cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    name = "pkg.__main__" if module == "pkg" else module
+    assert result.stdout.strip() == repr([str(tmp_path), name, False])
+
+
+def test_main_script_colliding_with_the_standard_library(tmp_path):
+    script = write(tmp_path / "colorsys.py", PRINT_MAIN)
+
+    result = run_main([str(script)], cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert "ResourceException: the script " + str(script) in result.stderr
+    assert "collides with the importable module 'colorsys'" in result.stderr
+
+
+def test_main_collision_does_not_import_the_colliding_module(tmp_path):
+    marker = tmp_path / "imported"
+    write(tmp_path / "site" / "sidefx.py", f"open({str(marker)!r}, 'w').close()\n")
+    script = write(tmp_path / "app" / "sidefx.py", PRINT_MAIN)
+
+    result = run_main([str(script)], cwd=tmp_path, extra_path=tmp_path / "site")
+
+    assert result.returncode == 1
+    assert "collides with the importable module 'sidefx' from " + str(tmp_path / "site" / "sidefx.py") in result.stderr
+    assert not marker.exists()
+
+
+def test_main_script_colliding_with_a_package_beside_it(tmp_path):
+    write(tmp_path / "app" / "tool" / "__init__.py")
+    script = write(tmp_path / "app" / "tool.py", PRINT_MAIN)
+
+    result = run_main([str(script)], cwd=tmp_path)
+
+    assert result.returncode == 1
+    assert "collides with the importable module 'tool' from " + str(tmp_path / "app" / "tool") in result.stderr
+
+
+def test_main_without_a_file_cannot_be_described():
+    result = run_python("from toilcoord.modules import ModuleDescriptor\nModuleDescriptor.forModule('__main__')")
+
+    assert result.returncode == 1
+    assert "has no file" in result.stderr
+
+
+# ----------------------------------------------------------------- descriptors
+
+def test_descriptor_of_this_package_belongs_to_it():
+    import toilcoord.modules as own
+
+    descriptor = ModuleDescriptor.forModule(own.__name__)
+
+    assert descriptor == (os.path.dirname(os.path.dirname(own.__file__)), own.__name__, False)
+    assert descriptor.belongsToToil
+    assert not ModuleDescriptor("/x", "toil.resource", False).belongsToToil
+    assert not ModuleDescriptor("/x", own.__name__.rpartition(".")[0] + "x.modules", False).belongsToToil
+
+
+def test_vendored_copy_knows_its_own_modules(tmp_path):
+    vendor = tmp_path / "mypipeline" / "_vendor"
+    write(tmp_path / "mypipeline" / "__init__.py")
+    write(vendor / "__init__.py")
+    shutil.copytree(os.path.join(ROOT, "toilcoord"), str(vendor / "toilcoord"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = """
+        import sys
+        from mypipeline._vendor.toilcoord.modules import ModuleDescriptor
+        own = ModuleDescriptor.forModule("mypipeline._vendor.toilcoord.modules")
+        print(own.belongsToToil, ModuleDescriptor("/x", "toilcoord.modules", False).belongsToToil,
+              "toilcoord" in sys.modules)
+    """
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=str(tmp_path),
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "False", "False"]
+
+
+def test_command_round_trip():
+    descriptor = ModuleDescriptor("/some dir", "pkg.mod", True)
+
+    assert descriptor.toCommand() == ("/some dir", "pkg.mod", "True")
+    assert ModuleDescriptor.fromCommand(descriptor.toCommand()) == descriptor
+    with pytest.raises(ValueError, match="3 items"):
+        ModuleDescriptor.fromCommand(["/x", "mod"])
+    with pytest.raises(ValueError, match="'true'"):
+        ModuleDescriptor.fromCommand(["/x", "mod", "true"])
+
+
+def test_descriptor_of_an_unimported_module():
+    with pytest.raises(ResourceException, match="has not been imported"):
+        ModuleDescriptor.forModule("surely_not_imported_module")
+
+
+def test_script_inside_a_package_directory_is_refused(tmp_path):
+    write(tmp_path / "pkg" / "__init__.py")
+    write(tmp_path / "pkg" / "script.py")
+
+    with pytest.raises(ResourceException, match=r"-m pkg\.script"):
+        ModuleDescriptor(str(tmp_path / "pkg"), "script", False).saveAsResourceTo(LocalJobStore(tmp_path / "s"))
+    assert os.listdir(tmp_path / "s") == []
+
+
+def test_namespace_package_is_refused(tmp_path):
+    write(tmp_path / "ns" / "mod.py")
+
+    with pytest.raises(ResourceException, match="namespace packages"):
+        ModuleDescriptor(str(tmp_path), "ns.mod", False).saveAsResourceTo(LocalJobStore(tmp_path / "s"))
+
+
+def test_globalize_of_a_leader_descriptor_is_itself(tmp_path):
+    descriptor = ModuleDescriptor(str(tmp_path), "mod", False)
+
+    assert descriptor.globalize() is descriptor
+    assert ModuleDescriptor(str(tmp_path / "missing"), "mod", False).globalize().dirPath == str(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------- resources
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    """A resource root for in-process downloads; JTRES_ variables are
+    restored afterwards."""
+    for key in [key for key in os.environ if key.startswith(Resource.resourceEnvNamePrefix)]:
+        monkeypatch.delenv(key)
+    path = tmp_path / "root"
+    path.mkdir()
+    monkeypatch.setenv(Resource.rootDirPathEnvName, str(path))
+    yield path
+    for key in [key for key in os.environ if key.startswith(Resource.resourceEnvNamePrefix)]:
+        del os.environ[key]  # those register() set; monkeypatch restores the rest
+
+
+def store_bytes(store, name, data):
+    """Put *data* in *store* as a resource of class DirectoryResource."""
+    with store.write_shared_file_stream(name) as writer:
+        writer.write(data)
+    return DirectoryResource(name="d", pathHash=name, url=store.get_shared_public_url(name),
+                             contentHash=hashlib.md5(data).hexdigest())
+
+
+def zip_of(*members):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for info, data in members:
+            archive.writestr(info, data)
+    return buffer.getvalue()
+
+
+def symlink_member(name, target):
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info, target
+
+
+@pytest.mark.parametrize("member", [
+    ("../evil", "x"),
+    ("a/../../evil", "x"),
+    ("/tmp/evil-absolute", "x"),
+    symlink_member("link", "../../evil-target"),
+    symlink_member("inner", "inside"),
+], ids=["dotdot", "nested-dotdot", "absolute", "symlink-out", "symlink-in"])
+def test_malicious_zip_is_refused_before_anything_is_written(tmp_path, root, member):
+    resource = store_bytes(LocalJobStore(tmp_path / "store"), "evil", zip_of(("fine.txt", "ok"), member))
+    before = sorted(os.listdir(tmp_path))
+
+    with pytest.raises(ResourceException, match="refusing to unpack"):
+        resource.download()
+
+    assert os.listdir(root) == []
+    assert sorted(os.listdir(tmp_path)) == before
+    assert not os.path.exists("/tmp/evil-absolute")
+
+
+def test_corrupted_resource_is_refused(tmp_path, root):
+    store = LocalJobStore(tmp_path / "store")
+    write(tmp_path / "data.txt", "original")
+    resource = FileResource.create(store, str(tmp_path / "data.txt"))
+    with store.write_shared_file_stream(resource.pathHash) as writer:
+        writer.write(b"tampered")
+
+    with pytest.raises(ResourceException, match="corrupted"):
+        resource.download()
+    assert os.listdir(root) == []
+
+
+def test_file_resource_round_trip_and_registration(tmp_path, root):
+    store = LocalJobStore(tmp_path / "store")
+    leader_path = str(write(tmp_path / "data.txt", "payload"))
+    resource = FileResource.create(store, leader_path)
+    resource.register()
+
+    found = Resource.lookup(leader_path)
+    found.download()
+    found.download()  # a second download finds the copy and does nothing
+
+    assert type(found) is FileResource and found == resource
+    assert resource.name == "data.txt" and resource.contentHash == hashlib.md5(b"payload").hexdigest()
+    assert open(found.localPath).read() == "payload"
+    assert os.listdir(root) == [resource.contentHash]
+    assert Resource.lookup(str(tmp_path / "other.txt")) is None
+
+
+def test_concurrent_downloads_publish_one_whole_copy(tmp_path, root):
+    src = tmp_path / "src"
+    for i in range(20):
+        write(src / "pkg" / f"m{i}.py", f"X = {i}\n" * 100)
+    write(src / "pkg" / "__init__.py")
+    resource = DirectoryResource.create(LocalJobStore(tmp_path / "store"), str(src / "pkg"))
+    context = multiprocessing.get_context("fork")
+    workers = 4
+    barrier = context.Barrier(workers, timeout=30)
+
+    def localize():
+        def all_unpacked(tempDirPath):
+            # Nobody publishes before everyone has unpacked: a real race.
+            assert not os.path.exists(resource.localDirPath)
+            assert len(os.listdir(os.path.join(tempDirPath, "pkg"))) == 21
+            barrier.wait()
+        resource.download(callback=all_unpacked)
+        assert len(os.listdir(os.path.join(resource.localPath, "pkg"))) == 21
+
+    processes = [context.Process(target=localize) for _ in range(workers)]
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        for process in processes:
+            process.join(60)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert [p.exitcode for p in processes] == [0] * workers
+    assert os.listdir(root) == [resource.contentHash]
+
+
+def test_directory_hash_is_stable_and_skips_bytecode(tmp_path):
+    store = LocalJobStore(tmp_path / "store")
+    write(tmp_path / "app" / "mod.py", "X = 1\n")
+    first = DirectoryResource.create(store, str(tmp_path / "app"))
+    write(tmp_path / "app" / "__pycache__" / "mod.cpython-99.pyc", "junk")
+
+    second = DirectoryResource.create(store, str(tmp_path / "app"))
+
+    assert first == second
+    with zipfile.ZipFile(os.path.join(store.path, first.pathHash)) as archive:
+        assert archive.namelist() == ["mod.py"]
+
+
+def test_virtualenv_resource_round_trip(tmp_path, root):
+    site = tmp_path / "venv" / "lib" / "site-packages"
+    write(site / "dep" / "__init__.py", "X = 1\n")
+    write(site / "single.py")
+    store = LocalJobStore(tmp_path / "store")
+    resource = VirtualEnvResource.create(store, str(site))
+
+    resource.download()
+
+    assert sorted(os.listdir(resource.localPath)) == ["dep", "single.py"]
+    with pytest.raises(ResourceException, match="site-packages"):
+        VirtualEnvResource.create(store, str(tmp_path / "venv"))
+
+
+def test_whole_system_directories_are_not_shipped(tmp_path):
+    import tempfile
+
+    for path in ("/", tempfile.gettempdir(), os.path.expanduser("~")):
+        with pytest.raises(ResourceException, match="refusing to ship all of"):
+            DirectoryResource.create(LocalJobStore(tmp_path / "s"), path)
+    assert os.listdir(tmp_path / "s") == []
+
+
+def test_pickle_round_trip_never_imports(root):
+    resource = FileResource("n", "a" * 32, "file:///x", "b" * 32)
+
+    assert Resource.unpickle(resource.pickle()) == resource
+    assert type(Resource.unpickle(resource.pickle())) is FileResource
+    toil_style = "toil.resource.DirectoryResource:" + json.dumps(list(resource))
+    assert type(Resource.unpickle(toil_style)) is DirectoryResource
+    for bad in ("os.system:" + json.dumps(list(resource)), "no colon", "toilcoord.modules.FileResource:[1, 2]",
+                "FileResource:{not json"):
+        with pytest.raises(ValueError):
+            Resource.unpickle(bad)
+
+
+def test_lookup_rejects_a_resource_registered_under_another_path(tmp_path, root, monkeypatch):
+    resource = FileResource("n", "a" * 32, "file:///x", "b" * 32)
+    leader_path = str(tmp_path / "x")
+    key = Resource.resourceEnvNamePrefix + hashlib.md5(leader_path.encode()).hexdigest()
+    monkeypatch.setenv(key, resource.pickle())
+
+    with pytest.raises(ResourceException, match="another path"):
+        Resource.lookup(leader_path)
+
+
+def test_prepare_and_clean_system(tmp_path, monkeypatch):
+    for key in [key for key in os.environ if key.startswith("JTRES_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("JTRES_" + "c" * 32, "anything")
+
+    Resource.prepareSystem()
+    made = os.environ["JTRES_ROOT"]
+    Resource.prepareSystem()  # idempotent
+    assert os.environ["JTRES_ROOT"] == made and os.path.isdir(made)
+    Resource.cleanSystem()
+
+    assert not os.path.exists(made)
+    assert [key for key in os.environ if key.startswith("JTRES_")] == []
+    monkeypatch.setenv("JTRES_ROOT", str(write(tmp_path / "file")))
+    with pytest.raises(NotADirectoryError, match="JTRES_ROOT"):
+        Resource.prepareSystem()
+
+
+def test_download_without_prepare_system_says_so(monkeypatch):
+    monkeypatch.delenv("JTRES_ROOT", raising=False)
+
+    with pytest.raises(ResourceException, match=r"prepareSystem\(\)"):
+        FileResource("n", "a" * 32, "file:///x", "b" * 32).download()
+
+
+# ----------------------------------------------------------------- FIPS
+
+def fips_md5(python38):
+    real = hashlib.md5
+
+    def md5(*args, **kwargs):
+        if python38 and "usedforsecurity" in kwargs:
+            raise TypeError("'usedforsecurity' is an invalid keyword argument for openssl_md5()")
+        if kwargs.pop("usedforsecurity", True) is not False:
+            raise ValueError("[digital envelope routines] unsupported")
+        return real(*args, **kwargs)
+    return md5
+
+
+@pytest.mark.parametrize("python38", [False, True], ids=["3.9+", "3.8"])
+def test_resources_work_in_fips_mode(tmp_path, root, monkeypatch, python38):
+    monkeypatch.setattr(hashlib, "md5", fips_md5(python38))
+    leader_path = str(write(tmp_path / "data.txt", "payload"))
+
+    resource = FileResource.create(LocalJobStore(tmp_path / "store"), leader_path)
+    resource.register()
+    Resource.lookup(leader_path).download()
+
+    assert len(resource.contentHash) == len(resource.pathHash) == (64 if python38 else 32)
+    assert open(resource.localPath).read() == "payload"
+
+
+def test_md5_resource_on_a_python_without_md5_says_why(root, monkeypatch):
+    monkeypatch.setattr(hashlib, "md5", fips_md5(python38=True))
+
+    with pytest.raises(ResourceException, match="cannot compute MD5"):
+        FileResource("n", "a" * 32, "file:///x", "b" * 32).download()
+    assert os.listdir(root) == []
+
+
+# ----------------------------------------------------------------- job store
+
+def test_local_job_store_writes_atomically(tmp_path):
+    store = LocalJobStore(tmp_path / "store dir")
+    with store.write_shared_file_stream("shared") as writer:
+        writer.write(b"first")
+
+    with pytest.raises(KeyError):
+        with store.write_shared_file_stream("shared", encrypted=False) as writer:
+            writer.write(b"half")
+            raise KeyError("interrupted")
+
+    assert os.listdir(store.path) == ["shared"]
+    url = store.get_shared_public_url("shared")
+    assert url.startswith("file:///") and " " not in url
+    with urllib.request.urlopen(url) as response:
+        assert response.read() == b"first"
+
+
+def test_local_job_store_rejects_bad_input(tmp_path):
+    store = LocalJobStore(tmp_path / "store")
+    for name in ("", "..", "a/b", None):
+        with pytest.raises(ValueError, match="shared file name"):
+            with store.write_shared_file_stream(name):
+                pass
+    with pytest.raises(ValueError, match="encrypt"):
+        with store.write_shared_file_stream("x", encrypted=True):
+            pass
+    with pytest.raises(TypeError):
+        LocalJobStore(42)
+    assert os.listdir(store.path) == []
+
+
+# ----------------------------------------------------------------- smoke recipe
+
+def module_round_trip(scratch: str, package: str, package_parent: str) -> bool:
+    """The round trip the command line's smoke check can run (see the
+    report): ship a probe module through a LocalJobStore and load it in a
+    worker process that has only the shipped copy."""
+    app = os.path.join(scratch, "app")
+    os.mkdir(app)
+    with open(os.path.join(app, "coord_probe.py"), "w") as f:
+        f.write("ANSWER = 42\n")
+    resource = ModuleDescriptor(app, "coord_probe", False).saveAsResourceTo(LocalJobStore(os.path.join(scratch, "store")))
+    shutil.rmtree(app)  # the worker must use the shipped copy
+    env = dict(os.environ, PYTHONPATH=package_parent, JTRES_ROOT=scratch)
+    env[resource.resourceEnvNamePrefix + resource.pathHash] = resource.pickle()
+    worker = "\n".join([f"from {package}.modules import ModuleDescriptor, Resource", "import sys",
+                        "Resource.prepareSystem()", "print(ModuleDescriptor.fromCommand(sys.argv[1:]).load().ANSWER)"])
+    command = [sys.executable, "-c", worker, app, "coord_probe", "False"]
+    out = subprocess.run(command, env=env, cwd=scratch, capture_output=True, text=True, timeout=60)
+    if out.stdout.strip() != "42":
+        raise RuntimeError(f"module round trip failed: {out.stderr.strip()}")
+    return True
+
+
+def test_smoke_check_recipe(tmp_path):
+    assert module_round_trip(str(tmp_path), "toilcoord", ROOT)
+    (tmp_path / "again").mkdir()
+    with pytest.raises(RuntimeError, match="No module named 'nosuchpackage'"):
+        module_round_trip(str(tmp_path / "again"), "nosuchpackage", ROOT)
