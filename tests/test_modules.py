@@ -319,6 +319,18 @@ def test_vendored_copy_knows_its_own_modules(tmp_path):
     assert result.stdout.split() == ["True", "False", "False"]
 
 
+@pytest.mark.skipif(sys.prefix == getattr(sys, "base_prefix", sys.prefix), reason="needs a virtualenv")
+def test_module_of_the_virtualenv_ships_its_site_packages():
+    import pluggy
+
+    descriptor = ModuleDescriptor.forModule("pluggy")
+
+    assert descriptor.fromVirtualEnv and os.path.basename(descriptor.dirPath) == "site-packages"
+    assert descriptor._resourcePath == descriptor.dirPath
+    assert descriptor._resourceClass() is VirtualEnvResource
+    assert pluggy.__file__.startswith(descriptor.dirPath)
+
+
 def test_command_round_trip():
     descriptor = ModuleDescriptor("/some dir", "pkg.mod", True)
 
@@ -521,8 +533,9 @@ def test_pickle_round_trip_never_imports(root):
     assert type(Resource.unpickle(resource.pickle())) is FileResource
     toil_style = "toil.resource.DirectoryResource:" + json.dumps(list(resource))
     assert type(Resource.unpickle(toil_style)) is DirectoryResource
-    for bad in ("os.system:" + json.dumps(list(resource)), "no colon", "toilcoord.modules.FileResource:[1, 2]",
-                "FileResource:{not json"):
+    bad_fields = [["../n", "a" * 32, "u", "b" * 32], ["n", "a" * 32, "u", "../" + "b" * 29], ["n", "A" * 32, "u", "b" * 32]]
+    for bad in ["os.system:" + json.dumps(list(resource)), "no colon", "toilcoord.modules.FileResource:[1, 2]",
+                "FileResource:{not json"] + ["FileResource:" + json.dumps(fields) for fields in bad_fields]:
         with pytest.raises(ValueError):
             Resource.unpickle(bad)
 

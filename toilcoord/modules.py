@@ -306,7 +306,17 @@ class Resource(NamedTuple):
             fields = None
         if not (isinstance(fields, list) and len(fields) == len(cls._fields) and all(isinstance(f, str) for f in fields)):
             raise ValueError(f"not an encoded resource: {s[:200]!r}")
-        return cls._subclass_named(className)(*fields)
+        resource = cls._subclass_named(className)(*fields)
+        resource._check_local_names()
+        return resource
+
+    def _check_local_names(self) -> None:
+        """Raise ValueError unless the fields that become local path
+        components (name, and the hashes) are single, plain components."""
+        check_name(self.name, "resource name")
+        for what, value in (("pathHash", self.pathHash), ("contentHash", self.contentHash)):
+            if len(value) not in (32, 64) or value.strip("0123456789abcdef"):
+                raise ValueError(f"resource {what} must be 32 or 64 lowercase hex digits: {value!r}")
 
     @classmethod
     def _subclass_named(cls, className: str) -> Type["Resource"]:
