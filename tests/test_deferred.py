@@ -1,0 +1,841 @@
+from __future__ import annotations
+
+import functools
+import gc
+import importlib.util
+import logging
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+from conftest import child_env, run_python
+
+from toilcoord.deferred import DeferredFunction, DeferredFunctionManager
+
+pytestmark = pytest.mark.timeout(60)
+
+# Deferred functions the tests' processes share: a module every one of them
+# imports by name, as a pipeline's workers import its code.
+HELPERS = '''
+import os, time
+
+def record(path, text):
+    with open(path, "a") as stream:
+        stream.write(text + "\\n")
+
+def fail(message):
+    raise ValueError(message)
+
+def hang_where_told(path, text):
+    # In a process told so: tell the test that the previous function has
+    # returned (and been marked done), then hang until killed.
+    notify_fd = os.environ.get("DFHELPERS_HANG_FD")
+    if notify_fd is not None:
+        os.write(int(notify_fd), b"!")
+        time.sleep(60)
+    record(path, text)
+
+def interrupt_once(flag, path, text):
+    if not os.path.exists(flag):
+        open(flag, "w").close()
+        raise KeyboardInterrupt
+    record(path, text)
+
+class Recorder:
+    def __init__(self, path):
+        self.path = path
+    def method(self, text):
+        record(self.path, text)
+    @classmethod
+    def class_method(cls, path, text):
+        record(path, text)
+    @staticmethod
+    def static_method(path, text):
+        record(path, text)
+
+module_lambda = lambda path, text: record(path, text)
+
+def make_nested(path):
+    prefix = "nested "
+    def nested(text):
+        record(path, prefix + text)
+    return nested
+'''
+
+# An owner process: makes a manager in argv[1], recording into argv[2]; the
+# test appends what it does inside.
+OWNER = """
+import functools, os, shutil, sys, time
+import dfhelpers
+from toilcoord.deferred import DeferredFunctionManager
+base, out = sys.argv[1], sys.argv[2]
+manager = DeferredFunctionManager(base)
+"""
+
+WAIT_TO_BE_KILLED = """
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+# Another process that opens (and closes) a manager, running orphans.
+RUN_ORPHANS = """
+import sys
+from toilcoord.deferred import DeferredFunctionManager
+with DeferredFunctionManager(sys.argv[1]) as manager:
+    with manager.open():
+        pass
+"""
+
+
+@pytest.fixture(scope="session")
+def helpers_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("helpers")
+    (directory / "dfhelpers.py").write_text(HELPERS)
+    sys.path.insert(0, str(directory))
+    try:
+        yield str(directory)
+    finally:
+        sys.path.remove(str(directory))
+        sys.modules.pop("dfhelpers", None)
+
+
+@pytest.fixture
+def dfhelpers(helpers_dir):
+    import dfhelpers
+
+    return dfhelpers
+
+
+@pytest.fixture
+def env(helpers_dir):
+    environment = child_env()
+    environment["PYTHONPATH"] = helpers_dir + os.pathsep + environment["PYTHONPATH"]
+    return environment
+
+
+@pytest.fixture
+def base(tmp_path):
+    directory = tmp_path / "work"
+    directory.mkdir()
+    return str(directory)
+
+
+@pytest.fixture
+def out(tmp_path):
+    return str(tmp_path / "out.txt")
+
+
+def lines(path):
+    try:
+        with open(path) as stream:
+            return stream.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def state_dir(base):
+    return os.path.join(base, DeferredFunctionManager.STATE_DIR_STEM)
+
+
+def state_files(base):
+    try:
+        return sorted(os.listdir(state_dir(base)))
+    except FileNotFoundError:
+        return []
+
+
+def start_owner(children, env, body, *args, **popen):
+    child = children.python(OWNER + body, *args, env=env, stdout=subprocess.PIPE, text=True, **popen)
+    assert child.stdout.readline().strip() == "ready"
+    return child
+
+
+def kill(child):
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL
+
+
+def run_orphans_elsewhere(base, env):
+    result = run_python(RUN_ORPHANS, base, env=env)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def run_orphans_here(base):
+    with DeferredFunctionManager(base) as manager:
+        with manager.open():
+            pass
+
+
+def open_fds():
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+# ------------------------------------------------------------ crashes
+
+def test_owner_killed_inside_open_has_both_functions_run_once_by_the_next_open(base, out, env, children):
+    owner = start_owner(children, env, """
+with manager.open() as defer:
+    defer(dfhelpers.record, out, "first")
+    defer(dfhelpers.record, out, "second")
+""" + WAIT_TO_BE_KILLED, base, out)
+    kill(owner)
+    assert lines(out) == []
+    assert len(state_files(base)) == 1
+
+    run_orphans_elsewhere(base, env)
+    assert lines(out) == ["first", "second"]
+    run_orphans_elsewhere(base, env)
+    run_orphans_here(base)
+    assert lines(out) == ["first", "second"]
+    assert state_files(base) == []
+
+
+def hanging(env, notify_write):
+    return dict(env, DFHELPERS_HANG_FD=str(notify_write)), {"pass_fds": (notify_write,)}
+
+
+def wait_for_notification(notify_read):
+    assert os.read(notify_read, 1) == b"!"
+
+
+def test_owner_killed_right_after_the_first_function_returned_never_runs_it_again(base, out, env, children):
+    notify_read, notify_write = os.pipe()
+    try:
+        owner_env, popen = hanging(env, notify_write)
+        owner = start_owner(children, owner_env, """
+with manager.open() as defer:
+    defer(dfhelpers.record, out, "first")
+    defer(dfhelpers.hang_where_told, out, "second")
+    print("ready", flush=True)
+""", base, out, **popen)
+        wait_for_notification(notify_read)  # "second" has started in the owner
+        kill(owner)
+    finally:
+        os.close(notify_read)
+        os.close(notify_write)
+    assert lines(out) == ["first"]
+
+    run_orphans_elsewhere(base, env)
+    assert lines(out) == ["first", "second"]
+    run_orphans_here(base)
+    assert lines(out) == ["first", "second"]
+
+
+def test_an_orphan_runner_killed_midway_leaves_what_it_did_not_finish_and_only_that(base, out, env, children):
+    owner = start_owner(children, env, """
+with manager.open() as defer:
+    defer(dfhelpers.record, out, "first")
+    defer(dfhelpers.hang_where_told, out, "second")
+    defer(dfhelpers.record, out, "third")
+""" + WAIT_TO_BE_KILLED, base, out)
+    kill(owner)
+    notify_read, notify_write = os.pipe()
+    try:
+        runner_env, popen = hanging(env, notify_write)
+        runner = children.python(RUN_ORPHANS, base, env=runner_env, **popen)
+        wait_for_notification(notify_read)  # the runner finished "first" and is inside "second"
+        kill(runner)
+    finally:
+        os.close(notify_read)
+        os.close(notify_write)
+    assert lines(out) == ["first"]
+
+    run_orphans_elsewhere(base, env)
+    assert lines(out) == ["first", "second", "third"]
+    assert state_files(base) == []
+
+
+# -------------------------------------------------- torn and corrupt files
+
+def orphan_with_records(children, env, base, out, count):
+    """A dead owner's state file holding *count* records of equal size."""
+    defers = "".join(f'    defer(dfhelpers.record, out, "record {i}")\n' for i in range(count))
+    owner = start_owner(children, env, "with manager.open() as defer:\n" + defers + WAIT_TO_BE_KILLED, base, out)
+    kill(owner)
+    (name,) = state_files(base)
+    path = os.path.join(state_dir(base), name)
+    size = os.path.getsize(path)
+    assert size % count == 0
+    return path, size // count
+
+
+def flip(path, offset):
+    with open(path, "r+b") as stream:
+        stream.seek(offset)
+        byte = stream.read(1)
+        stream.seek(offset)
+        stream.write(bytes((byte[0] ^ 0xFF,)))
+
+
+def errors(caplog):
+    return [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def test_a_torn_tail_is_logged_and_skipped_and_the_records_before_it_run(base, out, env, children, caplog, dfhelpers):
+    path, record_size = orphan_with_records(children, env, base, out, 3)
+    os.truncate(path, 2 * record_size + record_size // 2)
+    caplog.set_level(logging.INFO)
+    run_orphans_here(base)
+    assert lines(out) == ["record 0", "record 1"]
+    (error,) = errors(caplog)
+    assert "torn" in error.getMessage() and path in error.getMessage()
+    assert state_files(base) == []  # not left to poison later workers
+
+
+@pytest.mark.parametrize("where", ["payload", "header", "length"])
+def test_a_corrupt_record_is_logged_and_skipped_and_the_records_around_it_run(
+        base, out, env, children, caplog, dfhelpers, where):
+    path, record_size = orphan_with_records(children, env, base, out, 3)
+    offset = {"payload": record_size // 2, "header": 0, "length": 5}[where]
+    flip(path, record_size + offset)
+    caplog.set_level(logging.INFO)
+    run_orphans_here(base)
+    assert lines(out) == ["record 0", "record 2"]
+    (error,) = errors(caplog)
+    assert "corrupt" in error.getMessage() and path in error.getMessage()
+    assert state_files(base) == []
+
+
+def test_a_file_of_garbage_runs_nothing_and_is_removed(base, caplog):
+    DeferredFunctionManager(base).close()  # makes the state directory
+    path = os.path.join(state_dir(base), DeferredFunctionManager.PREFIX + "garbage")
+    with open(path, "wb") as stream:
+        stream.write(os.urandom(5000))
+    os.chmod(path, 0o600)
+    caplog.set_level(logging.INFO)
+    run_orphans_here(base)
+    assert errors(caplog)
+    assert state_files(base) == []
+
+
+# ---------------------------------------------------- kinds of callables
+
+EVERY_KIND = """
+victim_file, victim_dir = sys.argv[3], sys.argv[4]
+
+main_lambda = lambda text: dfhelpers.record(out, text)
+
+def main_function(text, depth=2):
+    if depth:
+        return main_function(text, depth - 1)  # refers to itself through its globals
+    dfhelpers.record(out, text)
+
+def make_main_closure():
+    tag = "main closure"
+    def closure():
+        dfhelpers.record(out, tag)
+    return closure
+
+with manager.open() as defer:
+    defer(dfhelpers.record, out, "function")
+    defer(os.remove, victim_file)
+    defer(shutil.rmtree, victim_dir)
+    defer(dfhelpers.Recorder(out).method, "bound method")
+    defer(dfhelpers.Recorder.class_method, out, "classmethod")
+    defer(dfhelpers.Recorder.static_method, out, "staticmethod")
+    defer(functools.partial(dfhelpers.record, out), "partial")
+    defer(dfhelpers.module_lambda, out, "module lambda")
+    defer(dfhelpers.make_nested(out), "closure")
+    defer(main_lambda, "main lambda")
+    defer(main_function, "main function")
+    defer(make_main_closure())
+    defer(functools.partial(lambda path, text: dfhelpers.record(path, text), out), "partial of a lambda")
+    defer(dfhelpers.record, path=out, text="keywords")
+"""
+
+EVERY_KIND_LINES = sorted([
+    "function", "bound method", "classmethod", "staticmethod", "partial", "module lambda",
+    "nested closure", "main lambda", "main function", "main closure", "partial of a lambda", "keywords",
+])
+
+
+def victims(tmp_path):
+    victim_file = tmp_path / "victim-file"
+    victim_file.write_text("x")
+    victim_dir = tmp_path / "victim-dir"
+    (victim_dir / "sub").mkdir(parents=True)
+    (victim_dir / "sub" / "file").write_text("x")
+    return str(victim_file), str(victim_dir)
+
+
+def test_every_kind_of_callable_deferred_by_a_killed_owner_runs_in_another_process(
+        base, out, env, children, tmp_path, caplog):
+    victim_file, victim_dir = victims(tmp_path)
+    owner = start_owner(children, env, EVERY_KIND + WAIT_TO_BE_KILLED, base, out, victim_file, victim_dir)
+    kill(owner)
+    caplog.set_level(logging.INFO)
+    result = run_orphans_elsewhere(base, env)
+    assert "ERROR" not in result.stderr, result.stderr
+    assert sorted(lines(out)) == EVERY_KIND_LINES
+    assert not os.path.exists(victim_file) and not os.path.exists(victim_dir)
+
+
+def test_every_kind_of_callable_runs_in_its_own_process_in_order(base, out, env, tmp_path):
+    victim_file, victim_dir = victims(tmp_path)
+    result = run_python(OWNER + EVERY_KIND, base, out, victim_file, victim_dir, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "ERROR" not in result.stderr, result.stderr
+    assert lines(out) == [
+        "function", "bound method", "classmethod", "staticmethod", "partial", "module lambda",
+        "nested closure", "main lambda", "main function", "main closure", "partial of a lambda", "keywords",
+    ]
+    assert not os.path.exists(victim_file) and not os.path.exists(victim_dir)
+
+
+def test_functions_of_a_module_run_with_dash_m_run_in_another_process(base, out, env, children, tmp_path):
+    package = tmp_path / "dfmainpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "job.py").write_text(
+        "import sys, time\n"
+        "import dfhelpers\n"
+        "from toilcoord.deferred import DeferredFunctionManager\n"
+        "def module_function(path):\n"
+        "    dfhelpers.record(path, 'module function ' + __name__)\n"
+        "if __name__ == '__main__':\n"
+        "    base, out = sys.argv[1], sys.argv[2]\n"
+        "    manager = DeferredFunctionManager(base)\n"
+        "    with manager.open() as defer:\n"
+        "        defer(module_function, out)\n"
+        "        defer(lambda path=out: dfhelpers.record(path, 'lambda ' + __name__))\n"
+        "        print('ready', flush=True)\n"
+        "        time.sleep(60)\n")
+    env = dict(env, PYTHONPATH=str(tmp_path) + os.pathsep + env["PYTHONPATH"])
+    owner = children.python("import runpy, sys; runpy.run_module('dfmainpkg.job', run_name='__main__', alter_sys=True)",
+                            base, out, env=env, stdout=subprocess.PIPE, text=True)
+    assert owner.stdout.readline().strip() == "ready"
+    kill(owner)
+    run_orphans_elsewhere(base, env)
+    # The lambda's globals are the module's, imported by name (so its own
+    # __name__, not "__main__"; and not what the main block defined).
+    assert lines(out) == ["module function dfmainpkg.job", "lambda dfmainpkg.job"]
+
+
+# ------------------------------------------------------------- creating
+
+def test_create_serialises_eagerly_and_names_what_it_cannot_serialise():
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match=r"cannot defer record: argument 1 \(<.*lock.*\) cannot be serialised"):
+        DeferredFunction.create(record, "x", lock)
+    with pytest.raises(TypeError, match=r"keyword argument guard=<.*lock.*> cannot be serialised"):
+        DeferredFunction.create(record, "x", guard=lock)
+    with pytest.raises(TypeError, match=r"the function .* cannot be serialised"):
+        DeferredFunction.create(functools.partial(record, lock))
+    with pytest.raises(TypeError, match="not callable"):
+        DeferredFunction.create("rm -rf /tmp/x")
+    # A closure's value is captured when created, not when run.
+    value = ["before"]
+    deferred = DeferredFunction.create(lambda: value[0])
+    value[0] = "after"
+    assert deferred.invoke() == "before"
+
+
+def record(path, text):
+    with open(path, "a") as stream:
+        stream.write(text + "\n")
+
+
+def test_a_class_of_the_main_script_is_refused_at_create(env):
+    result = run_python("""
+import dfhelpers
+from toilcoord.deferred import DeferredFunction
+class Local:
+    def method(self):
+        pass
+try:
+    DeferredFunction.create(Local().method)
+except TypeError as error:
+    print(error)
+""", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Local is defined in the __main__ script" in result.stdout
+
+
+def test_str_and_repr_name_the_function_and_invoke_returns_its_result():
+    from collections import defaultdict
+
+    deferred = DeferredFunction.create(defaultdict, None, {"x": 1}, y=2)
+    assert repr(deferred) == str(deferred) == "DeferredFunction(defaultdict, ...)"
+    assert deferred.invoke() == defaultdict(None, x=1, y=2)
+    assert deferred.name == "defaultdict" and deferred.module == "collections"
+    assert DeferredFunction._fields == ("function", "args", "kwargs", "name", "module")
+    assert str(DeferredFunction.create(functools.partial(os.getpid))) == "DeferredFunction(partial(getpid), ...)"
+
+
+def test_code_made_by_another_python_version_is_refused_with_a_logged_error(base, out, caplog, dfhelpers):
+    deferred = DeferredFunction.create(lambda: dfhelpers.record(out, "foreign"))
+    magic = importlib.util.MAGIC_NUMBER
+    assert deferred.function.count(magic) == 1
+    foreign = deferred._replace(function=deferred.function.replace(magic, b"\0\0\r\n"))
+    caplog.set_level(logging.INFO)
+    with DeferredFunctionManager(base) as manager:
+        with manager.open() as defer:
+            defer(foreign)
+            defer(dfhelpers.record, out, "native")
+    assert lines(out) == ["native"]
+    (error,) = errors(caplog)
+    assert "cannot run on" in error.getMessage() and error.exc_info is None
+
+
+# ---------------------------------------------------------- running
+
+def test_a_failing_function_is_logged_once_and_the_rest_still_run(base, out, caplog, dfhelpers):
+    caplog.set_level(logging.INFO)
+    with DeferredFunctionManager(base) as manager:
+        with manager.open() as defer:
+            defer(dfhelpers.record, out, "before")
+            defer(dfhelpers.fail, "boom")
+            defer(dfhelpers.record, out, "after")
+    assert lines(out) == ["before", "after"]
+    (error,) = errors(caplog)
+    assert "DeferredFunction(fail, ...)" in error.getMessage() and "failed" in error.getMessage()
+    assert error.exc_info[0] is ValueError
+
+
+def test_own_functions_run_in_order_at_exit_and_orphans_at_entry(base, out, env, children, dfhelpers):
+    owner = start_owner(children, env, """
+with manager.open() as defer:
+    defer(dfhelpers.record, out, "orphan")
+""" + WAIT_TO_BE_KILLED, base, out)
+    kill(owner)
+    with DeferredFunctionManager(base) as manager:
+        with manager.open() as defer:
+            assert lines(out) == ["orphan"]
+            for number in range(5):
+                defer(dfhelpers.record, out, f"own {number}")
+            assert lines(out) == ["orphan"]
+        assert lines(out) == ["orphan"] + [f"own {number}" for number in range(5)]
+        with manager.open() as defer:  # a second job on the same manager
+            defer(dfhelpers.record, out, "second job")
+        assert lines(out)[-1] == "second job" and len(lines(out)) == 7
+
+
+def test_defer_accepts_a_deferred_function_and_nothing_after_it(base, out, dfhelpers):
+    with DeferredFunctionManager(base) as manager:
+        with manager.open() as defer:
+            deferred = DeferredFunction.create(dfhelpers.record, out, "made earlier")
+            defer(deferred)
+            with pytest.raises(TypeError, match="no further arguments"):
+                defer(deferred, "extra")
+    assert lines(out) == ["made earlier"]
+
+
+def test_defer_from_several_threads_records_every_call(base, out, dfhelpers):
+    with DeferredFunctionManager(base) as manager:
+        with manager.open() as defer:
+            def register(thread):
+                for number in range(100):
+                    defer(dfhelpers.record, out, f"{thread} {number}")
+            threads = [threading.Thread(target=register, args=(thread,)) for thread in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    assert sorted(lines(out)) == sorted(f"{thread} {number}" for thread in range(4) for number in range(100))
+
+
+def test_misuse_raises_clear_errors(base, out, dfhelpers):
+    manager = DeferredFunctionManager(base)
+    with manager.open() as defer:
+        with pytest.raises(RuntimeError, match="nested"):
+            with manager.open():
+                pass
+        with pytest.raises(RuntimeError, match="inside open"):
+            manager.close()
+    with pytest.raises(RuntimeError, match="outside DeferredFunctionManager.open"):
+        defer(dfhelpers.record, out, "late")
+    manager.close()
+    manager.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        with manager.open():
+            pass
+    with pytest.raises(TypeError, match="stateDirBase"):
+        DeferredFunctionManager(42)
+    with pytest.raises(FileNotFoundError, match="base directory"):
+        DeferredFunctionManager(os.path.join(base, "missing"))
+    assert lines(out) == []
+
+
+def interrupted_job(base, out, flag, dfhelpers):
+    """A manager whose job's second function was interrupted."""
+    manager = DeferredFunctionManager(base)
+    try:
+        with manager.open() as defer:
+            defer(dfhelpers.record, out, "first")
+            defer(dfhelpers.interrupt_once, flag, out, "interrupted")
+            defer(dfhelpers.record, out, "last")
+    except KeyboardInterrupt:
+        pass  # (not kept: a traceback would keep the manager alive)
+    else:
+        raise AssertionError("the KeyboardInterrupt did not propagate")
+    assert lines(out) == ["first"]
+    return manager
+
+
+def test_close_runs_what_an_interrupted_job_left(base, out, tmp_path, dfhelpers):
+    manager = interrupted_job(base, out, str(tmp_path / "flag"), dfhelpers)
+    manager.close()
+    assert lines(out) == ["first", "interrupted", "last"]
+    assert state_files(base) == []
+
+
+def test_an_interrupted_function_stays_pending_and_runs_again_elsewhere(base, out, tmp_path, dfhelpers):
+    manager = interrupted_job(base, out, str(tmp_path / "flag"), dfhelpers)
+    path = manager.stateFileName
+    del manager  # __del__ runs no user code: it leaves the unfinished file to others
+    gc.collect()
+    assert os.path.exists(path)
+    run_orphans_here(base)
+    assert lines(out) == ["first", "interrupted", "last"]
+    assert state_files(base) == []
+
+
+# ----------------------------------------------------- lifetime and files
+
+def test_close_and_context_manager_release_everything(base, out, dfhelpers):
+    before = open_fds()
+    with DeferredFunctionManager(base) as manager:
+        assert len(open_fds()) > len(before)
+        with manager.open() as defer:
+            defer(dfhelpers.record, out, "x")
+    assert open_fds() == before
+    assert state_files(base) == []
+    manager = DeferredFunctionManager(base)
+    del manager  # the fallback
+    gc.collect()
+    assert open_fds() == before
+    assert state_files(base) == []
+
+
+def test_state_file_removed_from_under_the_worker_is_replaced(base, out, caplog, dfhelpers):
+    caplog.set_level(logging.INFO)
+    with DeferredFunctionManager(base) as manager:
+        with manager.open() as defer:
+            defer(dfhelpers.record, out, "before removal")
+            os.remove(manager.stateFileName)
+            defer(dfhelpers.record, out, "after removal")
+        assert lines(out) == ["before removal", "after removal"]
+        removed = manager.stateFileName
+        with manager.open() as defer:
+            assert manager.stateFileName != removed
+            assert os.path.basename(manager.stateFileName) in state_files(base)
+            defer(dfhelpers.record, out, "new file")
+        assert "removed by someone else" in caplog.text
+        import shutil
+
+        shutil.rmtree(state_dir(base))
+        with manager.open() as defer:
+            defer(dfhelpers.record, out, "new directory")
+    assert lines(out)[-2:] == ["new file", "new directory"]
+    assert state_files(base) == []
+
+
+def test_cleanup_worker_runs_orphans_spares_the_living_and_removes_the_directory_last(
+        base, out, env, children, dfhelpers):
+    dead = start_owner(children, env, """
+with manager.open() as defer:
+    defer(dfhelpers.record, out, "dead")
+""" + WAIT_TO_BE_KILLED, base, out)
+    kill(dead)
+    live = children.python(OWNER + """
+with manager.open() as defer:
+    defer(dfhelpers.record, out, "live")
+    print("ready", flush=True)
+    sys.stdin.readline()
+""", base, out, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert live.stdout.readline().strip() == "ready"
+
+    DeferredFunctionManager.cleanupWorker(base)
+    assert lines(out) == ["dead"]
+    assert len(state_files(base)) == 1  # the live worker's file, and so the directory, remain
+
+    live.stdin.write("go\n")
+    live.stdin.flush()
+    assert live.wait() == 0
+    assert lines(out) == ["dead", "live"]
+    DeferredFunctionManager.cleanupWorker(base)
+    assert not os.path.exists(state_dir(base))
+    DeferredFunctionManager.cleanupWorker(base)  # nothing there: nothing to do
+
+
+CHURN = """
+import sys
+import dfhelpers
+from toilcoord.deferred import DeferredFunctionManager
+base, out = sys.argv[1], sys.argv[2]
+for number in range(150):
+    with DeferredFunctionManager(base) as manager:
+        with manager.open() as defer:
+            defer(dfhelpers.record, out, str(number))
+"""
+
+CLEANUP_LOOP = """
+import sys
+from toilcoord.deferred import DeferredFunctionManager
+for _ in range(300):
+    DeferredFunctionManager.cleanupWorker(sys.argv[1])
+"""
+
+
+def test_cleanup_worker_racing_newcomers_never_breaks_them(base, out, env, children):
+    workers = [children.python(CHURN, base, out, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    cleaner = children.python(CLEANUP_LOOP, base, env=env, stderr=subprocess.PIPE, text=True)
+    for process in workers + [cleaner]:
+        assert process.wait() == 0, process.stderr.read()
+    assert sorted(lines(out)) == sorted(str(number) for number in range(150) for _ in range(2))
+
+
+# ------------------------------------------------------------ fork
+
+FORK_IN_OPEN = """
+import traceback
+status = 0
+with manager.open() as defer:
+    defer(dfhelpers.record, out, "parent")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            defer(dfhelpers.record, out, "child")
+            status = 1
+        except RuntimeError as error:
+            status = 0 if "forked" in str(error) else 2
+# The child left the block without running its parent's function.
+if pid == 0:
+    try:
+        with DeferredFunctionManager(base) as own, own.open() as defer:
+            defer(dfhelpers.record, out, "child's own")
+    except BaseException:
+        traceback.print_exc()
+        status = 3
+    os._exit(status)
+_, child_status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(child_status) if hasattr(os, "waitstatus_to_exitcode") else child_status >> 8)
+"""
+
+
+def test_a_forked_child_neither_defers_into_nor_runs_its_parents_functions(base, out, env):
+    result = run_python(OWNER + FORK_IN_OPEN, base, out, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "child exit 0" in result.stdout, result.stdout + result.stderr
+    assert sorted(lines(out)) == ["child's own", "parent"]
+    assert state_files(base) == []
+
+
+def test_a_forked_child_does_not_keep_a_killed_parents_file_alive(base, out, env, children):
+    # The child says "ready" (after fork's handlers ran in it) and lives on.
+    owner = start_owner(children, env, """
+with manager.open() as defer:
+    defer(dfhelpers.record, out, "parent")
+    if os.fork() == 0:
+        print("ready", flush=True)
+        sys.stdin.readline()  # lives until the test closes stdin
+        os._exit(0)
+    time.sleep(60)
+""", base, out, stdin=subprocess.PIPE)
+    kill(owner)
+    try:
+        run_orphans_elsewhere(base, env)
+        assert lines(out) == ["parent"]
+    finally:
+        owner.stdin.close()  # the grandchild exits
+
+
+# ---------------------------------------------------------- safety
+
+def test_state_directory_and_files_are_private_whatever_the_umask(base):
+    old = os.umask(0)
+    try:
+        with DeferredFunctionManager(base) as manager:
+            assert stat.S_IMODE(os.stat(state_dir(base)).st_mode) == 0o700
+            assert stat.S_IMODE(os.stat(manager.stateFileName).st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_an_existing_loose_state_directory_is_made_private(base):
+    os.mkdir(state_dir(base), 0o755)
+    os.chmod(state_dir(base), 0o755)
+    DeferredFunctionManager(base).close()
+    assert stat.S_IMODE(os.stat(state_dir(base)).st_mode) == 0o700
+
+
+def test_a_symlinked_state_directory_is_refused(base, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", state_dir(base))
+    with pytest.raises(PermissionError, match="not a directory"):
+        DeferredFunctionManager(base)
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
+OTHER_UID = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_a_state_directory_of_another_user_is_refused(base):
+    os.mkdir(state_dir(base), 0o700)
+    os.chown(state_dir(base), OTHER_UID, OTHER_UID)
+    with pytest.raises(PermissionError, match="owned by uid 65534"):
+        DeferredFunctionManager(base)
+    assert os.listdir(state_dir(base)) == []
+
+
+def refusal_case(case, path):
+    if case == "group-writable":
+        os.chmod(path, 0o620)
+    elif case == "world-writable":
+        os.chmod(path, 0o602)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("giving a file to another user needs root")
+        os.chown(path, OTHER_UID, -1)
+
+
+@pytest.mark.parametrize("case", ["group-writable", "world-writable", "another user's"])
+def test_a_state_file_others_could_have_written_is_never_unpickled(base, out, env, children, caplog, case):
+    owner = start_owner(children, env, """
+with manager.open() as defer:
+    defer(dfhelpers.record, out, "should not run")
+""" + WAIT_TO_BE_KILLED, base, out)
+    kill(owner)
+    (name,) = state_files(base)
+    path = os.path.join(state_dir(base), name)
+    refusal_case(case, path)
+    caplog.set_level(logging.INFO)
+    run_orphans_here(base)
+    run_orphans_here(base)
+    DeferredFunctionManager.cleanupWorker(base)
+    assert lines(out) == []
+    assert state_files(base) == [name]  # left alone
+    refusals = [error for error in errors(caplog) if "refusing" in error.getMessage()]
+    assert len(refusals) == 1 and path in refusals[0].getMessage()  # logged once, not on every scan
+
+
+def test_symlinks_fifos_and_reserved_names_in_the_state_directory_are_left_alone(base, tmp_path):
+    DeferredFunctionManager(base).close()
+    directory = state_dir(base)
+    target = tmp_path / "target"
+    target.write_bytes(b"not a state file")
+    os.symlink(target, os.path.join(directory, "funclink"))
+    os.mkfifo(os.path.join(directory, "funcfifo"))
+    with open(os.path.join(directory, "funcsetup" + DeferredFunctionManager.WIP_SUFFIX), "wb") as stream:
+        stream.write(b"garbage")
+    run_orphans_here(base)
+    DeferredFunctionManager.cleanupWorker(base)
+    assert state_files(base) == ["funcfifo", "funclink", "funcsetup.tmp"]
+    assert target.read_bytes() == b"not a state file"
+
+
+def test_importing_the_module_does_not_load_pickle(env):
+    # (marshal and zlib are loaded by the interpreter itself.)
+    result = run_python("""
+import sys
+import toilcoord.deferred
+print("pickle" in sys.modules)
+""", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -1,0 +1,869 @@
+"""Deferred functions: cleanup that still runs when its process is SIGKILLed.
+
+A worker registers cleanup with :class:`DeferredFunctionManager`; each
+function is written, framed and checksummed, to the worker's own state file
+before ``defer`` returns. The file is held locked for as long as the worker
+lives (:class:`~.locks.HeldFile`), so when the worker dies without running
+its functions, whichever process next opens or closes a manager on the same
+directory (or ``cleanupWorker``) sees the lock free, takes the file over and
+runs them.
+
+Guarantees, precisely:
+
+* At most once for finished work: after a function returns (or raises), a
+  one-byte "done" mark is written over its record before the next one
+  starts, so neither a crash of the owner nor of an orphan-runner ever runs
+  it again.
+* At least once for everything else: a function that has not finished
+  (not started, or interrupted mid-run by the death of the process running
+  it) runs later, once its file is taken over; only an interrupted one can
+  therefore run twice.
+
+The records live in the kernel (written with ``os.write``) when ``defer``
+returns, which is all that SIGKILL-safety needs; nothing is fsynced, so
+after a power loss the newest records may be missing or torn (a torn record
+is skipped with an error log, never a crash).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+import stat
+import sys
+import types
+import weakref
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple
+
+from .locks import HeldFile, PathArg, discard_taken, locked_file_is, safe_unlock_and_close, take_over
+
+__all__ = ["DeferredFunction", "DeferredFunctionManager"]
+
+logger = logging.getLogger(__name__)
+
+# ------------------------------------------------------------ serialising
+
+# pickle, struct and zlib are loaded on first use (importing the package must
+# stay light); the hot path reads them from these globals.
+_pickle_dumps: Any = None
+_crc32: Any = None
+_header: Any = None
+_EMPTY_ARGS: Any = None  # pickles of () and {}, made once
+_EMPTY_KWARGS: Any = None
+
+# A fixed protocol, so every Python from 3.8 on reads what any other wrote.
+_PROTOCOL = 5
+
+
+def _load_codec() -> None:
+    global _pickle_dumps, _crc32, _header, _EMPTY_ARGS, _EMPTY_KWARGS
+    import pickle
+    import struct
+    import zlib
+
+    _crc32 = zlib.crc32
+    # magic, state, format version, payload length, CRC-32 of the payload
+    _header = struct.Struct("<2sBBII")
+    _EMPTY_ARGS = pickle.dumps((), _PROTOCOL)
+    _EMPTY_KWARGS = pickle.dumps({}, _PROTOCOL)
+    _pickle_dumps = pickle.dumps
+
+
+def _dumps(obj: object) -> bytes:
+    """Pickle *obj* so that another process on this node can load it."""
+    try:
+        data = _pickle_dumps(obj, _PROTOCOL)
+    except Exception:
+        # Lambdas, nested functions and the like: the full pickler below
+        # either handles them or raises the error worth reporting.
+        return _dumps_by_value(obj)
+    if b"__main__" in data:
+        # Plain pickle refers to __main__ by name, which is another program
+        # in the process that runs it; rare, so pay for the full pickler.
+        return _dumps_by_value(obj)
+    return data
+
+
+def _dumps_by_value(obj: object) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    _by_value_pickler()(buffer, _PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def _by_value_pickler() -> type:
+    import pickle
+
+    class ByValuePickler(pickle.Pickler):
+        """Carries functions that cannot be imported by name as code."""
+
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, types.FunctionType):
+                return _reduce_function(obj)
+            if isinstance(obj, type):
+                return _reduce_class(obj)
+            if isinstance(obj, types.ModuleType):
+                return _import_module, (_module_reference(obj.__name__),)
+            return NotImplemented
+
+    return ByValuePickler
+
+
+def _main_module_name() -> Optional[str]:
+    """The importable name of ``__main__`` (run with ``-m``), or None for a
+    script, ``-c`` or an interactive session, which others cannot import."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None)
+    return name if name and name != "__main__" else None
+
+
+def _module_reference(name: str) -> str:
+    if name != "__main__":
+        return name
+    main = _main_module_name()
+    if main is None:
+        raise TypeError("the __main__ script cannot be imported by another process")
+    return main
+
+
+def _import_module(name: str) -> types.ModuleType:
+    if name == _main_module_name():
+        return sys.modules["__main__"]  # the creator itself: do not import it twice
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def _load_attribute(module: str, qualname: str) -> Any:
+    obj: Any = _import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_reachable(obj: Any, module: Optional[str]) -> bool:
+    """True if *obj* is what its qualified name finds in its loaded module."""
+    found: Any = sys.modules.get(module or "")
+    for part in getattr(obj, "__qualname__", "<>").split("."):
+        found = getattr(found, part, None)
+    return found is obj
+
+
+def _reduce_class(cls: type) -> Any:
+    if cls.__module__ != "__main__":
+        return NotImplemented
+    main = _main_module_name()
+    if main is None or not _is_reachable(cls, "__main__"):
+        raise TypeError(
+            f"class {cls.__qualname__} is defined in the __main__ script, which another "
+            "process cannot import; define it in an importable module")
+    return _load_attribute, (main, cls.__qualname__)
+
+
+class _EmptyCell:
+    """Stands for a closure cell that had no value yet."""
+
+
+def _reduce_function(fn: types.FunctionType) -> Any:
+    module = fn.__module__
+    if _is_reachable(fn, module):
+        if module != "__main__":
+            return NotImplemented  # by name, as pickle always does
+        main = _main_module_name()
+        if main is not None:
+            return _load_attribute, (main, fn.__qualname__)
+    import marshal
+
+    globals_module = _globals_module(fn)
+    captured = _referenced_globals(fn) if globals_module is None else None
+    closure = fn.__closure__ or ()
+    values = tuple(_cell_value(cell) for cell in closure)
+    # The state is set after the function exists and is memoised, so a
+    # function may refer to itself through its closure or globals.
+    state = (fn.__qualname__, module, fn.__defaults__, fn.__kwdefaults__,
+             fn.__dict__ or None, values, captured)
+    arguments = (_code_tag(), marshal.dumps(fn.__code__), globals_module, fn.__name__, len(closure))
+    return _new_function, arguments, state, None, None, _set_function_state
+
+
+def _globals_module(fn: types.FunctionType) -> Optional[str]:
+    """The module another process imports to get *fn*'s globals, or None if
+    they must travel by value (the __main__ script, an exec namespace)."""
+    name = fn.__globals__.get("__name__")
+    module = sys.modules.get(name) if isinstance(name, str) else None
+    if module is None or vars(module) is not fn.__globals__:
+        return None
+    return name if name != "__main__" else _main_module_name()
+
+
+def _referenced_globals(fn: types.FunctionType) -> dict:
+    names = _global_names(fn.__code__)
+    namespace = fn.__globals__
+    return {name: namespace[name] for name in names if name in namespace and name != "__builtins__"}
+
+
+def _global_names(code: types.CodeType) -> set:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return _EmptyCell
+
+
+class _ForeignCodeError(ImportError):
+    """Marshalled code made by another Python version (like a .pyc with a
+    bad magic number, which importlib reports as ImportError)."""
+
+
+def _code_tag() -> Tuple[str, bytes]:
+    from importlib.util import MAGIC_NUMBER
+
+    return f"{sys.implementation.name} {sys.version_info[0]}.{sys.version_info[1]}", MAGIC_NUMBER
+
+
+def _new_function(tag: Tuple[str, bytes], code: bytes, globals_module: Optional[str],
+                  name: str, cells: int) -> types.FunctionType:
+    ours = _code_tag()
+    if tuple(tag) != ours:
+        # Checked before marshal.loads: foreign bytecode could crash us.
+        raise _ForeignCodeError(
+            f"deferred function {name} was compiled by {tag[0]} (bytecode {tag[1].hex()}) "
+            f"and cannot run on {ours[0]} (bytecode {ours[1].hex()})")
+    import builtins
+    import marshal
+
+    if globals_module is None:
+        namespace = {"__builtins__": builtins}
+    else:
+        namespace = vars(_import_module(globals_module))
+    closure = tuple(types.CellType() for _ in range(cells)) or None
+    return types.FunctionType(marshal.loads(code), namespace, name, None, closure)
+
+
+def _set_function_state(fn: types.FunctionType, state: tuple) -> None:
+    qualname, module, defaults, kwdefaults, attributes, values, captured = state
+    if captured:
+        fn.__globals__.update(captured)
+    for cell, value in zip(fn.__closure__ or (), values):
+        if value is not _EmptyCell:
+            cell.cell_contents = value
+    fn.__qualname__ = qualname
+    fn.__module__ = module
+    fn.__defaults__ = defaults
+    fn.__kwdefaults__ = kwdefaults
+    if attributes:
+        fn.__dict__.update(attributes)
+
+
+def _callable_name(function: Any) -> str:
+    if isinstance(function, functools.partial):
+        return f"partial({_callable_name(function.func)})"
+    name = getattr(function, "__qualname__", None) or getattr(function, "__name__", None)
+    return name if isinstance(name, str) else type(function).__qualname__
+
+
+def _short_repr(obj: object) -> str:
+    try:
+        text = repr(obj)
+    except Exception:  # a broken __repr__ must not hide the real error
+        text = object.__repr__(obj)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _unserialisable(function: Any, args: tuple, kwargs: dict, error: Exception) -> Tuple[TypeError, BaseException]:
+    """Find the first part of a call that cannot be pickled; return the
+    TypeError that names it, and the pickling error as its cause."""
+    name = _callable_name(function)
+    parts = [(f"the function {_short_repr(function)}", function)]
+    parts += [(f"argument {index} ({_short_repr(arg)})", arg) for index, arg in enumerate(args)]
+    parts += [(f"keyword argument {key}={_short_repr(arg)}", arg) for key, arg in kwargs.items()]
+    for what, obj in parts:
+        try:
+            _dumps(obj)
+        except Exception as culprit:
+            return TypeError(f"cannot defer {name}: {what} cannot be serialised: {culprit}"), culprit
+    # Each part alone pickles, together they do not (say, shared state).
+    return TypeError(f"cannot defer {name}: its arguments cannot be serialised: {error}"), error
+
+
+class DeferredFunction(NamedTuple):
+    """A call captured for later: ``function``, ``args`` and ``kwargs`` are
+    pickles (made eagerly), ``name`` and ``module`` describe the callable.
+
+    >>> from collections import defaultdict
+    >>> df = DeferredFunction.create(defaultdict, None, {'x':1}, y=2)
+    >>> df
+    DeferredFunction(defaultdict, ...)
+    >>> df.invoke() == defaultdict(None, x=1, y=2)
+    True
+    """
+
+    function: bytes
+    args: bytes
+    kwargs: bytes
+    name: str
+    module: Optional[str]
+
+    @classmethod
+    def create(cls, function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> "DeferredFunction":
+        """Capture ``function(*args, **kwargs)``, serialised now.
+
+        Accepts module-level functions, builtins (``os.remove``), bound
+        methods, classmethods, staticmethods, ``functools.partial`` objects,
+        and lambdas and nested functions (their code travels by value; their
+        globals by module name, or by value for the ``__main__`` script;
+        their closures by value). Classes must be importable by another
+        process. Raises TypeError, naming the culprit, for anything that
+        cannot be serialised.
+        """
+        return _create(function, args, kwargs)
+
+    def invoke(self) -> Any:
+        """Run the captured call and return its result."""
+        import pickle
+
+        # In this order: loading the function imports its module, which the
+        # arguments may need.
+        function = pickle.loads(self.function)
+        args = pickle.loads(self.args)
+        kwargs = pickle.loads(self.kwargs)
+        return function(*args, **kwargs)
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}({self.name}, ...)"
+
+    __repr__ = __str__
+
+
+_new_record = functools.partial(tuple.__new__, DeferredFunction)
+
+
+# Pickles of plain functions, builtins and classes that pickle by reference,
+# so a worker deferring the same cleanup again and again pays only for its
+# arguments. Bounded: cleared when full.
+_by_reference: Dict[Any, Tuple[bytes, str, Optional[str]]] = {}
+_BY_REFERENCE_TYPES = (types.FunctionType, types.BuiltinFunctionType, type)
+_BY_REFERENCE_MAX = 1024
+
+
+def _create(function: Any, args: tuple, kwargs: dict) -> DeferredFunction:
+    if not callable(function):
+        raise TypeError(f"cannot defer {_short_repr(function)}: it is not callable")
+    if _pickle_dumps is None:
+        _load_codec()
+    try:
+        if type(function) in _BY_REFERENCE_TYPES:
+            described = _by_reference.get(function) or _describe_by_reference(function)
+        else:
+            described = (_dumps(function), _callable_name(function), getattr(function, "__module__", None))
+        blobs = (_dumps(args) if args else _EMPTY_ARGS, _dumps(kwargs) if kwargs else _EMPTY_KWARGS)
+    except Exception as error:
+        report, cause = _unserialisable(function, args, kwargs, error)
+        raise report from cause
+    return _new_record((described[0],) + blobs + described[1:])
+
+
+def _describe_by_reference(function: Any) -> Tuple[bytes, str, Optional[str]]:
+    module = function.__module__
+    described = (_dumps(function), _callable_name(function), module)
+    if module != "__main__" and _is_reachable(function, module):
+        if len(_by_reference) >= _BY_REFERENCE_MAX:
+            _by_reference.clear()
+        _by_reference[function] = described
+    return described
+
+
+def _decode(payload: bytes) -> DeferredFunction:
+    import pickle
+
+    fields = pickle.loads(payload)
+    if not (isinstance(fields, tuple) and len(fields) == 5
+            and all(isinstance(blob, bytes) for blob in fields[:3])
+            and isinstance(fields[3], str) and isinstance(fields[4], (str, type(None)))):
+        raise ValueError("the record does not hold a deferred function")
+    return DeferredFunction(*fields)
+
+
+# ------------------------------------------------------------- records
+
+# A record is a 12-byte header (see _load_codec) and a pickled DeferredFunction.
+# The state byte is the only byte ever rewritten: PENDING -> DONE, in place,
+# by one pwrite, after the function returned. The CRC covers the payload;
+# after a bad header or payload the reader resynchronises on the next magic.
+_MAGIC = b"\xdfF"
+_PENDING = 0x50
+_DONE = 0x44
+_DONE_BYTE = bytes((_DONE,))
+_STATE_OFFSET = 2
+_FORMAT = 1
+_HEADER_SIZE = 12
+
+
+def _frame(record: DeferredFunction) -> bytes:
+    payload = _pickle_dumps(tuple(record), _PROTOCOL)
+    return _header.pack(_MAGIC, _PENDING, _FORMAT, len(payload), _crc32(payload)) + payload
+
+
+def _record_end(data: bytes, pos: int) -> int:
+    """End of the intact record at *pos*, or -1 if there is none."""
+    if len(data) - pos < _HEADER_SIZE:
+        return -1
+    magic, state, version, length, crc = _header.unpack_from(data, pos)
+    end = pos + _HEADER_SIZE + length
+    if (magic != _MAGIC or version != _FORMAT or state not in (_PENDING, _DONE)
+            or end > len(data) or _crc32(memoryview(data)[pos + _HEADER_SIZE:end]) != crc):
+        return -1
+    return end
+
+
+def _pending_records(data: bytes, where: str) -> Iterator[Tuple[int, bytes]]:
+    """Yield ``(offset, payload)`` of each intact record not yet done, in
+    file order; each unreadable stretch is logged once and skipped."""
+    pos, bad_from, size = 0, -1, len(data)
+    while pos < size:  # every pass moves pos forward
+        end = _record_end(data, pos)
+        if end < 0:
+            if bad_from < 0:
+                bad_from = pos
+            pos = data.find(_MAGIC, pos + 1)
+            pos = size if pos < 0 else pos
+            continue
+        if bad_from >= 0:
+            _log_skipped(where, bad_from, pos, size)
+            bad_from = -1
+        if data[pos + _STATE_OFFSET] == _PENDING:
+            yield pos, data[pos + _HEADER_SIZE:end]
+        pos = end
+    if bad_from >= 0:
+        _log_skipped(where, bad_from, size, size)
+
+
+def _log_skipped(where: str, start: int, stop: int, size: int) -> None:
+    if stop == size:
+        logger.error("deferred-function file %s ends in %d unreadable bytes at offset %d "
+                     "(a record torn by a crash, or corrupt); skipped them", where, stop - start, start)
+    else:
+        logger.error("deferred-function file %s has %d corrupt bytes at offset %d; skipped "
+                     "them, the records after them still run", where, stop - start, start)
+
+
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    chunks = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break  # truncated meanwhile
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _run_file(read_fd: int, write_fd: int, where: str) -> None:
+    """Run the pending records of a state file in order, marking each done
+    as soon as it has returned or raised. A BaseException (KeyboardInterrupt,
+    SystemExit) from a function propagates and leaves it pending."""
+    if _header is None:
+        _load_codec()
+    for offset, payload in _pending_records(_read_all(read_fd), where):
+        _run_record(payload, offset, where)
+        os.pwrite(write_fd, _DONE_BYTE, offset + _STATE_OFFSET)
+
+
+def _run_record(payload: bytes, offset: int, where: str) -> None:
+    try:
+        function = _decode(payload)
+    except Exception:
+        logger.exception("cannot read the deferred function at offset %d of %s; skipped it", offset, where)
+        return
+    try:
+        function.invoke()
+    except _ForeignCodeError as error:
+        _failure_logger().error("%s; refused it (from %s)", error, where)
+    except Exception:
+        _failure_logger().exception("deferred function %s (from %s) failed", function, where)
+
+
+def _failure_logger() -> logging.Logger:
+    """The real-time logger when the leader listens (it also logs here,
+    once), else this module's logger."""
+    try:
+        from .rtlog import RealtimeLogger
+    except ImportError:  # a copy of the package without rtlog
+        return logger
+    realtime = RealtimeLogger.getLogger()
+    return realtime if realtime.isEnabledFor(logging.ERROR) else logger
+
+
+# ------------------------------------------------------ state files
+
+_STATE_DIR_MODE = 0o700
+_STATE_FILE_MODE = 0o600
+# A concurrent cleanupWorker removes the (empty) state directory at most
+# once between our mkdir and our create, so a few attempts are plenty.
+_CREATE_ATTEMPTS = 100
+
+_reported_untrusted: set = set()
+
+
+def _make_state_dir(path: str) -> None:
+    """Create the state directory mode 0700, or check that the existing one
+    is a real directory (no symlink) of ours and make it 0700.
+
+    Returns quietly if it vanished meanwhile (the caller retries)."""
+    try:
+        os.mkdir(path, _STATE_DIR_MODE)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "the base directory for deferred functions does not exist",
+                                os.path.dirname(path)) from None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise PermissionError(errno.EPERM, "refusing to keep deferred functions in something that "
+                                  "is not a directory (a symlink?)", path) from None
+        raise
+    try:
+        # fstat/fchmod on the opened directory: nobody can swap it meanwhile.
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid():
+            raise PermissionError(errno.EPERM, f"refusing to keep deferred functions in a directory owned by "
+                                  f"uid {info.st_uid}, not by this user (uid {os.geteuid()})", path)
+        if stat.S_IMODE(info.st_mode) != _STATE_DIR_MODE:
+            logger.info("making deferred-function directory %s mode 0700 (it was %o)",
+                        path, stat.S_IMODE(info.st_mode))
+            os.fchmod(fd, _STATE_DIR_MODE)
+    finally:
+        os.close(fd)
+
+
+def _open_for_writing(path: str, locked_fd: int) -> int:
+    """Open the file we hold locked through *locked_fd* for writing too."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    written, locked = os.fstat(fd), os.fstat(locked_fd)
+    if (written.st_dev, written.st_ino) != (locked.st_dev, locked.st_ino):
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "state file was replaced while being opened", path)
+    return fd
+
+
+def _trusted(fd: int, path: str) -> bool:
+    """True if the file may be unpickled: a regular file of this user that
+    nobody else can write. Refusals are logged once per file."""
+    info = os.fstat(fd)
+    if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022:
+        return True
+    if (info.st_dev, info.st_ino) not in _reported_untrusted:
+        _reported_untrusted.add((info.st_dev, info.st_ino))
+        logger.error("refusing to read deferred functions from %s: it is owned by uid %d with mode %o, "
+                     "but only files of this user (uid %d) that nobody else can write are read; "
+                     "leaving it alone", path, info.st_uid, stat.S_IMODE(info.st_mode), os.geteuid())
+    return False
+
+
+def _run_orphan(path: str) -> None:
+    """Run the pending functions in *path* if its owner is dead, then remove it."""
+    try:
+        fd = take_over(path)
+    except FileNotFoundError:
+        return  # another process got there first
+    except OSError as error:
+        logger.error("cannot take over deferred-function file %s: %s; leaving it", path, error)
+        return
+    if fd is None:
+        return  # its owner lives
+    try:
+        finished = _run_taken(fd, path)
+    except OSError as error:
+        logger.error("cannot run the deferred functions in %s: %s; leaving it for another process", path, error)
+        finished = False
+    except BaseException:
+        safe_unlock_and_close(fd)  # the rest stays for the next process
+        raise
+    if finished:
+        discard_taken(fd, path)
+    else:
+        safe_unlock_and_close(fd)
+
+
+def _run_taken(fd: int, path: str) -> bool:
+    if not _trusted(fd, path):
+        return False
+    write_fd = _open_for_writing(path, fd)
+    try:
+        _run_file(fd, write_fd, path)
+    finally:
+        os.close(write_fd)
+    return True
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError as error:
+        if error.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        if error.errno != errno.ENOENT:
+            logger.debug("deferred-function directory %s is still in use; leaving it", path)
+
+
+def _state_dir_of(stateDirBase: PathArg, stem: str) -> str:
+    base = os.fspath(stateDirBase) if isinstance(stateDirBase, (str, os.PathLike)) else None
+    if not isinstance(base, str):
+        raise TypeError(f"stateDirBase must be a str or an os.PathLike of str, not {_short_repr(stateDirBase)}")
+    return os.path.join(base, stem)
+
+
+# -------------------------------------------------------------- manager
+
+# Managers of this process: a forked child disowns them (see _disown).
+_managers: "weakref.WeakSet[DeferredFunctionManager]" = weakref.WeakSet()
+
+
+class DeferredFunctionManager:
+    """Runs a worker's deferred functions, and those of dead workers.
+
+    Each manager holds its own state file, ``<stateDirBase>/deferred/func*``,
+    locked for as long as this process lives. Use it as a context manager
+    (or call :meth:`close`) and register cleanup inside :meth:`open`::
+
+        with DeferredFunctionManager(work_dir) as manager:
+            with manager.open() as defer:
+                defer(shutil.rmtree, scratch)
+                run_job()
+            # scratch is removed here, or by another worker if we are killed
+
+    A forked child never owns or runs its parent's functions: there the
+    manager is inert and using it raises RuntimeError.
+    """
+
+    STATE_DIR_STEM = "deferred"
+    PREFIX = "func"
+    #: Names ending with this are never read as state files (reserved for
+    #: files being set up; toilcoord itself needs none, since a new state
+    #: file is locked and then verified, see HeldFile.create).
+    WIP_SUFFIX = ".tmp"
+
+    def __init__(self, stateDirBase: PathArg) -> None:
+        self._closed = True  # until constructed, for __del__
+        self._inert = False
+        self._open = False
+        if _pickle_dumps is None:
+            _load_codec()
+        self.stateDir = _state_dir_of(stateDirBase, self.STATE_DIR_STEM)
+        self._file, self._write_fd = self._new_state_file()
+        self._closed = False
+        _managers.add(self)
+
+    @property
+    def stateFileName(self) -> str:
+        """Path of this manager's state file."""
+        return self._file.path
+
+    def _new_state_file(self) -> Tuple[HeldFile, int]:
+        for _ in range(_CREATE_ATTEMPTS):
+            _make_state_dir(self.stateDir)
+            try:
+                held = HeldFile.create(self.stateDir, prefix=self.PREFIX, mode=_STATE_FILE_MODE)
+            except FileNotFoundError:
+                continue  # removed by a cleanupWorker while empty: make it again
+            try:
+                os.fchmod(held.fd, _STATE_FILE_MODE)  # whatever the umask: orphan-runners must write the marks
+                return held, _open_for_writing(held.path, held.fd)
+            except BaseException:
+                held.release()
+                raise
+        raise RuntimeError(f"could not create a state file in {self.stateDir}: the directory keeps disappearing")
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Callable[..., None]]:
+        """Context manager for one job: runs dead processes' functions, then
+        yields ``defer``; on exit runs this job's functions in the order
+        they were registered, then dead processes' functions again.
+
+        ``defer(function, *args, **kwargs)`` or ``defer(DeferredFunction)``
+        records a call in the state file before returning; it raises
+        TypeError at once for what cannot be serialised and RuntimeError
+        when called outside this block. A function that fails is logged
+        and the rest still run. Not reentrant.
+        """
+        self._check_usable("open()")
+        if self._open:
+            raise RuntimeError("open() is already active on this DeferredFunctionManager; it cannot be nested")
+        self._keep_state_file()
+        self._run_orphans()
+        self._open = True
+        try:
+            yield self._defer
+        finally:
+            self._open = False
+            if not self._inert:  # a forked child leaving the block runs nothing of its parent's
+                self._run_own()
+                self._run_orphans()
+
+    def _defer(self, function: Any, /, *args: Any, **kwargs: Any) -> None:
+        if not self._open:
+            raise self._unusable_error("defer()")
+        if isinstance(function, DeferredFunction):
+            if args or kwargs:
+                raise TypeError("defer(DeferredFunction) takes no further arguments: they were captured by create()")
+            record = function
+        else:
+            record = _create(function, args, kwargs)
+        frame = _frame(record)
+        written = os.write(self._write_fd, frame)
+        if written != len(frame):
+            self._write_rest(frame, written)
+
+    def _write_rest(self, frame: bytes, written: int) -> None:
+        # A short write (a signal, a full disk): finish it, or cut the torn
+        # frame off so the file ends on a whole record.
+        fd = self._write_fd
+        try:
+            while written < len(frame):
+                count = os.write(fd, frame[written:])
+                if count == 0:
+                    raise OSError(errno.EIO, "write made no progress", self._file.path)
+                written += count
+        except BaseException:
+            start = os.lseek(fd, 0, os.SEEK_CUR) - written
+            os.ftruncate(fd, start)
+            os.lseek(fd, start, os.SEEK_SET)
+            raise
+
+    def _check_usable(self, what: str) -> None:
+        if self._inert or self._closed:
+            raise self._unusable_error(what)
+
+    def _unusable_error(self, what: str) -> RuntimeError:
+        if self._inert:
+            return RuntimeError(f"{what}: this DeferredFunctionManager belongs to the parent of this forked "
+                                "process; create a new one here")
+        if self._closed:
+            return RuntimeError(f"{what}: this DeferredFunctionManager is closed")
+        return RuntimeError(f"{what} was called outside DeferredFunctionManager.open(); "
+                            "register deferred functions inside the with block")
+
+    def _keep_state_file(self) -> None:
+        """Make a new state file if ours was removed from under us (say, by
+        deleting the directory): functions in an unlinked file would be
+        lost with us."""
+        if locked_file_is(self._file.fd, self._file.path):
+            return
+        logger.warning("deferred-function state file %s was removed by someone else; making a new one",
+                       self._file.path)
+        self._run_own()
+        old_file, old_fd = self._file, self._write_fd
+        self._file, self._write_fd = self._new_state_file()
+        os.close(old_fd)
+        old_file.release(unlink=False)
+
+    def _run_own(self) -> None:
+        _run_file(self._file.fd, self._write_fd, self._file.path)
+        os.ftruncate(self._write_fd, 0)
+        os.lseek(self._write_fd, 0, os.SEEK_SET)
+
+    def _run_orphans(self) -> None:
+        self._run_orphans_in(self.stateDir, self._file.name)
+
+    @classmethod
+    def _run_orphans_in(cls, state_dir: str, skip: Optional[str] = None) -> None:
+        try:
+            entries = os.scandir(state_dir)
+        except FileNotFoundError:
+            return
+        with entries:
+            paths = [entry.path for entry in entries
+                     if entry.name.startswith(cls.PREFIX) and not entry.name.endswith(cls.WIP_SUFFIX)
+                     and entry.name != skip and entry.is_file(follow_symlinks=False)]
+        for path in paths:
+            _run_orphan(path)
+
+    def close(self) -> None:
+        """Run what is left of this manager's functions and dead processes',
+        then remove the state file and release it. Idempotent; raises
+        RuntimeError inside :meth:`open`."""
+        if self._closed:
+            return
+        if self._open:
+            raise RuntimeError("close() was called inside open(); leave the with block first")
+        self._closed = True
+        _managers.discard(self)
+        if self._inert:
+            return
+        try:
+            self._run_own()
+            self._run_orphans()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        # Records still pending (their run was interrupted) stay on disk for
+        # the next process, exactly as if this one had died.
+        pending = os.fstat(self._file.fd).st_size > 0
+        os.close(self._write_fd)
+        self._write_fd = -1
+        if pending:
+            logger.warning("leaving unfinished deferred functions in %s for the next process", self._file.path)
+        self._file.release(unlink=not pending)
+
+    def _disown(self) -> None:
+        """In a forked child: forget the parent's state (HeldFile already
+        closed its locked fd)."""
+        self._inert = True
+        self._open = False
+        if self._write_fd >= 0:
+            os.close(self._write_fd)
+            self._write_fd = -1
+
+    def __enter__(self) -> "DeferredFunctionManager":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Fallback only: never runs user code; a pending file is left as an
+        # orphan for the next process.
+        if self._closed or self._inert:
+            return
+        self._closed = True
+        self._release()
+
+    @classmethod
+    def cleanupWorker(cls, stateDirBase: PathArg) -> None:
+        """Run the functions of every dead process in *stateDirBase* and
+        remove the state directory if nothing else is left in it.
+
+        For a batch system's epilog. Safe while other workers still use the
+        directory: live processes' files are never touched, and a worker
+        creating its file while the directory goes away makes it again.
+        """
+        state_dir = _state_dir_of(stateDirBase, cls.STATE_DIR_STEM)
+        cls._run_orphans_in(state_dir)
+        _remove_if_empty(state_dir)
+
+
+def _disown_after_fork() -> None:
+    for manager in list(_managers):
+        manager._disown()
+    _managers.clear()
+
+
+os.register_at_fork(after_in_child=_disown_after_fork)
