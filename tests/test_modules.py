@@ -641,33 +641,3 @@ def test_local_job_store_rejects_bad_input(tmp_path):
     with pytest.raises(TypeError):
         LocalJobStore(42)
     assert os.listdir(store.path) == []
-
-
-# ----------------------------------------------------------------- smoke recipe
-
-def module_round_trip(scratch: str, package: str, package_parent: str) -> bool:
-    """The round trip the command line's smoke check can run (see the
-    report): ship a probe module through a LocalJobStore and load it in a
-    worker process that has only the shipped copy."""
-    app = os.path.join(scratch, "app")
-    os.mkdir(app)
-    with open(os.path.join(app, "coord_probe.py"), "w") as f:
-        f.write("ANSWER = 42\n")
-    resource = ModuleDescriptor(app, "coord_probe", False).saveAsResourceTo(LocalJobStore(os.path.join(scratch, "store")))
-    shutil.rmtree(app)  # the worker must use the shipped copy
-    env = dict(os.environ, PYTHONPATH=package_parent, JTRES_ROOT=scratch)
-    env[resource.resourceEnvNamePrefix + resource.pathHash] = resource.pickle()
-    worker = "\n".join([f"from {package}.modules import ModuleDescriptor, Resource", "import sys",
-                        "Resource.prepareSystem()", "print(ModuleDescriptor.fromCommand(sys.argv[1:]).load().ANSWER)"])
-    command = [sys.executable, "-c", worker, app, "coord_probe", "False"]
-    out = subprocess.run(command, env=env, cwd=scratch, capture_output=True, text=True, timeout=60)
-    if out.stdout.strip() != "42":
-        raise RuntimeError(f"module round trip failed: {out.stderr.strip()}")
-    return True
-
-
-def test_smoke_check_recipe(tmp_path):
-    assert module_round_trip(str(tmp_path), "toilcoord", ROOT)
-    (tmp_path / "again").mkdir()
-    with pytest.raises(RuntimeError, match="No module named 'nosuchpackage'"):
-        module_round_trip(str(tmp_path / "again"), "nosuchpackage", ROOT)

@@ -267,3 +267,38 @@ def _assert_empty(directory: str) -> None:
     left = os.listdir(directory)
     if left:
         raise AssertionError(f"left behind in the directory: {left}")
+
+
+_MODULE_WORKER = """
+import importlib, sys
+sys.path.insert(0, sys.argv[1])
+modules = importlib.import_module(sys.argv[2] + ".modules")
+modules.Resource.prepareSystem()
+print(modules.ModuleDescriptor.fromCommand(sys.argv[3:]).load().ANSWER)
+"""
+
+
+@check("module descriptor round trip")
+def check_module_round_trip(directory: str) -> str:
+    """Ship a probe module through a LocalJobStore and load it in a fresh
+    interpreter that has only the shipped copy."""
+    from .modules import LocalJobStore, ModuleDescriptor
+
+    app = os.path.join(directory, "app")
+    os.mkdir(app)
+    with open(os.path.join(app, "coord_probe.py"), "w") as probe:
+        probe.write("ANSWER = 42\n")
+    descriptor = ModuleDescriptor(app, "coord_probe", False)
+    resource = descriptor.saveAsResourceTo(LocalJobStore(os.path.join(directory, "store")))
+    shutil.rmtree(app)  # the worker can only use the shipped copy
+    root, package = _import_root()
+    os.mkdir(os.path.join(directory, "worker"))
+    env = dict(os.environ, JTRES_ROOT=os.path.join(directory, "worker"))
+    env[resource.resourceEnvNamePrefix + resource.pathHash] = resource.pickle()
+    worker = subprocess.run(
+        [sys.executable, "-c", _MODULE_WORKER, root, package, *descriptor.toCommand()],
+        env=env, cwd=directory, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )
+    if worker.stdout.strip() != "42":
+        raise AssertionError(f"the worker could not load the shipped module: {worker.stderr.strip()[-300:]}")
+    return "saved through LocalJobStore, downloaded and imported by a fresh interpreter"
