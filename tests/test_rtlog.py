@@ -1,0 +1,773 @@
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import pytest
+
+from toilcoord.bench import rtlog_burst
+from toilcoord.rtlog import (
+    RECEIVED_MARK,
+    RealtimeLogger,
+    RealtimeLogHandler,
+    advertised_host,
+    parse_level,
+    split_address,
+)
+
+from conftest import ROOT, child_env, run_python
+
+pytestmark = pytest.mark.timeout(60)
+
+PREFIX = RealtimeLogger.envPrefix
+VARIABLES = [PREFIX + name for name in ("ADDRESS", "LEVEL", "LOCAL_ADDRESS", "SECRET")]
+
+
+class Collector(logging.Handler):
+    """Keeps every record it sees; wait_for() blocks until one matches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records = []
+        self.changed = threading.Condition()
+
+    def emit(self, record):
+        with self.changed:
+            self.records.append(record)
+            self.changed.notify_all()
+
+    def messages(self):
+        return [record.getMessage() for record in self.records]
+
+    def wait_for(self, message, timeout=30):
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not any(record.getMessage() == message for record in self.records):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError("%r never arrived; got %r" % (message, [m[:80] for m in self.messages()]))
+                self.changed.wait(left)
+        return next(record for record in self.records if record.getMessage() == message)
+
+
+@pytest.fixture
+def received():
+    """What the leader re-logs on ``toil-rt`` (kept off the root logger)."""
+    rt_logger = logging.getLogger("toil-rt")
+    collector, propagate = Collector(), rt_logger.propagate
+    rt_logger.addHandler(collector)
+    rt_logger.propagate = False
+    try:
+        yield collector
+    finally:
+        rt_logger.removeHandler(collector)
+        rt_logger.propagate = propagate
+
+
+@pytest.fixture(autouse=True)
+def clean_state(monkeypatch):
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    RealtimeLogger._resetLogger()
+    yield
+    leaked = RealtimeLogger.initialized
+    while RealtimeLogger.initialized:
+        RealtimeLogger._stopLeader()
+    RealtimeLogger._resetLogger()
+    assert not leaked, "a test left the leader running"
+
+
+def leader_server():
+    server = RealtimeLogger.loggingServer
+    assert server is not None
+    return server
+
+
+def raw_sender(server, transport):
+    """A bare datagram socket connected to the leader's UDP or local socket."""
+    if transport == "udp":
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect(("127.0.0.1", server.server_address[1]))
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.connect("\0" + server.local_address[1:])
+    return sock
+
+
+def toil_datagram(message, *args, name="toil.worker", level=logging.INFO, **extra):
+    """Exactly what Toil's JSONDatagramHandler sends for such a record."""
+    record = logging.LogRecord(name, level, "/w/job.py", 7, message, args, None, "run")
+    record.__dict__.update(extra)
+    return json.dumps(record.__dict__).encode("utf-8")
+
+
+# ---------------------------------------------------------------- leader/worker
+
+
+def test_worker_info_arrives_debug_does_not_and_variables_go(received):
+    with RealtimeLogger(level="INFO", host="127.0.0.1"):
+        assert split_address(os.environ[PREFIX + "ADDRESS"]) == ("127.0.0.1", leader_server().server_address[1])
+        assert os.environ[PREFIX + "LEVEL"] == "INFO"
+        result = run_python("""
+            from toilcoord.rtlog import RealtimeLogger
+            RealtimeLogger.debug("debug record")
+            RealtimeLogger.info("info record %d", 1)
+            RealtimeLogger.warning("last")
+            print(RealtimeLogger._handler.transport)
+        """)
+        assert result.returncode == 0, result.stderr
+        last = received.wait_for("last")  # arrives while the leader runs
+    assert received.messages() == ["info record 1", "last"]
+    assert result.stdout.strip() == "unix"  # same node: the local socket
+    assert (last.name, last.levelno, last.levelname) == ("toil-rt", logging.WARNING, "WARNING")
+    assert last.__dict__[RECEIVED_MARK] is True
+    for name in VARIABLES:
+        assert name not in os.environ
+
+
+def test_udp_only_leader_serves_workers_over_udp(received):
+    with RealtimeLogger(host="127.0.0.1", localSocket=False):
+        assert PREFIX + "LOCAL_ADDRESS" not in os.environ
+        result = run_python("""
+            from toilcoord.rtlog import RealtimeLogger
+            RealtimeLogger.info("over udp")
+            print(RealtimeLogger._handler.transport)
+        """)
+        assert result.returncode == 0, result.stderr
+        received.wait_for("over udp")
+    assert result.stdout.strip() == "udp"
+
+
+def test_nested_entries_share_one_server_until_the_last_exit(received):
+    with RealtimeLogger(host="127.0.0.1"):
+        server, thread = leader_server(), RealtimeLogger.serverThread
+        address = os.environ[PREFIX + "ADDRESS"]
+        with RealtimeLogger(host="127.0.0.1", level="DEBUG"):
+            assert RealtimeLogger.loggingServer is server and RealtimeLogger.initialized == 2
+        assert RealtimeLogger.initialized == 1 and thread.is_alive()
+        assert os.environ[PREFIX + "ADDRESS"] == address
+        result = run_python("from toilcoord.rtlog import RealtimeLogger; RealtimeLogger.info('after inner exit')")
+        assert result.returncode == 0, result.stderr
+        received.wait_for("after inner exit")
+    assert RealtimeLogger.initialized == 0
+    assert RealtimeLogger.loggingServer is None and RealtimeLogger.serverThread is None
+    assert not thread.is_alive()
+    assert server.socket.fileno() == -1 and server.local_socket.fileno() == -1
+    for name in VARIABLES:
+        assert name not in os.environ
+    with pytest.raises(RuntimeError):
+        RealtimeLogger._stopLeader()
+
+
+@pytest.mark.parametrize("level", [None, False, ""])
+def test_disabled_level_starts_nothing_and_workers_stay_silent(level):
+    with RealtimeLogger(level=level):
+        assert RealtimeLogger.loggingServer is None and RealtimeLogger.initialized == 1
+        assert not any(name in os.environ for name in VARIABLES)
+        result = run_python("""
+            import logging
+            from toilcoord.rtlog import RealtimeLogger
+            logger = RealtimeLogger.getLogger()
+            RealtimeLogger.error("nowhere to go")
+            print(logger.level == logging.CRITICAL, RealtimeLogger._handler)
+        """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "None"]
+
+
+def test_last_exit_restores_an_outer_leaders_variables(monkeypatch):
+    monkeypatch.setenv(PREFIX + "ADDRESS", "10.9.8.7:4000")
+    monkeypatch.setenv(PREFIX + "LEVEL", "WARNING")
+    with RealtimeLogger(host="127.0.0.1"):
+        assert os.environ[PREFIX + "ADDRESS"] != "10.9.8.7:4000"
+        assert os.environ[PREFIX + "LEVEL"] == "INFO"
+    assert os.environ[PREFIX + "ADDRESS"] == "10.9.8.7:4000"
+    assert os.environ[PREFIX + "LEVEL"] == "WARNING"
+    assert PREFIX + "LOCAL_ADDRESS" not in os.environ
+
+
+def test_batch_system_gets_every_variable(received):
+    class BatchSystem:
+        def __init__(self):
+            self.names = []
+
+        def setEnv(self, name, value=None):  # noqa: N802 - Toil's name
+            self.names.append(name)
+
+    batch = BatchSystem()
+    with RealtimeLogger(batch, host="127.0.0.1", secret="shh"):
+        assert batch.names == VARIABLES
+        assert os.environ[PREFIX + "SECRET"] == "shh"
+
+
+def test_worker_adopts_the_leaders_level(received):
+    with RealtimeLogger(level="debug", host="127.0.0.1"):
+        assert os.environ[PREFIX + "LEVEL"] == "DEBUG"
+        result = run_python("""
+            from toilcoord.rtlog import RealtimeLogger
+            RealtimeLogger.debug("debug now travels")
+            print(RealtimeLogger.getLogger().level)
+        """)
+        assert result.returncode == 0, result.stderr
+        received.wait_for("debug now travels")
+    assert result.stdout.strip() == str(logging.DEBUG)
+
+
+def test_leader_process_logs_locally_once(received):
+    with RealtimeLogger(host="127.0.0.1"):
+        server = leader_server()
+        RealtimeLogger.info("from the leader itself")
+        RealtimeLogger.debug("below the leader's level")
+        assert RealtimeLogger._handler is None
+    assert received.messages() == ["from the leader itself"]
+    assert RECEIVED_MARK not in received.records[0].__dict__
+    assert server.statistics()["received"] == 0  # never went through the socket
+
+
+def test_forked_child_of_the_leader_is_a_worker(received):
+    with RealtimeLogger(host="127.0.0.1"):
+        RealtimeLogger.info("parent, local")  # configure the leader's own logger first
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+            pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                RealtimeLogger.info("from the forked child")
+                code = 0 if RealtimeLogger._handler is not None else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        child_record = received.wait_for("from the forked child")
+        assert child_record.__dict__[RECEIVED_MARK] is True
+        assert leader_server().statistics()["received"] == 1
+
+
+def test_received_records_are_never_sent_on(received):
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.settimeout(30)
+    forward = RealtimeLogHandler("127.0.0.1:%d" % sink.getsockname()[1])
+    root, rt_logger = logging.getLogger(), logging.getLogger("toil-rt")
+    root.addHandler(forward)
+    rt_logger.propagate = True  # received records reach the root's handlers
+    try:
+        with RealtimeLogger(host="127.0.0.1"):
+            result = run_python("from toilcoord.rtlog import RealtimeLogger; RealtimeLogger.warning('worker record')")
+            assert result.returncode == 0, result.stderr
+            received.wait_for("worker record")
+            logging.getLogger("leader.side").warning("sentinel")
+        first = json.loads(sink.recv(65536))
+        assert first["msg"] == "sentinel"
+    finally:
+        root.removeHandler(forward)
+        forward.close()
+        sink.close()
+
+
+def test_deferred_style_fallback_pattern(received):
+    pattern = """
+        import logging, sys
+        from toilcoord.rtlog import RealtimeLogger
+        logging.basicConfig(stream=sys.stdout, format="local %(levelname)s %(name)s %(message)s")
+        module_logger = logging.getLogger("deferred")
+        rt = RealtimeLogger.getLogger()
+        print("enabled", rt.isEnabledFor(logging.ERROR))
+        try:
+            raise KeyError("cleanup")
+        except KeyError:
+            (rt if rt.isEnabledFor(logging.ERROR) else module_logger).exception("deferred function failed")
+    """
+    alone = run_python(pattern)
+    assert alone.returncode == 0, alone.stderr
+    assert "enabled False" in alone.stdout and "local ERROR deferred deferred function failed" in alone.stdout
+    with RealtimeLogger(host="127.0.0.1"):
+        worker = run_python(pattern)
+        assert worker.returncode == 0, worker.stderr
+        record = received.wait_for("deferred function failed")
+    assert "enabled True" in worker.stdout and "local ERROR toil-rt deferred function failed" in worker.stdout
+    assert "KeyError: 'cleanup'" in record.exc_text
+
+
+# ------------------------------------------------------------ what a record holds
+
+
+def test_any_argument_exceptions_stacks_and_huge_messages_arrive(received):
+    with RealtimeLogger(host="127.0.0.1"):
+        result = run_python("""
+            import pathlib
+            from toilcoord.rtlog import RealtimeLogger
+            class Thing:
+                def __str__(self):
+                    return "a thing"
+            RealtimeLogger.info("path %s thing %s", pathlib.Path("/data/x.txt"), Thing())
+            RealtimeLogger.info("mapping %(where)s", {"where": pathlib.Path("/p")})
+            try:
+                1 / 0
+            except ZeroDivisionError:
+                RealtimeLogger.getLogger().exception("it failed at %s", pathlib.Path("/q"))
+            RealtimeLogger.info("with a stack", stack_info=True)
+            RealtimeLogger.warning("huge %s", "x" * 200000 + "END")
+            RealtimeLogger.info("extras", extra={"weird": {(1, 2): "tuple key"}, "thing": Thing()})
+            RealtimeLogger.info("last")
+        """)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        received.wait_for("last")
+    records = {record.getMessage()[:12]: record for record in received.records}
+    assert received.messages()[:3] == ["path /data/x.txt thing a thing", "mapping /p", "it failed at /q"]
+    failed = records["it failed at"]
+    assert failed.levelno == logging.ERROR and failed.exc_info is None
+    assert "Traceback (most recent call last)" in failed.exc_text and "ZeroDivisionError" in failed.exc_text
+    assert "ZeroDivisionError" in logging.Formatter().format(failed)
+    assert "Stack (most recent call last)" in records["with a stack"].stack_info
+    huge = records["huge xxxxxxx"]
+    assert huge.levelno == logging.WARNING
+    assert 60000 < len(huge.getMessage()) < 65000
+    assert "[rtlog:" in huge.getMessage() and "cut to fit one datagram]" in huge.getMessage()
+    assert "END" not in huge.getMessage()
+    extras = records["extras"]
+    assert extras.thing == "a thing" and extras.weird == "{(1, 2): 'tuple key'}"
+
+
+def test_huge_traceback_keeps_its_end():
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    handler = RealtimeLogHandler("127.0.0.1:%d" % sink.getsockname()[1], secret="k")
+    logger = logging.getLogger("test.huge.traceback")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        try:
+            raise ValueError("y" * 150000 + " final words")
+        except ValueError:
+            logger.exception("short message")
+        data = sink.recv(70000)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        sink.close()
+    assert len(data) <= RealtimeLogHandler.max_datagram_size
+    fields = json.loads(data)
+    assert fields["msg"] == "short message"
+    assert fields["exc_text"].startswith("[rtlog:") and fields["exc_text"].endswith("final words")
+
+
+# --------------------------------------------------------------------- bursts
+
+
+def test_burst_from_several_processes_is_delivered():
+    result = rtlog_burst(procs=4, records=2000)
+    assert result["sent"] == 8000
+    assert result["fraction"] >= 0.9, result
+    assert result["statistics"]["received"] == result["delivered"]
+    assert len(result["statistics"]["senders"]) == 4
+
+
+def test_udp_burst_from_several_processes_is_delivered():
+    result = rtlog_burst(procs=4, records=1000, transport="udp")
+    assert result["fraction"] >= 0.9, result
+
+
+def test_receive_buffer_is_as_large_as_allowed(received):
+    with open("/proc/sys/net/core/rmem_max") as limit:
+        rmem_max = int(limit.read())
+    with RealtimeLogger(host="127.0.0.1"):
+        server = leader_server()
+        size = server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    # Linux reports twice what was granted; root may exceed rmem_max.
+    assert size >= 2 * min(server.receive_buffer_size, rmem_max)
+
+
+# ------------------------------------------------------------- hostile input
+
+
+def junk_datagrams(transport):
+    rng = random.Random(20240917)
+    junk = [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 1500))) for _ in range(150)]
+    junk += [
+        b"", b"{", b'{"msg": ', b"[]", b"null", b'"text"', b"42", b"\xff\xfe\x00{}", b"[" * 50000,
+        b'{"msg": "no name or level"}',
+        b'{"name": "n", "levelno": 20}',
+        b'{"name": "n", "levelno": "20", "msg": "x"}',
+        b'{"name": 5, "levelno": 20, "msg": "x"}',
+        b'{"name": "n", "levelno": 20, "msg": "x", "getMessage": "shadow"}',
+        b'{"name": "n", "levelno": 20, "msg": "x", "created": "yesterday"}',
+        b'{"name": "n", "levelno": 20, "msg": "x", "rt_seq": "one"}',
+        b'{"name": "n", "levelno": 20, "msg": "x", "exc_text": ["not", "text"]}',
+        b"j" * 65000,
+    ]
+    if transport == "unix":
+        junk.append(toil_datagram("too big for the leader %s", "z" * 70000))
+    return junk
+
+
+@pytest.mark.parametrize("transport", ["udp", "unix"])
+def test_malformed_datagrams_are_counted_and_the_server_keeps_serving(received, transport):
+    junk = junk_datagrams(transport)
+    with RealtimeLogger(host="127.0.0.1"):
+        server = leader_server()
+        sender = raw_sender(server, transport)
+        try:
+            for datagram in junk:
+                sender.send(datagram)
+            sender.send(toil_datagram("still serving"))
+        finally:
+            sender.close()
+        received.wait_for("still serving")
+        stats = server.statistics()
+    assert stats["malformed"] == len(junk)
+    assert stats["received"] == 1 and received.messages() == ["still serving"]
+
+
+def test_a_failing_handler_does_not_stop_the_server(received, capfd):
+    calls = []
+
+    def explode(record):
+        calls.append(record)
+        if len(calls) == 1:
+            raise RuntimeError("filter blew up")
+        return True
+
+    rt_logger = logging.getLogger("toil-rt")
+    rt_logger.addFilter(explode)
+    try:
+        with RealtimeLogger(host="127.0.0.1"):
+            sender = raw_sender(leader_server(), "udp")
+            sender.send(toil_datagram("first"))
+            sender.send(toil_datagram("second"))
+            sender.close()
+            received.wait_for("second")
+    finally:
+        rt_logger.removeFilter(explode)
+    assert received.messages() == ["second"]
+    assert "filter blew up" in capfd.readouterr().err
+
+
+def test_secret_drops_unsigned_and_forged_and_accepts_signed(received):
+    with RealtimeLogger(host="127.0.0.1", secret="right key"):
+        server = leader_server()
+        address = os.environ[PREFIX + "ADDRESS"]
+        sender = raw_sender(server, "udp")
+        sender.send(toil_datagram("unsigned"))
+        wrong = RealtimeLogHandler(address, secret="wrong key")
+        right = RealtimeLogHandler(address, secret="right key")
+        logger = logging.getLogger("test.secret")
+        logger.propagate = False
+        try:
+            wrong.handle(logger.makeRecord("test.secret", logging.INFO, "f.py", 1, "forged", (), None))
+            signed = right.encode(logger.makeRecord("test.secret", logging.INFO, "f.py", 1, "tampered", (), None))
+            sender.send(signed.replace(b"tampered", b"tempered"))
+            right.handle(logger.makeRecord("test.secret", logging.INFO, "f.py", 1, "signed", (), None))
+            received.wait_for("signed")
+            worker = run_python("from toilcoord.rtlog import RealtimeLogger; RealtimeLogger.info('worker signed')")
+            assert worker.returncode == 0, worker.stderr
+            received.wait_for("worker signed")
+        finally:
+            wrong.close()
+            right.close()
+            sender.close()
+        stats = server.statistics()
+    assert stats["forged"] == 3 and stats["malformed"] == 0
+    assert received.messages() == ["signed", "worker signed"]
+
+
+def test_summary_counts_losses_per_sender(received, caplog):
+    def numbered(sender, seq):
+        return json.dumps({"name": "w", "levelno": 20, "msg": "%s %d" % (sender, seq),
+                           "rt_sender": sender, "rt_seq": seq}).encode()
+
+    caplog.set_level(logging.INFO, logger="toilcoord.rtlog")
+    with RealtimeLogger(host="127.0.0.1"):
+        server = leader_server()
+        sender = raw_sender(server, "unix")
+        for name, seq in [("s1", 0), ("s1", 1), ("s1", 5), ("s2", 0)]:
+            sender.send(numbered(name, seq))
+        sender.close()
+        received.wait_for("s2 0")
+    stats = server.statistics()
+    assert stats["senders"] == {"s1": {"received": 3, "lost": 3}, "s2": {"received": 1, "lost": 0}}
+    assert stats["lost"] == 3
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Real-time logging received")]
+    assert summary == ["Real-time logging received 4 records; dropped 0 malformed, 0 unsigned or forged, "
+                       "0 over the backlog limit; lost 3 in transit (s1 lost 3)"]
+
+
+# ------------------------------------------------------------ sender failures
+
+
+def test_emit_never_raises_when_the_leader_is_gone(children):
+    with RealtimeLogger(host="127.0.0.1"):
+        worker = children.python("""
+            import sys
+            from toilcoord.rtlog import RealtimeLogger
+            RealtimeLogger.info("while the leader runs")
+            print(RealtimeLogger._handler.transport, flush=True)
+            sys.stdin.readline()
+            for number in range(100):
+                RealtimeLogger.info("after the leader left %d", number)
+            print(RealtimeLogger._handler.dropped, flush=True)
+        """, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert worker.stdout.readline().strip() == "unix"
+    worker.stdin.write("go\n")
+    worker.stdin.flush()
+    assert worker.stdout.readline().strip() == "100"
+    assert worker.wait() == 0
+    assert worker.stderr.read() == ""
+
+
+def test_emit_never_raises_without_a_listener_or_with_a_bad_argument():
+    unused = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    unused.bind(("127.0.0.1", 0))
+    port = unused.getsockname()[1]
+    unused.close()
+    result = run_python("""
+        from toilcoord.rtlog import RealtimeLogger
+        class Unprintable:
+            def __str__(self):
+                raise RuntimeError("no text for you")
+        for number in range(50):
+            RealtimeLogger.info("nobody listens %d", number)
+        RealtimeLogger.info("bad %s", Unprintable())
+        print(RealtimeLogger._handler.transport, RealtimeLogger._handler.dropped > 0)
+    """, env=child_env(**{PREFIX + "ADDRESS": "127.0.0.1:%d" % port,
+                          PREFIX + "LOCAL_ADDRESS": "@no-such-leader-%d" % os.getpid()}))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["udp", "True"]  # ICMP port unreachable -> counted drops
+    assert "no text for you" in result.stderr  # handleError reported it, the caller went on
+
+
+def test_stuck_leader_costs_one_send_timeout_then_drops_fast():
+    name = "rtlog-test-stuck-%d" % os.getpid()
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stuck.bind("\0" + name)  # bound, never read: the queue fills
+    handler = RealtimeLogHandler("127.0.0.1:9", local_address="@" + name)
+    logger = logging.getLogger("test.stuck")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        assert handler.transport == "unix"
+        started = time.monotonic()
+        for number in range(60):
+            logger.warning("record %d", number)
+        elapsed = time.monotonic() - started
+        queued = 0
+        stuck.setblocking(False)
+        while True:
+            try:
+                stuck.recv(65536)
+            except BlockingIOError:
+                break
+            queued += 1
+        logger.warning("after the leader caught up")
+        stuck.setblocking(True)
+        last = json.loads(stuck.recv(65536))
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        stuck.close()
+    assert queued > 0 and handler.dropped == 60 - queued
+    # Blocking on each of the dropped records would take dropped x 1 s.
+    assert elapsed < handler.local_send_timeout * handler.dropped / 2
+    assert last["msg"] == "after the leader caught up"
+
+
+# ------------------------------------------------------------- wire and config
+
+
+def test_toil_worker_datagrams_are_understood(received):
+    with RealtimeLogger(host="127.0.0.1"):
+        sender = raw_sender(leader_server(), "udp")
+        sender.send(toil_datagram("x=%s n=%d", "a", 3, level=logging.WARNING))
+        sender.send(toil_datagram("mapping %(key)s", {"key": "v"}))
+        sender.send(toil_datagram("mismatch %s %s", "only one"))
+        sender.send(toil_datagram("last"))
+        sender.close()
+        received.wait_for("last")
+    first = received.records[0]
+    assert first.getMessage() == "x=a n=3"
+    assert (first.name, first.levelno, first.lineno, first.funcName) == ("toil.worker", logging.WARNING, 7, "run")
+    assert received.messages()[1:3] == ["mapping v", "mismatch %s %s ('only one',)"]
+    assert "x=a n=3" in logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s").format(first)
+
+
+@pytest.mark.parametrize("secret", [None, "k"])
+def test_datagrams_are_readable_by_a_toil_leader(secret):
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    handler = RealtimeLogHandler("127.0.0.1:%d" % sink.getsockname()[1], secret=secret)
+    logger = logging.getLogger("compat.worker")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            logger.exception("failed on %s", pathlib.Path("/x"))
+        data = sink.recv(65536)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        sink.close()
+    record = logging.makeLogRecord(json.loads(data.decode("utf-8")))  # what Toil's leader does
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s").format(record)
+    assert " ERROR compat.worker failed on /x\nTraceback" in text and "ZeroDivisionError" in text
+    assert isinstance(record.rt_seq, int) and record.rt_sender == handler.sender_id
+
+
+def test_levels_addresses_and_arguments_are_checked():
+    assert parse_level("info") == logging.INFO and parse_level("OFF") == logging.CRITICAL
+    assert parse_level("15") == 15 and parse_level(logging.DEBUG) == logging.DEBUG
+    for bad in ("LOUD", True, 1.5):
+        with pytest.raises(ValueError):
+            parse_level(bad)
+    assert split_address("[::1]:5000") == ("::1", 5000) and split_address("h.example:1") == ("h.example", 1)
+    for bad in ("nohost", "h:", "h:0", "h:70000", ":80"):
+        with pytest.raises(ValueError):
+            split_address(bad)
+    with pytest.raises(ValueError):
+        RealtimeLogger(level="LOUD")
+    with pytest.raises(ValueError):
+        RealtimeLogger(port=-1)
+    with pytest.raises(ValueError):
+        RealtimeLogger(host="")
+    with pytest.raises(TypeError):
+        RealtimeLogger(secret=b"bytes")
+    assert RealtimeLogger.initialized == 0
+
+
+def test_bad_environment_on_a_worker_is_not_fatal():
+    result = run_python("""
+        import logging
+        from toilcoord.rtlog import RealtimeLogger
+        print(RealtimeLogger.getLogger().level == logging.CRITICAL)
+    """, env=child_env(**{PREFIX + "ADDRESS": "not an address"}))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True" and "Real-time logging disabled" in result.stderr
+
+
+def test_binding_and_advertising_need_no_network(received, monkeypatch):
+    def no_connect(self, *args):
+        raise AssertionError("connected a socket while choosing an address")
+
+    monkeypatch.setattr(socket.socket, "connect", no_connect)
+    host = advertised_host()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((host, 0))  # only addresses of this host can be bound
+    with RealtimeLogger():
+        assert leader_server().server_address[0] == "0.0.0.0"
+        assert os.environ[PREFIX + "ADDRESS"].startswith(host + ":")
+    monkeypatch.undo()
+    with RealtimeLogger(host="localhost"):
+        assert leader_server().server_address[0] == "127.0.0.1"
+        assert os.environ[PREFIX + "ADDRESS"].startswith("127.0.0.1:")
+    with RealtimeLogger(host="leader.example.org", port=0):
+        assert leader_server().server_address[0] == "0.0.0.0"
+        assert os.environ[PREFIX + "ADDRESS"].startswith("leader.example.org:")
+
+
+def test_import_is_light():
+    result = run_python("""
+        import importlib.util, sys
+        before = set(sys.modules)
+        spec = importlib.util.spec_from_file_location("rtlog_alone", sys.argv[1])
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        print(" ".join(sorted(set(sys.modules) - before)))
+    """, os.path.join(ROOT, "toilcoord", "rtlog.py"))
+    assert result.returncode == 0, result.stderr
+    loaded = set(result.stdout.split())
+    assert not loaded & {"json", "hmac", "hashlib", "socket", "socketserver", "struct", "pickle"}, loaded
+
+
+# ---------------------------------------------------------------- across hosts
+
+
+def ip(*args):
+    return subprocess.run(["ip", *args], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair: 10.231.0.1 and 10.231.0.2."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2")
+    tag = "%d%s" % (os.getpid(), os.urandom(2).hex())
+    leader_ns, worker_ns = "rtlogL" + tag, "rtlogW" + tag
+    created = []
+    try:
+        for ns in (leader_ns, worker_ns):
+            done = ip("netns", "add", ns)
+            if done.returncode:
+                pytest.skip("cannot create network namespaces here: " + done.stderr.strip())
+            created.append(ns)
+        steps = [
+            ("link", "add", "rtl", "netns", leader_ns, "type", "veth", "peer", "name", "rtw", "netns", worker_ns),
+            ("-n", leader_ns, "addr", "add", "10.231.0.1/24", "dev", "rtl"),
+            ("-n", worker_ns, "addr", "add", "10.231.0.2/24", "dev", "rtw"),
+            ("-n", leader_ns, "link", "set", "rtl", "up"), ("-n", leader_ns, "link", "set", "lo", "up"),
+            ("-n", worker_ns, "link", "set", "rtw", "up"), ("-n", worker_ns, "link", "set", "lo", "up"),
+        ]
+        for step in steps:
+            done = ip(*step)
+            if done.returncode:
+                pytest.skip("cannot wire network namespaces here: " + done.stderr.strip())
+        yield leader_ns, worker_ns
+    finally:
+        for ns in created:
+            ip("netns", "del", ns)
+
+
+LEADER_IN_NAMESPACE = """
+import logging, os, sys, threading
+from toilcoord.rtlog import RealtimeLogger
+arrived = threading.Event()
+class Wait(logging.Handler):
+    def emit(self, record):
+        if record.getMessage() == "across hosts":
+            print("got", record.getMessage(), record.rt_sender, flush=True)
+            arrived.set()
+logging.getLogger("toil-rt").addHandler(Wait())
+with RealtimeLogger(host=sys.argv[1] or None):
+    for name in ("ADDRESS", "LOCAL_ADDRESS"):
+        print(os.environ["TOIL_RT_LOGGING_" + name], flush=True)
+    arrived.wait(60)
+"""
+
+WORKER_IN_NAMESPACE = """
+from toilcoord.rtlog import RealtimeLogger
+for _ in range(3):
+    RealtimeLogger.info("across hosts")
+print(RealtimeLogger._handler.transport)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("host", ["", "10.231.0.1"])
+def test_worker_on_another_host_reaches_the_leader(two_hosts, children, host):
+    leader_ns, worker_ns = two_hosts
+    leader = subprocess.Popen(
+        ["ip", "netns", "exec", leader_ns, sys.executable, "-c", LEADER_IN_NAMESPACE, host],
+        env=child_env(), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    children.started.append(leader)
+    address = leader.stdout.readline().strip()
+    local_address = leader.stdout.readline().strip()
+    assert address.startswith("10.231.0.1:")  # its own choice finds the veth address
+    worker = subprocess.run(
+        ["ip", "netns", "exec", worker_ns, sys.executable, "-c", WORKER_IN_NAMESPACE],
+        env=child_env(**{PREFIX + "ADDRESS": address, PREFIX + "LOCAL_ADDRESS": local_address}),
+        cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert worker.returncode == 0, worker.stderr
+    assert worker.stdout.strip() == "udp"  # the leader's local socket is out of reach
+    assert leader.stdout.readline().startswith("got across hosts ")
+    assert leader.wait(30) == 0
