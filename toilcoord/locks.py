@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -33,10 +34,13 @@ __all__ = [
     "LockTimeout",
     "UnsafeFilesystemError",
     "check_name",
+    "discard_taken",
     "ensure_filesystem_lockable",
     "filesystem_info",
     "global_mutex",
+    "lock_scope",
     "locked_file_is",
+    "parse_mountinfo",
     "safe_lock",
     "safe_unlock_and_close",
     "take_over",
@@ -145,12 +149,15 @@ def locked_file_is(fd: int, path: PathArg) -> bool:
 
 # ------------------------------------------------- fork-aware held files
 
-# Fds of locks this process holds. A forked child shares their open file
-# descriptions, so it would keep the locks (and a dead parent "alive") for
-# as long as it lives: the child closes them at once. Closing in the child
-# does not release the parent's lock; only the parent's own unlock or death
-# does. Objects remember the fork epoch they were made in and become inert
-# in a child, so they never act on an fd number the child has reused.
+# Fds of locks this process holds or is waiting for. A forked child shares
+# their open file descriptions, so it would keep the locks (and a dead parent
+# "alive") for as long as it lives: the child closes them at once. An fd is
+# tracked from the moment it is opened, because a lock that another thread
+# of the parent gets *after* the fork still lands on the description the
+# child shares. Closing in the child does not release the parent's lock;
+# only the parent's own unlock or death does. Objects remember the fork
+# epoch they were made in and become inert in a child, so they never act on
+# an fd number the child has reused.
 _held_fds: set = set()
 _fork_epoch = 0
 
@@ -217,7 +224,13 @@ class HeldFile:
                 fd = os.open(path, _CREATE_NEW, mode)
             except FileExistsError:
                 continue
-            if _lock_and_verify(fd, path, block=False):
+            _held_fds.add(fd)
+            try:
+                locked = _lock_and_verify(fd, path, block=False)
+            except BaseException:
+                _unlink_if_present(path)  # ours: made with O_EXCL, never locked
+                raise
+            if locked:
                 return cls(path, fd)
 
     @classmethod
@@ -226,6 +239,7 @@ class HeldFile:
         *deadline* (a ``time.monotonic()`` value; None waits forever)."""
         while True:
             fd = os.open(path, _OPEN_OR_CREATE, 0o644)
+            _held_fds.add(fd)
             if _lock_and_verify(fd, path, block=True, deadline=deadline):
                 return cls(path, fd)
 
@@ -238,10 +252,7 @@ class HeldFile:
         _held_fds.discard(fd)
         try:
             if unlink:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass  # removed by someone else (an rm -rf of the directory)
+                _unlink_if_present(self.path)
         finally:
             safe_unlock_and_close(fd)
 
@@ -249,10 +260,22 @@ class HeldFile:
         return f"HeldFile({self.path!r}, held={self.held})"
 
 
+def _unlink_if_present(path: PathArg) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass  # removed by someone else (a taker-over, an rm -rf of the directory)
+
+
+def _close_tracked(fd: int) -> None:
+    _held_fds.discard(fd)  # before closing: the number may be reused at once
+    os.close(fd)
+
+
 def _lock_and_verify(fd: int, path: str, block: bool,
                      deadline: Optional[float] = None) -> bool:
-    """Lock *fd* and check it is still linked at *path*; on False or on an
-    exception *fd* has been closed."""
+    """Lock the tracked *fd* and check it is still linked at *path*; on False
+    or on an exception *fd* has been closed and untracked."""
     try:
         if deadline is not None:
             _lock_until(fd, path, deadline)
@@ -264,16 +287,16 @@ def _lock_and_verify(fd: int, path: str, block: bool,
             except OSError as error:
                 if error.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                os.close(fd)
+                _close_tracked(fd)
                 return False
         if locked_file_is(fd, path):
             return True
     except BaseException:
-        os.close(fd)
+        _close_tracked(fd)
         raise
     # The file was unlinked by its last holder (or a taker-over) between our
     # open and our lock: it is garbage, and so is our fd.
-    os.close(fd)
+    _close_tracked(fd)
     return False
 
 
@@ -324,9 +347,7 @@ def take_over(path: PathArg) -> Optional[int]:
 def discard_taken(fd: int, path: PathArg) -> None:
     """Unlink a file taken over with :func:`take_over`, then unlock it."""
     try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        _unlink_if_present(path)
     finally:
         safe_unlock_and_close(fd)
 
@@ -345,7 +366,7 @@ def check_name(name: object, what: str = "mutex name") -> str:
         raise ValueError(f"{what} must be a non-empty file name other than . and ..: {name!r}")
     if "/" in name or "\0" in name:
         raise ValueError(f"{what} must not contain '/' or NUL: {name!r}")
-    if len(name) * 4 > _MAX_NAME_BYTES:  # only long names pay for encoding
+    if len(name) > _MAX_NAME_BYTES or not name.isascii():  # only these pay for encoding
         try:
             size = len(os.fsencode(name))
         except UnicodeError:
@@ -386,6 +407,37 @@ def _leave_gate(path: str, gate: _ThreadGate) -> None:
             del _thread_locks[path]
 
 
+_MUTEX_PREFIX = "toil-mutex-"
+
+
+def _mutex_path(base_dir: PathArg, mutex: str) -> str:
+    directory = os.fspath(base_dir)
+    if not isinstance(directory, str):
+        raise TypeError(f"base_dir must be a str or os.PathLike[str], not {type(directory).__name__}")
+    if directory.startswith("/"):
+        return _absolute_mutex_path(directory, mutex)
+    # Relative to the current directory, which may change: not cached.
+    return os.path.abspath(os.path.join(directory, _MUTEX_PREFIX + mutex))
+
+
+# The path is the key of the thread gate, so it must be canonical; abspath
+# costs microseconds on old Pythons, a cache hit a tenth of one.
+@functools.lru_cache(maxsize=256)
+def _absolute_mutex_path(base_dir: str, mutex: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, _MUTEX_PREFIX + mutex))
+
+
+def _clearer_error(error: BaseException, path: str) -> Optional[OSError]:
+    """The error to raise instead of *error*, met while opening lock file *path*."""
+    if isinstance(error, FileNotFoundError):
+        return FileNotFoundError(errno.ENOENT, "mutex base directory does not exist", os.path.dirname(path))
+    if isinstance(error, NotADirectoryError):
+        return NotADirectoryError(errno.ENOTDIR, "mutex base directory is not a directory", os.path.dirname(path))
+    if isinstance(error, OSError) and error.errno == errno.ELOOP and os.path.islink(path):
+        return OSError(errno.ELOOP, "mutex lock file is a symbolic link, which is never followed", path)
+    return None
+
+
 class global_mutex:  # noqa: N801 - a context manager named like Toil's function
     """Context manager holding the mutex *mutex* scoped to *base_dir*.
 
@@ -394,7 +446,9 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
     ``base_dir/toil-mutex-<mutex>`` exists only while the mutex is held; a
     holder that dies releases it. With *timeout* (seconds) the wait raises
     :class:`LockTimeout`. Not reentrant: a thread that enters the same mutex
-    twice waits for itself.
+    twice waits for itself. A bad *mutex* raises ValueError here, before
+    anything is touched; a missing *base_dir* raises FileNotFoundError on
+    entry.
     """
 
     __slots__ = ("path", "timeout", "_gate", "_file")
@@ -403,35 +457,36 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
         check_name(mutex)
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be None or a number >= 0, not {timeout!r}")
-        self.path = os.path.abspath(os.path.join(os.fspath(base_dir), "toil-mutex-" + mutex))
+        self.path = _mutex_path(base_dir, mutex)
         self.timeout = timeout
         self._file: Optional[HeldFile] = None
 
     def __enter__(self) -> None:
-        if self.timeout is None:
-            deadline = None
-            self._gate = gate = _enter_gate(self.path)
-            gate.lock.acquire()
-        else:
-            deadline = time.monotonic() + self.timeout
-            self._gate = gate = _enter_gate(self.path)
-            if not gate.lock.acquire(timeout=self.timeout):
-                _leave_gate(self.path, gate)
-                raise LockTimeout(f"timed out after {self.timeout} s waiting for {self.path}")
+        gate = self._gate = _enter_gate(self.path)
         try:
-            self._file = HeldFile.acquire(self.path, deadline)
+            deadline = self._pass_gate(gate)
+            try:
+                self._file = HeldFile.acquire(self.path, deadline)
+            except BaseException:
+                gate.lock.release()
+                raise
         except BaseException as error:
-            gate.lock.release()
             _leave_gate(self.path, gate)
-            if isinstance(error, FileNotFoundError):
-                raise FileNotFoundError(
-                    errno.ENOENT, "mutex base directory does not exist", os.path.dirname(self.path)
-                ) from None
-            if isinstance(error, NotADirectoryError):
-                raise NotADirectoryError(
-                    errno.ENOTDIR, "mutex base directory is not a directory", os.path.dirname(self.path)
-                ) from None
+            clearer = _clearer_error(error, self.path)
+            if clearer is not None:
+                raise clearer from None
             raise
+
+    def _pass_gate(self, gate: _ThreadGate) -> Optional[float]:
+        """Wait for the other threads; return the deadline for the file lock."""
+        if self.timeout is None:
+            gate.lock.acquire()
+            return None
+        deadline = time.monotonic() + self.timeout
+        # Lock.acquire refuses timeouts beyond TIMEOUT_MAX (float("inf") too).
+        if not gate.lock.acquire(timeout=min(self.timeout, threading.TIMEOUT_MAX)):
+            raise LockTimeout(f"timed out after {self.timeout} s waiting for {self.path}")
+        return deadline
 
     def __exit__(self, *exc_info: object) -> None:
         held = self._file
@@ -520,17 +575,22 @@ def lock_scope(fstype: str, options: Tuple[str, ...]) -> Tuple[str, str]:
     return "unknown", f"{fstype} is not a filesystem whose locking toilcoord knows"
 
 
-def filesystem_info(path: PathArg, mountinfo: str = "/proc/self/mountinfo") -> FilesystemInfo:
-    """Describe the filesystem *path* is on, from the mount table.
+_MOUNTINFO = "/proc/self/mountinfo"
+
+
+def filesystem_info(path: PathArg, mountinfo: Optional[str] = None) -> FilesystemInfo:
+    """Describe the filesystem *path* is on, from the mount table
+    (*mountinfo*, by default ``/proc/self/mountinfo``).
 
     The mount whose mount point is the longest prefix of the real path
-    wins. No subprocess is run. Raises FileNotFoundError if *path* is
-    missing; where the mount table cannot be read the answer is "unknown".
+    wins; of mounts stacked on one mount point, the last. No subprocess is
+    run. Raises FileNotFoundError if *path* is missing; where the mount
+    table cannot be read the answer is "unknown".
     """
     real = os.path.realpath(path)
     os.stat(real)
     try:
-        with open(mountinfo, encoding="utf-8", errors="surrogateescape") as stream:
+        with open(mountinfo or _MOUNTINFO, encoding="utf-8", errors="surrogateescape") as stream:
             mounts = parse_mountinfo(stream.read())
     except OSError:
         mounts = []
