@@ -497,6 +497,51 @@ def test_a_failing_function_is_logged_once_and_the_rest_still_run(base, out, cap
     assert error.exc_info[0] is ValueError
 
 
+FAILING_WORKER = """
+import logging, sys
+import dfhelpers
+logging.basicConfig()  # the worker's own log: stderr
+from toilcoord.deferred import DeferredFunctionManager
+with DeferredFunctionManager(sys.argv[1]) as manager:
+    with manager.open() as defer:
+        defer(dfhelpers.fail, "boom from the worker")
+        defer(dfhelpers.record, sys.argv[2], "still ran")
+"""
+
+
+def test_a_failing_function_in_a_worker_is_logged_to_the_listening_leader_and_once_locally(
+        base, out, helpers_dir):
+    from toilcoord.rtlog import RealtimeLogger
+
+    arrived = threading.Event()
+    received = []
+
+    class Collector(logging.Handler):
+        def emit(self, record):
+            received.append(record)
+            if "failed" in record.getMessage():
+                arrived.set()
+
+    collector = Collector()
+    rt_logger = logging.getLogger("toil-rt")
+    rt_logger.addHandler(collector)
+    try:
+        with RealtimeLogger(level="INFO", host="127.0.0.1"):
+            worker_env = child_env()  # now holds the leader's address
+            worker_env["PYTHONPATH"] = helpers_dir + os.pathsep + worker_env["PYTHONPATH"]
+            result = run_python(FAILING_WORKER, base, out, env=worker_env)
+            assert arrived.wait(30), [record.getMessage() for record in received]
+    finally:
+        rt_logger.removeHandler(collector)
+        RealtimeLogger._resetLogger()
+    assert result.returncode == 0, result.stderr
+    assert lines(out) == ["still ran"]
+    (failure,) = [record for record in received if "failed" in record.getMessage()]
+    assert "DeferredFunction(fail, ...)" in failure.getMessage()
+    assert "boom from the worker" in failure.getMessage() + str(failure.exc_text)
+    assert result.stderr.count("failed") == 1, result.stderr  # once locally too
+
+
 def test_own_functions_run_in_order_at_exit_and_orphans_at_entry(base, out, env, children, dfhelpers):
     owner = start_owner(children, env, """
 with manager.open() as defer:

@@ -327,7 +327,7 @@ class DeferredFunction(NamedTuple):
         process. Raises TypeError, naming the culprit, for anything that
         cannot be serialised.
         """
-        return _create(function, args, kwargs)
+        return DeferredFunction(*_fields(function, args, kwargs))
 
     def invoke(self) -> Any:
         """Run the captured call and return its result."""
@@ -346,8 +346,6 @@ class DeferredFunction(NamedTuple):
     __repr__ = __str__
 
 
-_new_record = functools.partial(tuple.__new__, DeferredFunction)
-
 
 # Pickles of plain functions, builtins and classes that pickle by reference,
 # so a worker deferring the same cleanup again and again pays only for its
@@ -357,21 +355,23 @@ _BY_REFERENCE_TYPES = (types.FunctionType, types.BuiltinFunctionType, type)
 _BY_REFERENCE_MAX = 1024
 
 
-def _create(function: Any, args: tuple, kwargs: dict) -> DeferredFunction:
+def _fields(function: Any, args: tuple, kwargs: dict) -> tuple:
+    """The fields of ``DeferredFunction.create(function, *args, **kwargs)``."""
     if not callable(function):
         raise TypeError(f"cannot defer {_short_repr(function)}: it is not callable")
     if _pickle_dumps is None:
         _load_codec()
     try:
         if type(function) in _BY_REFERENCE_TYPES:
-            described = _by_reference.get(function) or _describe_by_reference(function)
+            pickled, name, module = _by_reference.get(function) or _describe_by_reference(function)
         else:
-            described = (_dumps(function), _callable_name(function), getattr(function, "__module__", None))
-        blobs = (_dumps(args) if args else _EMPTY_ARGS, _dumps(kwargs) if kwargs else _EMPTY_KWARGS)
+            pickled = _dumps(function)
+            name, module = _callable_name(function), getattr(function, "__module__", None)
+        return (pickled, _dumps(args) if args else _EMPTY_ARGS, _dumps(kwargs) if kwargs else _EMPTY_KWARGS,
+                name, module)
     except Exception as error:
         report, cause = _unserialisable(function, args, kwargs, error)
         raise report from cause
-    return _new_record((described[0],) + blobs + described[1:])
 
 
 def _describe_by_reference(function: Any) -> Tuple[bytes, str, Optional[str]]:
@@ -410,8 +410,10 @@ _FORMAT = 1
 _HEADER_SIZE = 12
 
 
-def _frame(record: DeferredFunction) -> bytes:
-    payload = _pickle_dumps(tuple(record), _PROTOCOL)
+def _frame(fields: tuple) -> bytes:
+    """A record of a DeferredFunction's fields (a plain tuple: the class
+    name must not be in the file)."""
+    payload = _pickle_dumps(fields, _PROTOCOL)
     return _header.pack(_MAGIC, _PENDING, _FORMAT, len(payload), _crc32(payload)) + payload
 
 
@@ -499,10 +501,8 @@ def _run_record(payload: bytes, offset: int, where: str) -> None:
 def _failure_logger() -> logging.Logger:
     """The real-time logger when the leader listens (it also logs here,
     once), else this module's logger."""
-    try:
-        from .rtlog import RealtimeLogger
-    except ImportError:  # a copy of the package without rtlog
-        return logger
+    from .rtlog import RealtimeLogger
+
     realtime = RealtimeLogger.getLogger()
     return realtime if realtime.isEnabledFor(logging.ERROR) else logger
 
@@ -723,10 +723,10 @@ class DeferredFunctionManager:
         if isinstance(function, DeferredFunction):
             if args or kwargs:
                 raise TypeError("defer(DeferredFunction) takes no further arguments: they were captured by create()")
-            record = function
+            fields = tuple(function)
         else:
-            record = _create(function, args, kwargs)
-        frame = _frame(record)
+            fields = _fields(function, args, kwargs)
+        frame = _frame(fields)
         written = os.write(self._write_fd, frame)
         if written != len(frame):
             self._write_rest(frame, written)
