@@ -657,6 +657,18 @@ def test_close_and_context_manager_release_everything(base, out, dfhelpers):
     assert state_files(base) == []
 
 
+def test_close_runs_the_functions_of_a_process_that_died_meanwhile(base, out, env, children):
+    manager = DeferredFunctionManager(base)
+    owner = start_owner(children, env, """
+with manager.open() as defer:
+    defer(dfhelpers.record, out, "orphan")
+""" + WAIT_TO_BE_KILLED, base, out)
+    kill(owner)
+    manager.close()
+    assert lines(out) == ["orphan"]
+    assert state_files(base) == []
+
+
 def test_state_file_removed_from_under_the_worker_is_replaced(base, out, caplog, dfhelpers):
     caplog.set_level(logging.INFO)
     with DeferredFunctionManager(base) as manager:

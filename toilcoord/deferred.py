@@ -346,7 +346,6 @@ class DeferredFunction(NamedTuple):
     __repr__ = __str__
 
 
-
 # Pickles of plain functions, builtins and classes that pickle by reference,
 # so a worker deferring the same cleanup again and again pays only for its
 # arguments. Bounded: cleared when full.
@@ -397,7 +396,8 @@ def _decode(payload: bytes) -> DeferredFunction:
 
 # ------------------------------------------------------------- records
 
-# A record is a 12-byte header (see _load_codec) and a pickled DeferredFunction.
+# A record is a 12-byte header (see _load_codec) and the pickled tuple of a
+# DeferredFunction's fields.
 # The state byte is the only byte ever rewritten: PENDING -> DONE, in place,
 # by one pwrite, after the function returned. The CRC covers the payload;
 # after a bad header or payload the reader resynchronises on the next magic.
@@ -701,7 +701,8 @@ class DeferredFunctionManager:
         records a call in the state file before returning; it raises
         TypeError at once for what cannot be serialised and RuntimeError
         when called outside this block. A function that fails is logged
-        and the rest still run. Not reentrant.
+        and the rest still run. Not reentrant; ``open()`` and ``close()``
+        belong to one thread.
         """
         self._check_usable("open()")
         if self._open:
@@ -718,6 +719,9 @@ class DeferredFunctionManager:
                 self._run_orphans()
 
     def _defer(self, function: Any, /, *args: Any, **kwargs: Any) -> None:
+        """``defer(function, *args, **kwargs)`` or ``defer(DeferredFunction)``:
+        the call is in the state file when this returns. May be called from
+        several threads of this process."""
         if not self._open:
             raise self._unusable_error("defer()")
         if isinstance(function, DeferredFunction):
