@@ -380,6 +380,52 @@ def test_udp_burst_from_several_processes_is_delivered():
     assert result["fraction"] >= 0.9, result
 
 
+def wait_until(condition, timeout=30):
+    deadline, pause = time.monotonic() + timeout, threading.Event()
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        pause.wait(0.01)
+
+
+@pytest.mark.parametrize("limit", [None, 20000])
+def test_udp_is_drained_into_memory_while_handlers_are_slow(received, monkeypatch, limit):
+    if limit is not None:
+        class SmallBacklog(RealtimeLogger.serverClass):
+            backlog_limit = limit
+        monkeypatch.setattr(RealtimeLogger, "serverClass", SmallBacklog)
+    release = threading.Event()
+
+    def hold_the_first(record):
+        if record.getMessage() == "record 0":
+            release.wait(30)
+        return True
+
+    rt_logger = logging.getLogger("toil-rt")
+    rt_logger.addFilter(hold_the_first)
+    try:
+        with RealtimeLogger(host="127.0.0.1"):
+            server = leader_server()
+            sender = raw_sender(server, "udp")
+            datagrams = [toil_datagram("record %d", number) for number in range(300)]
+            for datagram in datagrams:
+                sender.send(datagram)
+            sender.close()
+            # The decoder is stuck in a handler, yet the socket keeps being read.
+            wait_until(lambda: len(server._backlog) + server.statistics()["overflow"] == len(datagrams) - 1)
+            overflow = server.statistics()["overflow"]
+            release.set()
+            received.wait_for("record %d" % (len(datagrams) - 1 - overflow))
+    finally:
+        release.set()
+        rt_logger.removeFilter(hold_the_first)
+    if limit is None:
+        assert overflow == 0 and len(received.records) == len(datagrams)
+    else:
+        kept = len(datagrams) - 1 - overflow
+        assert 0 < overflow and kept * len(datagrams[0]) <= limit + 2 * len(datagrams[0])
+        assert len(received.records) == 1 + kept
+
+
 def test_receive_buffer_is_as_large_as_allowed(received):
     with open("/proc/sys/net/core/rmem_max") as limit:
         rmem_max = int(limit.read())
@@ -771,3 +817,24 @@ def test_worker_on_another_host_reaches_the_leader(two_hosts, children, host):
     assert worker.stdout.strip() == "udp"  # the leader's local socket is out of reach
     assert leader.stdout.readline().startswith("got across hosts ")
     assert leader.wait(30) == 0
+
+
+def test_a_worker_forked_by_a_worker_is_another_sender(received):
+    with RealtimeLogger(host="127.0.0.1"):
+        server = leader_server()
+        result = run_python("""
+            import os
+            from toilcoord.rtlog import RealtimeLogger
+            RealtimeLogger.info("parent before fork")
+            pid = os.fork()
+            RealtimeLogger.info("after fork in %s" % ("child" if pid == 0 else "parent"))
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+        """)
+        assert result.returncode == 0, result.stderr
+        received.wait_for("after fork in child")
+        received.wait_for("after fork in parent")
+        stats = server.statistics()
+    assert len(stats["senders"]) == 2 and stats["lost"] == 0
+    assert sorted(entry["received"] for entry in stats["senders"].values()) == [1, 2]

@@ -380,12 +380,11 @@ class RealtimeLogServer:
         self.server_address: Tuple[Any, ...] = self.socket.getsockname()
         self.local_socket = None
         self.local_address: Optional[str] = None
-        try:
-            if local_socket and sys.platform.startswith("linux"):
+        if local_socket and sys.platform.startswith("linux"):
+            try:
                 self.local_socket, self.local_address = self.make_local_socket()
-        except BaseException:
-            self.socket.close()
-            raise
+            except OSError as error:  # an optimisation only: UDP serves everyone
+                log.warning("Real-time logging over UDP only: no local socket: %s", error)
         self._template = self._record_template()
         self._backlog: deque = deque()
         self._queued = self._dequeued = 0  # bytes; each written by one thread only
