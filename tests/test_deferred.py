@@ -669,6 +669,26 @@ with manager.open() as defer:
     assert state_files(base) == []
 
 
+def test_a_process_never_takes_over_its_own_files_where_locks_are_per_process(base, out, monkeypatch, dfhelpers):
+    import toilcoord.deferred as deferred
+
+    def per_process_take_over(path):
+        # NFS emulates flock with POSIX locks, which never conflict with
+        # the process's own: every "take over" by the owner succeeds.
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    monkeypatch.setattr(deferred, "take_over", per_process_take_over)
+    with DeferredFunctionManager(base) as first:
+        with first.open() as defer:
+            defer(dfhelpers.record, out, "first's")
+            with DeferredFunctionManager(base) as second, second.open():
+                pass
+            DeferredFunctionManager.cleanupWorker(base)
+            assert lines(out) == []
+            assert os.path.exists(first.stateFileName)
+    assert lines(out) == ["first's"]
+
+
 def test_state_file_removed_from_under_the_worker_is_replaced(base, out, caplog, dfhelpers):
     caplog.set_level(logging.INFO)
     with DeferredFunctionManager(base) as manager:

@@ -517,6 +517,12 @@ _CREATE_ATTEMPTS = 100
 
 _reported_untrusted: set = set()
 
+# Names of the state files this process holds: its managers' own, and the
+# dead processes' files it is running. Scans skip them: where flock is
+# emulated with per-process POSIX locks (NFS), this process could otherwise
+# "take over" its own files.
+_held_here: set = set()
+
 
 def _make_state_dir(path: str) -> None:
     """Create the state directory mode 0700, or check that the existing one
@@ -588,6 +594,15 @@ def _run_orphan(path: str) -> None:
         return
     if fd is None:
         return  # its owner lives
+    name = os.path.basename(path)
+    _held_here.add(name)
+    try:
+        _run_and_release(fd, path)
+    finally:
+        _held_here.discard(name)
+
+
+def _run_and_release(fd: int, path: str) -> None:
     try:
         finished = _run_taken(fd, path)
     except OSError as error:
@@ -685,10 +700,12 @@ class DeferredFunctionManager:
                 continue  # removed by a cleanupWorker while empty: make it again
             try:
                 os.fchmod(held.fd, _STATE_FILE_MODE)  # whatever the umask: orphan-runners must write the marks
-                return held, _open_for_writing(held.path, held.fd)
+                write_fd = _open_for_writing(held.path, held.fd)
             except BaseException:
                 held.release()
                 raise
+            _held_here.add(held.name)
+            return held, write_fd
         raise RuntimeError(f"could not create a state file in {self.stateDir}: the directory keeps disappearing")
 
     @contextlib.contextmanager
@@ -776,6 +793,7 @@ class DeferredFunctionManager:
         old_file, old_fd = self._file, self._write_fd
         self._file, self._write_fd = self._new_state_file()
         os.close(old_fd)
+        _held_here.discard(old_file.name)
         old_file.release(unlink=False)
 
     def _run_own(self) -> None:
@@ -784,10 +802,10 @@ class DeferredFunctionManager:
         os.lseek(self._write_fd, 0, os.SEEK_SET)
 
     def _run_orphans(self) -> None:
-        self._run_orphans_in(self.stateDir, self._file.name)
+        self._run_orphans_in(self.stateDir)
 
     @classmethod
-    def _run_orphans_in(cls, state_dir: str, skip: Optional[str] = None) -> None:
+    def _run_orphans_in(cls, state_dir: str) -> None:
         try:
             entries = os.scandir(state_dir)
         except FileNotFoundError:
@@ -795,7 +813,7 @@ class DeferredFunctionManager:
         with entries:
             paths = [entry.path for entry in entries
                      if entry.name.startswith(cls.PREFIX) and not entry.name.endswith(cls.WIP_SUFFIX)
-                     and entry.name != skip and entry.is_file(follow_symlinks=False)]
+                     and entry.name not in _held_here and entry.is_file(follow_symlinks=False)]
         for path in paths:
             _run_orphan(path)
 
@@ -825,6 +843,7 @@ class DeferredFunctionManager:
         self._write_fd = -1
         if pending:
             logger.warning("leaving unfinished deferred functions in %s for the next process", self._file.path)
+        _held_here.discard(self._file.name)
         self._file.release(unlink=not pending)
 
     def _disown(self) -> None:
@@ -868,6 +887,7 @@ def _disown_after_fork() -> None:
     for manager in list(_managers):
         manager._disown()
     _managers.clear()
+    _held_here.clear()
 
 
 os.register_at_fork(after_in_child=_disown_after_fork)
