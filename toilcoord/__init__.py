@@ -36,10 +36,28 @@ from .procnames import (
     process_name_exists,
 )
 from .arena import LastProcessStandingArena
+from .modules import (
+    DirectoryResource,
+    FileResource,
+    LocalJobStore,
+    ModuleDescriptor,
+    Resource,
+    ResourceException,
+    VirtualEnvResource,
+)
+from .rtlog import RealtimeLogger
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DirectoryResource",
+    "FileResource",
+    "LocalJobStore",
+    "ModuleDescriptor",
+    "RealtimeLogger",
+    "Resource",
+    "ResourceException",
+    "VirtualEnvResource",
     "LastProcessStandingArena",
     "collect_process_name_garbage",
     "current_process_name_for",

@@ -302,3 +302,39 @@ def check_module_round_trip(directory: str) -> str:
     if worker.stdout.strip() != "42":
         raise AssertionError(f"the worker could not load the shipped module: {worker.stderr.strip()[-300:]}")
     return "saved through LocalJobStore, downloaded and imported by a fresh interpreter"
+
+
+def _log_to_leader(child: Forked, message: str) -> None:
+    from .rtlog import RealtimeLogger
+    RealtimeLogger.info("%s from pid %d", message, os.getpid())
+    RealtimeLogger.getLogger().debug("below the leader's level: never sent")
+
+
+@check("real-time log round trip over loopback")
+def check_realtime_log(directory: str) -> str:
+    import logging
+    from .rtlog import RealtimeLogger
+
+    arrived = threading.Event()
+    seen: List[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+            arrived.set()
+
+    catch = Catch()
+    receiver = logging.getLogger("toil-rt")
+    receiver.addHandler(catch)
+    try:
+        with RealtimeLogger(level="INFO", host="127.0.0.1"):
+            worker = Forked(_log_to_leader, "smoke " + os.path.basename(directory))
+            if worker.wait() != 0:
+                raise AssertionError("the worker failed to log")
+            if not arrived.wait(10):
+                raise AssertionError("no record reached the leader within 10 s")
+    finally:
+        receiver.removeHandler(catch)
+    if [record.levelname for record in seen] != ["INFO"] or f"from pid {worker.pid}" not in seen[0].getMessage():
+        raise AssertionError(f"unexpected records at the leader: {[r.getMessage() for r in seen]}")
+    return "a worker's INFO record arrived at the leader; its DEBUG did not"
