@@ -1,17 +1,474 @@
-"""Benchmarks behind ``python -m toilcoord bench``."""
+"""Benchmarks behind ``python -m toilcoord bench``.
+
+Every primitive is timed beside its physical floor, the raw system calls it
+cannot avoid, with the two interleaved round by round so that the machine's
+mood affects both alike; the table gives medians and their ratio.
+"""
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import pickle
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
+from .arena import LastProcessStandingArena
+from .deferred import DeferredFunctionManager
+from .files import robust_rmtree
+from .locks import global_mutex
+from .procnames import get_process_name, process_name_exists
 from .rtlog import RealtimeLogger
 
-__all__ = ["rtlog_burst"]
+__all__ = ["Row", "measure", "rtlog_burst", "run_bench"]
+
+Timer = Callable[[int], float]  # runs n operations, returns the seconds they took
+
+
+class Row(NamedTuple):
+    name: str
+    value: float
+    floor: Optional[float]
+    unit: str
+    ratio: Optional[float]  # value / floor, or floor / value for rates
+    target: str
+    ok: Optional[bool]
+
+
+class Settings(NamedTuple):
+    rounds: int
+    ops: int
+    contended_seconds: float
+    orphans: int
+    tree_files: int
+    burst_records: int
+
+
+FULL = Settings(rounds=7, ops=2000, contended_seconds=1.0, orphans=1000, tree_files=20000, burst_records=5000)
+QUICK = Settings(rounds=3, ops=200, contended_seconds=0.2, orphans=100, tree_files=2000, burst_records=500)
+
+
+def interleaved(contenders: Dict[str, Timer], rounds: int, ops: int) -> Dict[str, float]:
+    """Median seconds per operation of each contender, run in turn each round."""
+    samples: Dict[str, List[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, timer in contenders.items():
+            samples[name].append(timer(ops) / ops)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _latency_row(name: str, times: Dict[str, float], limit: Optional[float]) -> Row:
+    value, floor = times["primitive"], times["floor"]
+    ratio = value / floor
+    target = f"<= {limit:g}x" if limit else ""
+    return Row(name, value * 1e6, floor * 1e6, "us", ratio, target, None if limit is None else ratio <= limit)
+
+
+# ------------------------------------------------------------------ mutex
+
+_LOCK_FLAGS = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _raw_mutex_cycle(path: str) -> None:
+    """What any flock mutex that leaves no file behind must do."""
+    fd = os.open(path, _LOCK_FLAGS, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.lstat(path)
+    os.fstat(fd)
+    os.unlink(path)
+    os.close(fd)
+
+
+def _mutex_timers(directory: str) -> Dict[str, Timer]:
+    floor_path = os.path.join(directory, "toil-mutex-floor")
+
+    def primitive(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            with global_mutex(directory, "bench"):
+                pass
+        return time.perf_counter() - start
+
+    def floor(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            _raw_mutex_cycle(floor_path)
+        return time.perf_counter() - start
+
+    return {"primitive": primitive, "floor": floor}
+
+
+def bench_mutex(directory: str, settings: Settings) -> Row:
+    times = interleaved(_mutex_timers(directory), settings.rounds, settings.ops)
+    return _latency_row("mutex acquire+release", times, 1.5)
+
+
+def bench_arena(directory: str, settings: Settings) -> Row:
+    arena = LastProcessStandingArena(directory, "bench")
+
+    def primitive(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            arena.enter()
+            for _ in arena.leave():
+                pass
+        return time.perf_counter() - start
+
+    contenders = {"primitive": primitive, "floor": _mutex_timers(directory)["floor"]}
+    return _latency_row("arena enter+leave (vs the mutex floor)", interleaved(contenders, settings.rounds, settings.ops), 4)
+
+
+def bench_process_name(directory: str, settings: Settings) -> Row:
+    holder = _Holder(lambda: get_process_name(directory))
+    name = holder.value
+    path = os.path.join(directory, name)
+    try:
+        def primitive(n: int) -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                process_name_exists(directory, name)
+            return time.perf_counter() - start
+
+        def floor(n: int) -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pass
+                os.close(fd)
+            return time.perf_counter() - start
+
+        times = interleaved({"primitive": primitive, "floor": floor}, settings.rounds, settings.ops)
+    finally:
+        holder.stop()
+    return _latency_row("process_name_exists (live)", times, None)
+
+
+class _Holder:
+    """A forked child that computes ``make()``, reports it, and lives until
+    stopped."""
+
+    def __init__(self, make: Callable[[], str]) -> None:
+        read, write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                os.close(read)
+                os.write(write, make().encode())
+                os.close(write)
+                while True:
+                    time.sleep(3600)
+            finally:
+                os._exit(1)
+        os.close(write)
+        with os.fdopen(read, "rb") as stream:
+            self.value = stream.read().decode()
+
+    def stop(self) -> None:
+        os.kill(self.pid, 9)
+        os.waitpid(self.pid, 0)
+
+
+# ------------------------------------------------------------- contention
+
+def _contend(directory: str, procs: int, seconds: float, acquire_release: Callable[[], None]) -> float:
+    """Acquisitions per second, all *procs* processes together."""
+    go_read, go_write = os.pipe()
+    results = []
+    pids = []
+    for _ in range(procs):
+        out_read, out_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(go_write)
+                os.read(go_read, 1)
+                count, deadline = 0, time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    acquire_release()
+                    count += 1
+                os.write(out_write, str(count).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(out_write)
+        pids.append(pid)
+        results.append(out_read)
+    os.close(go_read)
+    start = time.monotonic()
+    os.write(go_write, b"g" * procs)
+    os.close(go_write)
+    total = 0
+    for pid, out_read in zip(pids, results):
+        with os.fdopen(out_read, "rb") as stream:
+            total += int(stream.read() or 0)
+        os.waitpid(pid, 0)
+    return total / max(time.monotonic() - start, seconds)
+
+
+def bench_contended(directory: str, procs: int, settings: Settings) -> Row:
+    raw_path = os.path.join(directory, "raw-flock")
+    open(raw_path, "w").close()
+
+    def ours() -> None:
+        with global_mutex(directory, "contended"):
+            pass
+
+    def raw() -> None:
+        fd = _raw_fd()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    raw_fds: Dict[int, int] = {}
+
+    def _raw_fd() -> int:  # one open per process, as a raw flock user would
+        pid = os.getpid()
+        if pid not in raw_fds:
+            raw_fds[pid] = os.open(raw_path, os.O_RDONLY)
+        return raw_fds[pid]
+
+    rates: Dict[str, List[float]] = {"primitive": [], "floor": []}
+    for _ in range(max(1, settings.rounds // 2)):
+        rates["floor"].append(_contend(directory, procs, settings.contended_seconds, raw))
+        rates["primitive"].append(_contend(directory, procs, settings.contended_seconds, ours))
+    os.unlink(raw_path)
+    value, floor = statistics.median(rates["primitive"]), statistics.median(rates["floor"])
+    ratio = value / floor
+    return Row(f"contended mutex, {procs} processes", value, floor, "acq/s", ratio, ">= 0.3x", ratio >= 0.3)
+
+
+# ---------------------------------------------------------------- deferred
+
+def _noop() -> None:
+    pass
+
+
+def bench_defer(directory: str, settings: Settings) -> Row:
+    floor_path = os.path.join(directory, "floor-state")
+    record = (_noop, (), {})
+
+    with DeferredFunctionManager(directory) as manager:
+        def primitive(n: int) -> float:
+            with manager.open() as defer:
+                start = time.perf_counter()
+                for _ in range(n):
+                    defer(_noop)
+                return time.perf_counter() - start
+
+        def floor(n: int) -> float:
+            fd = os.open(floor_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                start = time.perf_counter()
+                for _ in range(n):
+                    os.write(fd, pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+                return time.perf_counter() - start
+            finally:
+                os.close(fd)
+                os.unlink(floor_path)
+
+        times = interleaved({"primitive": primitive, "floor": floor}, settings.rounds, settings.ops)
+    return _latency_row("defer() (vs pickle + write)", times, 2)
+
+
+def _leave_orphans(directory: str, count: int) -> None:
+    """*count* state files of dead owners, each with one pending no-op: one
+    made by a child that dies inside open(), and copies of it."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            manager = DeferredFunctionManager(directory)
+            opened = manager.open()
+            opened.__enter__()(_noop)
+            os.write(write, manager.stateFileName.encode())
+        finally:
+            os._exit(0)  # dies inside open(): the record stays pending
+    os.close(write)
+    with os.fdopen(read, "rb") as stream:
+        original = stream.read().decode()
+    os.waitpid(pid, 0)
+    with open(original, "rb") as stream:
+        content = stream.read()
+    for number in range(count - 1):
+        fd = os.open(f"{original}-{number}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, content)
+        os.close(fd)
+
+
+def bench_orphans(directory: str, settings: Settings) -> Row:
+    count = settings.orphans
+    values, floors = [], []
+    for round_number in range(max(1, settings.rounds // 2)):
+        state = os.path.join(directory, f"orphans-{round_number}")
+        os.mkdir(state)
+        _leave_orphans(state, count)
+        start = time.perf_counter()
+        with DeferredFunctionManager(state) as manager:
+            with manager.open():
+                pass
+        values.append(time.perf_counter() - start)
+        floors.append(_raw_orphan_scan(os.path.join(directory, f"raw-{round_number}"), count))
+        robust_rmtree(state)
+    value, floor = statistics.median(values), statistics.median(floors)
+    return Row(f"orphan scan of {count} dead owners", value * 1e3, floor * 1e3, "ms", value / floor, "", None)
+
+
+def _raw_orphan_scan(directory: str, count: int) -> float:
+    os.mkdir(directory)
+    payload = pickle.dumps((_noop, (), {}))
+    for number in range(count):
+        with open(os.path.join(directory, f"func{number}"), "wb") as stream:
+            stream.write(payload)
+    start = time.perf_counter()
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.fstat(fd)
+        pickle.loads(os.read(fd, 1 << 16))[0]()
+        os.unlink(path)
+        os.close(fd)
+    elapsed = time.perf_counter() - start
+    os.rmdir(directory)
+    return elapsed
+
+
+# ------------------------------------------------------------------ rmtree
+
+def _make_tree(top: str, files: int) -> None:
+    per_dir = 200
+    os.mkdir(top)
+    for number in range(files):
+        if number % per_dir == 0:
+            folder = os.path.join(top, f"d{number // per_dir}")
+            os.mkdir(folder)
+        os.close(os.open(os.path.join(folder, f"f{number}"), os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def bench_rmtree(directory: str, settings: Settings) -> Row:
+    times: Dict[str, List[float]] = {"primitive": [], "floor": []}
+    for round_number in range(max(1, settings.rounds // 2)):
+        for name, remove in (("floor", shutil.rmtree), ("primitive", robust_rmtree)):
+            top = os.path.join(directory, f"tree-{name}-{round_number}")
+            _make_tree(top, settings.tree_files)
+            start = time.perf_counter()
+            remove(top)
+            times[name].append(time.perf_counter() - start)
+    value, floor = statistics.median(times["primitive"]), statistics.median(times["floor"])
+    ratio = value / floor
+    return Row(f"robust_rmtree, {settings.tree_files} files (vs shutil.rmtree)", value * 1e3, floor * 1e3,
+               "ms", ratio, "<= 1.3x", ratio <= 1.3)
+
+
+# ------------------------------------------------------------------ import
+
+_HEAVY = ("json", "zipfile", "urllib", "socketserver", "hmac", "pickle", "subprocess", "tempfile")
+_IMPORT_PROBE = (
+    "import sys, time; start = time.perf_counter(); import {package}; "
+    "print(time.perf_counter() - start, ','.join(m for m in {heavy!r} if m in sys.modules))"
+)
+
+
+def bench_import(settings: Settings) -> Row:
+    """Time ``import toilcoord`` in fresh interpreters started without site
+    (whose .pth hooks import all sorts), and list the heavy modules it pulls
+    in (of json, zipfile, urllib, socketserver, hmac, pickle, subprocess,
+    tempfile)."""
+    package = __name__.rpartition(".")[0]
+    env = dict(os.environ, PYTHONPATH=_package_root())
+    code = _IMPORT_PROBE.format(package=package, heavy=_HEAVY)
+    samples, pulled = [], ""
+    for _ in range(settings.rounds):
+        out = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True, text=True, check=True)
+        seconds, pulled = out.stdout.split(" ") if " " in out.stdout else (out.stdout, "")
+        samples.append(float(seconds))
+    pulled = pulled.strip()
+    name = f"import {package} (heavy modules: {pulled or 'none'})"
+    return Row(name, statistics.median(samples) * 1e3, None, "ms", None, "no heavy modules", not pulled)
+
+
+# ------------------------------------------------------------------ rtlog
+
+def bench_rtlog(procs: int, settings: Settings) -> List[Row]:
+    burst = rtlog_burst(procs=procs, records=settings.burst_records)
+    return [
+        Row(f"rtlog burst, {procs} x {settings.burst_records} records delivered", burst["fraction"] * 100, None,
+            "%", None, ">= 99%", burst["fraction"] >= 0.99),
+        Row("rtlog receive rate", burst["receive_rate"], burst["send_rate"], "rec/s",
+            burst["receive_rate"] / burst["send_rate"], "", None),
+    ]
+
+
+# ------------------------------------------------------------------- table
+
+def measure(directory: str, procs: int, quick: bool, progress: Callable[[str], None]) -> List[Row]:
+    """Run every benchmark in *directory* and return the rows."""
+    settings = QUICK if quick else FULL
+    steps: List[Any] = [
+        ("mutex", lambda: [bench_mutex(directory, settings)]),
+        ("contended mutex", lambda: [bench_contended(directory, procs, settings)]),
+        ("arena", lambda: [bench_arena(directory, settings)]),
+        ("defer", lambda: [bench_defer(directory, settings)]),
+        ("orphan scan", lambda: [bench_orphans(directory, settings)]),
+        ("process names", lambda: [bench_process_name(directory, settings)]),
+        ("rtlog burst", lambda: bench_rtlog(procs, settings)),
+        ("robust_rmtree", lambda: [bench_rmtree(directory, settings)]),
+        ("import", lambda: [bench_import(settings)]),
+    ]
+    rows: List[Row] = []
+    for number, (label, step) in enumerate(steps, 1):
+        progress(f"[{number}/{len(steps)}] {label} ...")
+        rows.extend(step())
+    return rows
+
+
+def format_table(rows: List[Row]) -> str:
+    header = ("benchmark", "median", "floor", "ratio", "target", "")
+    lines = [header]
+    for row in rows:
+        floor = "" if row.floor is None else _number(row.floor, row.unit)
+        ratio = "" if row.ratio is None else f"{row.ratio:.2f}x"
+        verdict = "" if row.ok is None else ("ok" if row.ok else "MISSED")
+        lines.append((row.name, _number(row.value, row.unit), floor, ratio, row.target, verdict))
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) if column in (0, 4) else cell.rjust(width)
+                  for column, (cell, width) in enumerate(zip(line, widths))).rstrip()
+        for line in lines)
+
+
+def _number(value: float, unit: str) -> str:
+    if unit in ("acq/s", "rec/s"):
+        return f"{value:,.0f} {unit}"
+    return f"{value:.1f} {unit}" if value >= 10 else f"{value:.2f} {unit}"
+
+
+def run_bench(directory: Optional[str], procs: int, quick: bool, as_json: bool) -> int:
+    """The ``bench`` subcommand: 0 if every target is met, 1 otherwise."""
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="toilcoord-bench-", dir=directory) as workdir:
+        rows = measure(workdir, procs, quick, progress)
+    if as_json:
+        import json
+        print(json.dumps({"python": sys.version.split()[0], "cpus": os.cpu_count(), "quick": quick,
+                          "rows": [row._asdict() for row in rows]}, indent=2))
+    else:
+        print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {procs} processes"
+              + (", quick" if quick else ""))
+        print(format_table(rows))
+    return 0 if all(row.ok is not False for row in rows) else 1
+
 
 # A worker: configure, report ready, wait for "go" on stdin, then log as fast
 # as it can and print its send time and the records it saw dropped.
