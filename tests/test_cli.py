@@ -88,14 +88,18 @@ def test_unwritable_dir_is_one_line_and_exit_2(tmp_path):
     assert done.stderr.count("\n") == 1 and "not writable" in done.stderr
 
 
-# Takes a name and enters an arena, says so, and lives until stdin closes.
+# Takes a name, enters an arena, defers making a directory "ran-<pid>", says
+# so, and lives until stdin closes.
 LIVE_USER = """
-import sys
-from toilcoord import LastProcessStandingArena, get_process_name
+import os, sys
+from toilcoord import DeferredFunctionManager, LastProcessStandingArena, get_process_name
 get_process_name(sys.argv[1])
 LastProcessStandingArena(sys.argv[1], "work").enter()
-print("in", flush=True)
-sys.stdin.read()
+with DeferredFunctionManager(sys.argv[1]) as manager:
+    with manager.open() as defer:
+        defer(os.mkdir, os.path.join(sys.argv[1], "ran-%d" % os.getpid()))
+        print("in", flush=True)
+        sys.stdin.read()
 """
 
 
@@ -119,9 +123,13 @@ def test_cleanup_removes_the_dead_and_leaves_the_living(tmp_path, children):
     assert len([name for name in after if name.startswith("toil-proc-")]) == 1
     assert "gone-arena-members" not in after, "a dead arena is removed"
     assert len(os.listdir(tmp_path / "work-arena-members")) == 1, "the live member is untouched"
+    assert (tmp_path / f"ran-{dead.pid}").is_dir() and (tmp_path / f"ran-{gone.pid}").is_dir()
+    assert not (tmp_path / f"ran-{live.pid}").exists(), "a live process's deferred function is not run"
+    assert len(os.listdir(tmp_path / "deferred")) == 1
 
     live.stdin.close()
     assert live.wait() == 0
+    assert (tmp_path / f"ran-{live.pid}").is_dir()
     arena = LastProcessStandingArena(tmp_path, "work")
     arena.enter()
     assert list(arena.leave()) == [True]

@@ -36,6 +36,7 @@ from .procnames import (
     process_name_exists,
 )
 from .arena import LastProcessStandingArena
+from .deferred import DeferredFunction, DeferredFunctionManager
 from .modules import (
     DirectoryResource,
     FileResource,
@@ -50,6 +51,8 @@ from .rtlog import RealtimeLogger
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeferredFunction",
+    "DeferredFunctionManager",
     "DirectoryResource",
     "FileResource",
     "LocalJobStore",

@@ -123,9 +123,15 @@ def cleanup_directory(directory: str) -> Iterator[str]:
     arena's own mutex.
     """
     from .arena import MEMBERS_SUFFIX, reap_dead_members
+    from .deferred import DeferredFunctionManager
     from .locks import global_mutex
     from .procnames import reap_dead_process_names
 
+    state = os.path.join(directory, DeferredFunctionManager.STATE_DIR_STEM)
+    if os.path.isdir(state):
+        DeferredFunctionManager.cleanupWorker(directory)
+        left = os.listdir(state) if os.path.isdir(state) else []
+        yield f"deferred functions: ran those of dead processes; {len(left)} live state files left"
     removed = reap_dead_process_names(directory)
     yield f"process names: removed {len(removed)} of dead processes"
     for entry in sorted(os.listdir(directory)):

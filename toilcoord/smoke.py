@@ -338,3 +338,43 @@ def check_realtime_log(directory: str) -> str:
     if [record.levelname for record in seen] != ["INFO"] or f"from pid {worker.pid}" not in seen[0].getMessage():
         raise AssertionError(f"unexpected records at the leader: {[r.getMessage() for r in seen]}")
     return "a worker's INFO record arrived at the leader; its DEBUG did not"
+
+
+def _append(path: str, text: str) -> None:
+    with open(path, "a") as journal:
+        journal.write(text)
+
+
+def _defer_and_hang(child: Forked, directory: str, journal: str) -> None:
+    from .deferred import DeferredFunctionManager
+
+    with DeferredFunctionManager(directory).open() as defer:
+        defer(_append, journal, "a")
+        defer(_append, journal, "b")
+        child.tell()
+        _pause(child)
+
+
+@check("deferred functions of a SIGKILLed process")
+def check_deferred(directory: str) -> str:
+    from .deferred import DeferredFunctionManager
+
+    journal = os.path.join(directory, "journal")
+    state = os.path.join(directory, "state")
+    os.mkdir(state)
+    owner = Forked(_defer_and_hang, state, journal)
+    owner.hear()
+    owner.kill()
+    owner.wait()
+    if os.path.exists(journal):
+        raise AssertionError("the killed owner's functions ran before anyone recovered them")
+    for _ in range(2):  # the second pass must find nothing left to run
+        with DeferredFunctionManager(state) as manager:
+            with manager.open():
+                pass
+    with open(journal) as ran:
+        if ran.read() != "ab":
+            raise AssertionError("the killed owner's functions did not run exactly once, in order")
+    DeferredFunctionManager.cleanupWorker(state)
+    _assert_empty(state)
+    return "both ran exactly once, in order, in another process; nothing left"
