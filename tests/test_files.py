@@ -190,18 +190,23 @@ def test_undecodable_names(tmp_path) -> None:
 
 def test_deeper_than_the_recursion_limit_with_few_descriptors(tmp_path) -> None:
     top = str(tmp_path / "deep")
-    make_chain(top, 2000)
-    result = run_python("""
-        import os, resource, sys
-        from toilcoord.files import robust_rmtree
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))  # far fewer than 2000 levels
-        sys.setrecursionlimit(100)
-        robust_rmtree(sys.argv[1])
-        print("removed")
-    """, top)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "removed\n" and gone(top)
+    try:
+        make_chain(top, 2000)
+        result = run_python("""
+            import os, resource, sys
+            from toilcoord.files import robust_rmtree
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))  # far fewer than 2000 levels
+            sys.setrecursionlimit(100)
+            robust_rmtree(sys.argv[1])
+            print("removed")
+        """, top)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "removed\n" and gone(top)
+    finally:
+        # Left behind, it would break pytest's own (recursive) cleanup of old
+        # temporary directories in later sessions.
+        robust_rmtree(top)
 
 
 def test_deep_trees_leak_no_descriptors(tmp_path) -> None:
