@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -54,6 +55,44 @@ def test_other_processes_get_other_names_and_are_seen_alive_then_dead(tmp_path, 
     assert not process_name_exists(tmp_path, first_name)
     assert not (tmp_path / first_name).exists(), "a dead process's file is removed"
     assert process_name_exists(tmp_path, second_name)
+
+
+def test_a_dead_name_reads_dead_while_another_prober_is_probing_it(tmp_path, children):
+    # Regression (found by the torture): a probe that locked the file
+    # exclusively made every concurrent probe of the same dead name see a
+    # held lock, and report its owner alive.
+    holder, name = start_holder(children, tmp_path)
+    holder.kill()
+    holder.wait()
+    other_prober = os.open(tmp_path / name, os.O_RDONLY)
+    try:
+        fcntl.flock(other_prober, fcntl.LOCK_SH | fcntl.LOCK_NB)  # as every probe now locks it
+        assert not process_name_exists(tmp_path, name)
+    finally:
+        os.close(other_prober)
+    assert not (tmp_path / name).exists()
+
+
+def test_many_processes_probing_the_same_dead_names_all_see_them_dead(tmp_path, children):
+    holders = [start_holder(children, tmp_path) for _ in range(6)]
+    for holder, _ in holders:
+        holder.kill()
+        holder.wait()
+    names = [name for _, name in holders]
+    go_read, go_write = os.pipe()
+    probers = []
+    for _ in range(4):
+        pid = os.fork()
+        if pid == 0:  # probe every dead name at the same moment as the others
+            os.close(go_write)
+            os.read(go_read, 1)
+            os._exit(sum(process_name_exists(tmp_path, name) for name in names))
+        probers.append(pid)
+    os.close(go_read)
+    os.close(go_write)  # EOF: every prober starts now
+    alive_reports = [os.WEXITSTATUS(os.waitpid(pid, 0)[1]) for pid in probers]
+    assert alive_reports == [0] * 4
+    assert not [name for name in os.listdir(tmp_path) if name in names]
 
 
 def test_clean_exit_removes_the_name_file(tmp_path):
