@@ -37,7 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", dest="sub_json", action="store_true", help="print the table as JSON")
     cleanup = commands.add_parser("cleanup", help="run dead processes' deferred functions and remove their leftovers")
     cleanup.add_argument("--dir", dest="sub_dir", required=True, help="the coordination directory to clean")
-    for sub in (bench, cleanup):
+    torture = commands.add_parser("torture", help="every primitive at once under random SIGKILLs, then check every guarantee")
+    torture.add_argument("--seconds", type=float, default=60.0, help="how long to torture (default 60)")
+    torture.add_argument("--procs", type=int, default=4, help="worker processes, at least 2 (default 4)")
+    torture.add_argument("--dir", dest="sub_dir", help="torture in this directory (default: a temporary one)")
+    torture.add_argument("--seed", help="seed of every random choice (default: a random one, printed)")
+    for sub in (bench, cleanup, torture):
         sub.error = parser.error  # type: ignore[method-assign]
     return parser
 
@@ -64,6 +69,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_bench(directory, args.procs, args.quick, as_json)
         if args.command == "cleanup":
             return _cleanup(directory)
+        if args.command == "torture":
+            if args.procs < 2 or not args.seconds > 0:
+                raise UsageError(f"torture needs --procs of at least 2 and --seconds above 0, not {args.procs} and {args.seconds}")
+            from .torture import main as torture
+            return torture(directory, args.seconds, args.procs, args.seed)
         return _smoke(directory, as_json)
     except UsageError as error:
         print(f"python -m toilcoord: error: {error}", file=sys.stderr)
