@@ -43,6 +43,7 @@ MUTEX_FILE = "toil-mutex-m"
 # Holds mutex argv[2] in directory argv[1], says "held", and releases it when
 # its stdin closes.
 HOLD = """
+import sys
 from toilcoord.locks import global_mutex
 with global_mutex(sys.argv[1], sys.argv[2]):
     print("held", flush=True)
@@ -683,6 +684,7 @@ def test_locked_file_is_raises_real_errors(tmp_path):
 
 # Creates a HeldFile in argv[1], prints its path, lives until stdin closes.
 HOLD_FILE = """
+import sys
 from toilcoord.locks import HeldFile
 held = HeldFile.create(sys.argv[1], prefix="p-", suffix=".lock")
 print(held.path, flush=True)
