@@ -304,10 +304,16 @@ def check_module_round_trip(directory: str) -> str:
     return "saved through LocalJobStore, downloaded and imported by a fresh interpreter"
 
 
-def _log_to_leader(child: Forked, message: str) -> None:
-    from .rtlog import RealtimeLogger
-    RealtimeLogger.info("%s from pid %d", message, os.getpid())
-    RealtimeLogger.getLogger().debug("below the leader's level: never sent")
+# A worker in a fresh interpreter (forking would copy the leader's threads):
+# it finds the leader through the environment the leader exported.
+_LOG_WORKER = """
+import importlib, os, sys
+sys.path.insert(0, sys.argv[1])
+rtlog = importlib.import_module(sys.argv[2] + ".rtlog")
+rtlog.RealtimeLogger.info("smoke record from pid %d", os.getpid())
+rtlog.RealtimeLogger.getLogger().debug("below the leader's level: never sent")
+print(os.getpid())
+"""
 
 
 @check("real-time log round trip over loopback")
@@ -328,14 +334,16 @@ def check_realtime_log(directory: str) -> str:
     receiver.addHandler(catch)
     try:
         with RealtimeLogger(level="INFO", host="127.0.0.1"):
-            worker = Forked(_log_to_leader, "smoke " + os.path.basename(directory))
-            if worker.wait() != 0:
-                raise AssertionError("the worker failed to log")
+            root, package = _import_root()
+            worker = subprocess.run([sys.executable, "-c", _LOG_WORKER, root, package], stdin=subprocess.DEVNULL,
+                                    capture_output=True, text=True, timeout=60)
+            if worker.returncode != 0:
+                raise AssertionError(f"the worker failed to log: {worker.stderr.strip()[-300:]}")
             if not arrived.wait(10):
                 raise AssertionError("no record reached the leader within 10 s")
     finally:
         receiver.removeHandler(catch)
-    if [record.levelname for record in seen] != ["INFO"] or f"from pid {worker.pid}" not in seen[0].getMessage():
+    if [record.levelname for record in seen] != ["INFO"] or f"from pid {worker.stdout.strip()}" not in seen[0].getMessage():
         raise AssertionError(f"unexpected records at the leader: {[r.getMessage() for r in seen]}")
     return "a worker's INFO record arrived at the leader; its DEBUG did not"
 
