@@ -481,6 +481,36 @@ def test_malformed_datagrams_are_counted_and_the_server_keeps_serving(received, 
     assert stats["received"] == 1 and received.messages() == ["still serving"]
 
 
+def test_hostile_arguments_and_times_neither_stop_the_server_nor_break_formatters(received):
+    # Regression (found by the torture's fuzzer): "%c" of a huge number or
+    # "%d" of Infinity raised OverflowError out of the receiver, which then
+    # stopped serving; "%0999999999d" made the leader build a gigabyte; and a
+    # "created" of Infinity or 1e300 reached the handlers, where every
+    # Formatter raised.
+    hostile_args = [("%c", [10 ** 10]), ("%d", [float("inf")]), ("%.*f", [10 ** 10, 1.0]),
+                    ("%0999999999d", [1]), ("%-99999999s|", ["x"])]
+    bad_times = [{"created": float("inf")}, {"created": 1e300}, {"created": float("nan")},
+                 {"msecs": float("-inf")}, {"relativeCreated": float("nan")}]
+    formatter = logging.Formatter("%(asctime)s %(msecs)03d %(relativeCreated)d %(levelname)s %(message)s")
+    with RealtimeLogger(host="127.0.0.1"):
+        server = leader_server()
+        sender = raw_sender(server, "udp")
+        try:
+            for message, args in hostile_args:
+                sender.send(json.dumps({"name": "w", "levelno": 20, "msg": message, "args": args}).encode())
+            for times in bad_times:
+                sender.send(json.dumps(dict({"name": "w", "levelno": 20, "msg": "bad time"}, **times)).encode())
+            sender.send(toil_datagram("still serving"))
+        finally:
+            sender.close()
+        received.wait_for("still serving")
+        stats = server.statistics()
+    assert stats["malformed"] == len(bad_times)
+    assert received.messages()[:-1] == ["%s %r" % (message, tuple(args)) for message, args in hostile_args]
+    for record in received.records:
+        formatter.format(record)
+
+
 def test_a_failing_handler_does_not_stop_the_server(received, capfd):
     calls = []
 

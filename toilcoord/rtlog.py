@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import sys
 import threading
 from collections import deque
@@ -78,6 +79,10 @@ _FIELD_TYPES: Dict[str, Any] = {
     "exc_text": _OPTIONAL_STR, "stack_info": _OPTIONAL_STR, "taskName": _OPTIONAL_STR,
     _SEQ: int, _SENDER: str,
 }
+# Times that formatters turn into dates or integers: JSON's NaN and
+# Infinity, and dates past the year 5000, make every logging.Formatter raise
+# (time.localtime overflows), so records carrying them are malformed.
+_TIME_LIMITS = {"created": 1e11, "msecs": 1e15, "relativeCreated": 1e15}
 # Keys that would shadow LogRecord methods (getMessage...) if accepted.
 _SHADOWING = frozenset(name for name in dir(logging.LogRecord) if not name.startswith("__")) | {
     "__class__", "__dict__", "__init__", "__repr__", "__getattr__", "__getattribute__",
@@ -590,6 +595,10 @@ class RealtimeLogServer:
                 return None
         if "levelno" not in fields or "name" not in fields:
             return None
+        for key, limit in _TIME_LIMITS.items():
+            value = fields.get(key)
+            if value is not None and not -limit < value < limit:  # False for NaN too
+                return None
         fields.pop(_MAC, None)
         record = logging.LogRecord.__new__(logging.LogRecord)
         attributes = record.__dict__
@@ -669,13 +678,24 @@ class RealtimeLogServer:
         return line
 
 
+# A conversion whose width or precision is "*" (taken from the arguments)
+# or 10000 and more: "%0999999999d" would make the leader build a gigabyte.
+_HUGE_CONVERSION = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(?:\*|\d{5}|\d{0,4}\.(?:\*|\d{5}))")
+
+
 def _apply_args(msg: Any, args: Any) -> str:
+    """``msg % args`` for a received record; what cannot be applied safely
+    (bad or hostile formats, "%c" of a huge number, "%d" of Infinity) gives
+    the message and the arguments side by side instead."""
     if type(args) is list:
         args = tuple(args)
-    try:
-        return str(msg) % args
-    except (TypeError, ValueError, KeyError):
-        return "%s %r" % (msg, args)
+    text = str(msg)
+    if _HUGE_CONVERSION.search(text) is None:
+        try:
+            return text % args
+        except (TypeError, ValueError, KeyError, OverflowError):
+            pass
+    return "%s %r" % (text, args)
 
 
 # ------------------------------------------------------- address to advertise
