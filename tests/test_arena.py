@@ -181,6 +181,19 @@ def test_bad_arena_names_touch_nothing(tmp_path, bad):
     assert os.listdir(tmp_path) == []
 
 
+def test_arena_names_are_refused_at_construction_when_their_mutex_name_would_be_too_long(tmp_path):
+    # Regression (found by the torture's name fuzzer): a 190-200 byte name
+    # was accepted, then enter() failed on the name of the arena's mutex.
+    longest = "a" * (200 - len("-arena-lock"))
+    arena = LastProcessStandingArena(tmp_path, longest)
+    arena.enter()
+    assert list(arena.leave()) == [True]
+    for name in (longest + "b", "é" * 95):
+        with pytest.raises(ValueError, match="arena name plus the suffix '-arena-lock'"):
+            LastProcessStandingArena(tmp_path, name)
+    assert os.listdir(tmp_path) == []
+
+
 def test_missing_base_dir(tmp_path):
     arena = LastProcessStandingArena(tmp_path / "missing", "a")
     with pytest.raises(FileNotFoundError, match="missing"):

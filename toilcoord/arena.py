@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 
 #: An arena *name* keeps its members in ``base_dir/<name><MEMBERS_SUFFIX>``.
 MEMBERS_SUFFIX = "-arena-members"
+_LOCK_SUFFIX = "-arena-lock"
 
 
 class LastProcessStandingArena:
@@ -40,9 +41,11 @@ class LastProcessStandingArena:
 
     def __init__(self, base_dir: PathArg, name: str) -> None:
         check_name(name, "arena name")
+        # The arena's mutex has a longer name: refuse here, not in enter().
+        check_name(name + _LOCK_SUFFIX, f"arena name plus the suffix {_LOCK_SUFFIX!r} of its mutex")
         self.base_dir = os.fspath(base_dir)
         self.name = name
-        self.mutex = name + "-arena-lock"
+        self.mutex = name + _LOCK_SUFFIX
         self.lockfileDir = os.path.join(self.base_dir, name + MEMBERS_SUFFIX)
         self._member: Optional[HeldFile] = None
 
