@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from toilcoord import LastProcessStandingArena, locks
+from toilcoord import LastProcessStandingArena, LockTimeout, global_mutex, locks
 from toilcoord.cli import main
 
 from conftest import ROOT, child_env
@@ -133,3 +133,35 @@ def test_cleanup_removes_the_dead_and_leaves_the_living(tmp_path, children):
     arena = LastProcessStandingArena(tmp_path, "work")
     arena.enter()
     assert list(arena.leave()) == [True]
+
+
+HOLD_MUTEX = """
+import sys
+from toilcoord import global_mutex
+with global_mutex(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_cleanup_removes_the_lock_file_of_a_killed_mutex_holder_and_spares_a_held_one(tmp_path, children):
+    # Regression (found by the torture): a SIGKILLed holder's lock file
+    # stayed until someone took that mutex again, so cleanup left the
+    # directory dirty.
+    killed = children.python(HOLD_MUTEX, str(tmp_path), "killed", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    held = children.python(HOLD_MUTEX, str(tmp_path), "held", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    for child in (killed, held):
+        assert child.stdout.readline().strip() == b"held"
+    killed.kill()
+    killed.wait()
+    done = toilcoord("cleanup", "--dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "mutexes: removed 1 lock files left by dead holders" in done.stdout
+    assert os.listdir(tmp_path) == ["toil-mutex-held"]
+    with pytest.raises(LockTimeout):
+        with global_mutex(tmp_path, "held", timeout=0.1):
+            pass
+    held.stdin.close()
+    assert held.wait() == 0
+    assert os.listdir(tmp_path) == []
+

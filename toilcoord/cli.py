@@ -130,7 +130,7 @@ def cleanup_directory(directory: str) -> Iterator[str]:
 
     Never touches a live process's files: every removal is of a file whose
     lock could be taken, and arena directories are removed under the
-    arena's own mutex.
+    arena's own mutex. Lock files of mutexes whose holder was killed go too.
     """
     from .arena import MEMBERS_SUFFIX, reap_dead_members
     from .deferred import DeferredFunctionManager
@@ -153,3 +153,26 @@ def cleanup_directory(directory: str) -> Iterator[str]:
             if not live:
                 os.rmdir(os.path.join(directory, entry))
         yield f"arena {arena}: {live} live members" + ("" if live else "; directory removed")
+    stale = [entry.name for entry in sorted(os.scandir(directory), key=lambda entry: entry.name)
+             if entry.name.startswith(_MUTEX_FILE_PREFIX) and entry.is_file(follow_symlinks=False)
+             and _remove_unless_held(entry.path)]
+    yield f"mutexes: removed {len(stale)} lock files left by dead holders"
+
+
+# global_mutex(base_dir, name) locks base_dir/toil-mutex-<name> (the contract).
+_MUTEX_FILE_PREFIX = "toil-mutex-"
+
+
+def _remove_unless_held(path: str) -> bool:
+    """Remove a mutex's lock file that nobody holds (its holder was killed);
+    a process waiting on it finds it unlinked and makes a new one."""
+    from .locks import discard_taken, take_over
+
+    try:
+        fd = take_over(path)
+    except FileNotFoundError:
+        return False
+    if fd is None:
+        return False  # held by a live process
+    discard_taken(fd, path)
+    return True
