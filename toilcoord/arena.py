@@ -76,12 +76,16 @@ class LastProcessStandingArena:
     def _leave(self, member: HeldFile) -> Iterator[bool]:
         with global_mutex(self.base_dir, self.mutex):
             member.release()
-            if reap_dead_members(self.lockfileDir):
+            # Alone, the members folder is now empty and one rmdir both
+            # proves it and removes it; only otherwise is a scan needed.
+            removed = _rmdir_if_empty(self.lockfileDir)
+            if not removed and reap_dead_members(self.lockfileDir):
                 return
             try:
                 yield True
             finally:  # also when the cleanup raises or the loop breaks
-                _remove_empty_dir(self.lockfileDir)
+                if not removed:
+                    _remove_empty_dir(self.lockfileDir)
 
 
 def reap_dead_members(directory: PathArg) -> int:
@@ -105,6 +109,19 @@ def reap_dead_members(directory: PathArg) -> int:
             else:
                 discard_taken(fd, entry.path)
     return live
+
+
+def _rmdir_if_empty(path: str) -> bool:
+    """Remove the folder if it is empty (or already gone); False if not."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        return False
+    return True
 
 
 def _remove_empty_dir(path: str) -> None:
