@@ -26,7 +26,6 @@ from .locks import (
     safe_lock,
     safe_unlock_and_close,
 )
-
 from .procnames import (
     collect_process_name_garbage,
     current_process_name_for,
@@ -37,6 +36,7 @@ from .procnames import (
 )
 from .arena import LastProcessStandingArena
 from .deferred import DeferredFunction, DeferredFunctionManager
+from .rtlog import RealtimeLogger
 from .modules import (
     DirectoryResource,
     FileResource,
@@ -46,28 +46,13 @@ from .modules import (
     ResourceException,
     VirtualEnvResource,
 )
-from .rtlog import RealtimeLogger
+from .threads import ExceptionalThread, cgroup_cpu_limit, cpu_count
+from .files import robust_rmtree
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DeferredFunction",
-    "DeferredFunctionManager",
-    "DirectoryResource",
-    "FileResource",
-    "LocalJobStore",
-    "ModuleDescriptor",
-    "RealtimeLogger",
-    "Resource",
-    "ResourceException",
-    "VirtualEnvResource",
-    "LastProcessStandingArena",
-    "collect_process_name_garbage",
-    "current_process_name_for",
-    "current_process_name_lock",
-    "destroy_all_process_names",
-    "get_process_name",
-    "process_name_exists",
+    # locks
     "FilesystemInfo",
     "LockTimeout",
     "UnsafeFilesystemError",
@@ -77,4 +62,31 @@ __all__ = [
     "locked_file_is",
     "safe_lock",
     "safe_unlock_and_close",
+    # procnames
+    "collect_process_name_garbage",
+    "current_process_name_for",
+    "current_process_name_lock",
+    "destroy_all_process_names",
+    "get_process_name",
+    "process_name_exists",
+    # arena
+    "LastProcessStandingArena",
+    # deferred
+    "DeferredFunction",
+    "DeferredFunctionManager",
+    # rtlog
+    "RealtimeLogger",
+    # modules
+    "DirectoryResource",
+    "FileResource",
+    "LocalJobStore",
+    "ModuleDescriptor",
+    "Resource",
+    "ResourceException",
+    "VirtualEnvResource",
+    # threads and files
+    "ExceptionalThread",
+    "cgroup_cpu_limit",
+    "cpu_count",
+    "robust_rmtree",
 ]

@@ -386,3 +386,16 @@ def check_deferred(directory: str) -> str:
     DeferredFunctionManager.cleanupWorker(state)
     _assert_empty(state)
     return "both ran exactly once, in order, in another process; nothing left"
+
+
+@check("cpu_count")
+def check_cpu_count(directory: str) -> str:
+    from .threads import cpu_count, cpu_count_sources
+
+    sources = cpu_count_sources()
+    if cpu_count() != sources.count or sources.count < 1:
+        raise AssertionError(f"cpu_count() gave {cpu_count()}, its sources say {sources}")
+    cgroup = "unlimited" if sources.cgroup is None else f"{sources.cgroup:g}"
+    env = "" if sources.env is None else f", PYTHON_CPU_COUNT {sources.env}"
+    return (f"{sources.count} (decided by {sources.decided_by}: machine {sources.machine}, "
+            f"affinity {sources.affinity}, cgroup quota {cgroup}{env})")
