@@ -58,6 +58,8 @@ What is checked, and why each check is sound:
   another process while the owner was certified alive is a violation too.
 * Process names: a poll that said "dead" while the name's owner was
   certified alive, or "alive" after the owner was reaped, is a violation.
+  (A poller writes "polling" before its probes, since a poll's own record
+  comes after the probe: the owner may be killed in between.)
 * Progress: the supervisor sees one byte per finished iteration from every
   worker; a worker silent for longer than the bound gets its stack dumped
   (SIGUSR1, faulthandler) and is killed, and the run fails.
@@ -75,7 +77,7 @@ import select
 import signal
 import sys
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from .arena import LastProcessStandingArena
 from .deferred import DeferredFunction, DeferredFunctionManager
@@ -289,10 +291,12 @@ def _potato_left_by_the_dead(layout: _Layout) -> bool:
     return True
 
 
-def _clean_arena(layout: _Layout) -> None:
+def _clean_arena(layout: _Layout, pause: float) -> None:
     """The last member's cleanup: no member may be inside; remove every
-    marker."""
+    marker. It takes *pause* seconds more, so that kills land in it too."""
     _record("arena-clean-begin")
+    if pause:
+        time.sleep(pause)
     removed = died_inside = 0
     for name in sorted(os.listdir(layout.markers)):
         path = os.path.join(layout.markers, name)
@@ -312,7 +316,7 @@ def _clean_arena(layout: _Layout) -> None:
 
 
 def _take_part_in_arena(layout: _Layout, arena: LastProcessStandingArena, identity: str, marker: str,
-                        inside: Callable[[], None]) -> bool:
+                        inside: Callable[[], None], pause: float = 0) -> bool:
     """Enter, leave a marker, run *inside*, leave; True if elected last."""
     _set_phase(_ARENA_ENTER)
     arena.enter()
@@ -332,7 +336,7 @@ def _take_part_in_arena(layout: _Layout, arena: LastProcessStandingArena, identi
     for _ in arena.leave():
         elected = True
         _set_phase(_ARENA_CLEAN)
-        _clean_arena(layout)
+        _clean_arena(layout, pause)
         _set_phase(_ARENA_LEAVE)
     return elected
 
@@ -399,7 +403,8 @@ class _Worker:
 
     def _arena(self) -> None:
         _take_part_in_arena(self.layout, self.arena, self.identity, self._next("a"),
-                            lambda: self._maybe(self._mutex, self._names, self._deferred))
+                            lambda: self._maybe(self._mutex, self._names, self._deferred),
+                            self.rng.choice((0, 0, 0.002)))
         _set_phase(_IDLE)
 
     def _deferred(self) -> None:
@@ -428,6 +433,7 @@ class _Worker:
             _record("violation names-own-dead our own name %s read as dead" % name)
         others = [entry for entry in os.listdir(self.layout.coord)
                   if entry.startswith(NAME_PREFIX) and entry != name]
+        _record("polling")  # before the probes: a poll's own record comes after its probe
         for other in self.rng.sample(others, min(3, len(others))):
             _record("poll %s %d" % (other, process_name_exists(self.layout.coord, other)))
         _set_phase(_IDLE)
@@ -597,9 +603,10 @@ class _Supervisor:
         self._kill(slot, respawn, reason="stalled")
 
     def _kill(self, slot: _Slot, respawn: bool, reason: str = "random") -> None:
-        # Stop it first, so the phase it is in is the one the kill lands in.
-        os.kill(slot.pid, signal.SIGSTOP)
-        os.waitpid(slot.pid, os.WUNTRACED)
+        # Not stopped first: SIGSTOP waits for the end of a system call, and
+        # a real SIGKILL may cut one short (a write between two pages). So the
+        # phase is read a moment before the kill lands. Only this process
+        # reaps, so the pid is the worker's even if it has just exited.
         phase = self.phases[slot.index]
         os.kill(slot.pid, signal.SIGKILL)
         self._reap(slot)
@@ -649,29 +656,46 @@ class _Event(NamedTuple):
     args: Tuple[str, ...]
 
 
+# Records only counted, not kept (they are most of a long run's journal).
+_COUNTED_ONLY = frozenset(("mutex", "spawned", "start", "stopped"))
+
+
 class _Journal:
     """The parsed journal, with the facts every check uses."""
 
     def __init__(self, data: bytes) -> None:
-        self.events: List[_Event] = []
-        self.torn = 0
+        self.by_kind: Dict[str, List[_Event]] = {}
+        self.writers: Dict[str, Set[str]] = {}  # kind -> who wrote such records
+        self.last: Dict[str, int] = {}  # writer -> position of its last record
+        torn: List[str] = []
         pieces = data.split(b"@")
-        self.torn += bool(pieces[0])
+        if pieces[0]:
+            torn.append("?")
+        pos = 0
         for piece in pieces[1:]:
             fields = piece[:-1].decode("utf-8", "replace").split(" ")
             if not piece.endswith(b"\n") or b"\n" in piece[:-1] or len(fields) < 2:
-                self.torn += 1
+                torn.append(fields[0])
                 continue
-            self.events.append(_Event(len(self.events), fields[0], fields[1], tuple(fields[2:])))
-        self.last: Dict[str, int] = {}
-        self.killed: Dict[str, int] = {}
-        for event in self.events:
-            self.last[event.writer] = event.pos
-            if event.writer == "sup" and event.kind == "killed":
-                self.killed[event.args[0]] = event.pos
+            writer, kind = sys.intern(fields[0]), sys.intern(fields[1])
+            self.last[writer] = pos
+            self.writers.setdefault(kind, set()).add(writer)
+            if kind in _COUNTED_ONLY:
+                self.by_kind.setdefault(kind, []).append(None)  # type: ignore[arg-type]
+            else:
+                self.by_kind.setdefault(kind, []).append(_Event(pos, writer, kind, tuple(fields[2:])))
+            pos += 1
+        self.killed = {event.args[0]: event.pos for event in self.of("killed") if event.writer == "sup"}
+        # A SIGKILL can cut a write short (between two pages of the file):
+        # only a torn record of a process that was killed is expected.
+        self.torn = sum(writer not in self.killed for writer in torn)
+        self.torn_by_killed = len(torn) - self.torn
 
     def of(self, kind: str) -> List[_Event]:
-        return [event for event in self.events if event.kind == kind]
+        return self.by_kind.get(kind, [])
+
+    def count(self, kind: str) -> int:
+        return len(self.by_kind.get(kind, ()))
 
     def violations(self, prefix: str) -> List[_Event]:
         return [event for event in self.of("violation") if event.args[0].startswith(prefix)]
@@ -690,7 +714,7 @@ def _first(events: Sequence[_Event]) -> str:
 
 
 def _check_mutex(journal: _Journal) -> Invariant:
-    holds = journal.of("mutex")
+    holds = journal.count("mutex")
     orphans = journal.of("potato-orphan")
     bad = journal.violations("mutex-") + [
         event for event in orphans
@@ -698,36 +722,52 @@ def _check_mutex(journal: _Journal) -> Invariant:
     return Invariant("mutex exclusion", not bad and bool(holds),
                      "%d holds by %d processes; %d overlaps; %d potatoes left by SIGKILLed holders, "
                      "each found only once its holder was dead%s"
-                     % (len(holds), len({e.writer for e in holds}), len(bad), len(orphans), _first(bad)))
+                     % (holds, len(journal.writers.get("mutex", ())), len(bad), len(orphans), _first(bad)))
 
 
-def _marker_spans(journal: _Journal) -> List[Tuple[int, Optional[int], str]]:
-    """(entered, left, marker) per arena membership: *left* is the position
-    of its "leaving" record, None if its member died inside."""
+def _arena_memberships(journal: _Journal) -> List[Tuple[int, int, str, bool]]:
+    """(entered, gone, marker, left) per arena membership: *gone* is the
+    position of its "leaving" record (*left* True), or, for a member that
+    died inside, of its owner's last record."""
     leaving = {event.args[0]: event.pos for event in journal.of("arena-leaving")}
-    return [(event.pos, leaving.get(event.args[0]), event.args[0]) for event in journal.of("arena-entered")]
+    return [(event.pos, leaving.get(event.args[0], journal.last[event.writer]), event.args[0],
+             event.args[0] in leaving) for event in journal.of("arena-entered")]
+
+
+def _members_inside(memberships: List[Tuple[int, int, str, bool]]) -> Callable[[int], List[str]]:
+    """A function giving the markers of the members inside at a position:
+    entered before it and gone after it."""
+    import bisect
+
+    starts = sorted(entered for entered, _, _, _ in memberships)
+    ends = sorted(gone for _, gone, _, _ in memberships)
+
+    def inside(pos: int) -> List[str]:
+        # gone >= entered, so every membership gone by *pos* entered before it.
+        if bisect.bisect_left(starts, pos) - bisect.bisect_right(ends, pos) <= 0:
+            return []
+        return [marker for entered, gone, marker, _ in memberships if entered < pos < gone]
+
+    return inside
 
 
 def _check_arena(journal: _Journal, final_elected: bool, markers_left: List[str]) -> Invariant:
-    spans = _marker_spans(journal)
-    begins = journal.of("arena-clean-begin")
-    ends = {(event.writer, event.pos) for event in journal.of("arena-clean-end")}
+    memberships = _arena_memberships(journal)
+    inside = _members_inside(memberships)
     bad = list(journal.violations("arena-"))
+    cleanups = _arena_cleanups(journal)
     entered_by: Dict[str, List[int]] = {}
-    for start, _, marker in spans:
-        entered_by.setdefault(_owner(marker), []).append(start)
+    for entered, _, marker, _ in memberships:
+        entered_by.setdefault(_owner(marker), []).append(entered)
     previous = -1
     interrupted = 0
-    for begin in begins:
-        # Inside at the cleanup: entered before it, and left after it (or,
-        # with no "leaving" record, wrote anything after it).
+    for begin, finished in cleanups:
         bad += [_Event(begin.pos, begin.writer, "violation", ("arena-member-inside", marker))
-                for start, left, marker in spans if start < begin.pos and (
-                    begin.pos < left if left is not None else journal.alive_after(_owner(marker), begin.pos))]
-        own = [start for start in entered_by.get(begin.writer, []) if start < begin.pos]
-        if not own or own[-1] < previous:
+                for marker in inside(begin.pos)]
+        own = [entered for entered in entered_by.get(begin.writer, []) if entered < begin.pos]
+        if not own or own[-1] < previous:  # the cleaner was inside at the previous cleanup
             bad.append(_Event(begin.pos, begin.writer, "violation", ("arena-generation-cleaned-twice",)))
-        if not any(writer == begin.writer and pos > begin.pos for writer, pos in ends):
+        if not finished:
             interrupted += 1
             if journal.alive_after(begin.writer, begin.pos):
                 bad.append(_Event(begin.pos, begin.writer, "violation", ("arena-cleanup-unfinished",)))
@@ -736,11 +776,27 @@ def _check_arena(journal: _Journal, final_elected: bool, markers_left: List[str]
         bad.append(_Event(-1, "final", "violation", ("arena-final-member-not-elected",)))
     if markers_left:
         bad.append(_Event(-1, "final", "violation", ("arena-markers-left", ",".join(markers_left[:5]))))
-    died_inside = sum(left is None for _, left, _ in spans)
-    return Invariant("arena last one out", not bad and bool(begins),
+    died_inside = sum(not left for _, _, _, left in memberships)
+    return Invariant("arena last one out", not bad and bool(cleanups),
                      "%d entries, %d cleanups (%d killed midway and redone by the next last member); "
                      "%d while a member was inside or twice per generation; %d members died inside%s"
-                     % (len(spans), len(begins), interrupted, len(bad), died_inside, _first(bad)))
+                     % (len(memberships), len(cleanups), interrupted, len(bad), died_inside, _first(bad)))
+
+
+def _arena_cleanups(journal: _Journal) -> List[Tuple[_Event, bool]]:
+    """Every cleanup's "begin" record, in order, and whether it finished
+    (its cleaner wrote "end" before it wrote anything else about the arena)."""
+    marks = sorted(journal.of("arena-clean-begin") + journal.of("arena-clean-end"))
+    cleanups: List[Tuple[_Event, bool]] = []
+    open_by: Dict[str, int] = {}  # cleaner -> index of its unfinished cleanup
+    for mark in marks:
+        if mark.kind == "arena-clean-begin":
+            open_by[mark.writer] = len(cleanups)
+            cleanups.append((mark, False))
+        elif mark.writer in open_by:
+            index = open_by.pop(mark.writer)
+            cleanups[index] = (cleanups[index][0], True)
+    return cleanups
 
 
 def _check_deferred(journal: _Journal) -> Invariant:
@@ -771,18 +827,24 @@ def _check_deferred(journal: _Journal) -> Invariant:
 
 
 def _check_names(journal: _Journal) -> Invariant:
+    """A probe happens between its poller's "polling" record and its own
+    "poll" record: "dead" is wrong if the owner wrote after the latter,
+    "alive" is wrong if the owner was reaped before the former."""
     owners = {event.args[0]: event.writer for event in journal.of("name")}
     polls = journal.of("poll")
     bad = list(journal.violations("names-"))
-    unknown = 0
-    for poll in polls:
+    started: Dict[str, int] = {}  # poller -> position of its latest "polling" record
+    for poll in sorted(journal.of("polling") + polls):
+        if poll.kind == "polling":
+            started[poll.writer] = poll.pos
+            continue
         name, alive = poll.args[0], poll.args[1] == "1"
         owner = owners.get(name)
         if owner is None:
-            unknown += 1  # its owner was killed before it could say its name
-        elif not alive and journal.alive_after(owner, poll.pos):
+            continue  # its owner was killed before it could say its name
+        if not alive and journal.alive_after(owner, poll.pos):
             bad.append(_Event(poll.pos, poll.writer, "violation", ("names-live-read-dead", name)))
-        elif alive and owner in journal.killed and journal.killed[owner] < poll.pos:
+        elif alive and owner in journal.killed and journal.killed[owner] < started.get(poll.writer, -1):
             bad.append(_Event(poll.pos, poll.writer, "violation", ("names-dead-read-alive", name)))
     dead = sum(poll.args[1] == "0" for poll in polls)
     return Invariant("process names", not bad and bool(owners),
@@ -795,7 +857,7 @@ def _check_fds(journal: _Journal) -> Invariant:
     for event in journal.of("fds"):
         counts.setdefault(event.writer, {})[event.args[0]] = int(event.args[1])
     pairs = ["%s %s->%s" % (w, c.get("start"), c.get("end")) for w, c in sorted(counts.items())]
-    held = bool(counts) and all(c.get("start") == c.get("end") is not None for c in counts.values())
+    held = bool(counts) and all("end" in c and c.get("start") == c["end"] for c in counts.values())
     return Invariant("no fd leaks", held, "long-lived workers' open fds after their first round -> at the end: "
                      + ", ".join(pairs))
 
@@ -821,9 +883,9 @@ def check_journal(data: bytes, stats: Optional[_RunStats] = None, final_elected:
                   "coordination directory empty" if not left_in_coord else "left: " + ", ".join(left_in_coord[:10])),
         _check_fds(journal),
         Invariant("no worker errors", not errors and not stats.crashed and not journal.torn,
-                  "%d exceptions, %d unexpected exits, %d torn journal records%s%s"
-                  % (len(errors), len(stats.crashed), journal.torn, _first(errors),
-                     "; " + stats.crashed[0] if stats.crashed else "")),
+                  "%d exceptions, %d unexpected exits, %d torn journal records (and %d cut short by "
+                  "SIGKILL)%s%s" % (len(errors), len(stats.crashed), journal.torn, journal.torn_by_killed,
+                                    _first(errors), "; " + stats.crashed[0] if stats.crashed else "")),
     ]
     return invariants
 
@@ -859,6 +921,24 @@ def _kills_line(stats: _RunStats, seconds: float) -> str:
             % (total, seconds, stats.incarnations, stats.iterations, where or "none"))
 
 
+def _log_summary(path: str) -> Optional[str]:
+    """What toilcoord logged in the workers (say, torn deferred records
+    skipped), in one line, or None."""
+    try:
+        with open(path, errors="replace") as stream:
+            lines = stream.read().splitlines()
+    except FileNotFoundError:
+        return None
+    entries = [line.split(" ", 2) for line in lines if line[:1].isdigit()]
+    if not entries:
+        return None
+    levels: Dict[str, int] = {}
+    for entry in entries:
+        levels[entry[1]] = levels.get(entry[1], 0) + 1
+    return "toilcoord logged %s; first: %s" % (
+        ", ".join("%d %s" % (count, level) for level, count in sorted(levels.items())), entries[0][2][:160])
+
+
 def run_torture(directory: Optional[str] = None, seconds: float = 10.0, procs: int = 4,
                 seed: object = None, progress_bound: float = 60.0, kill_interval: Optional[float] = None,
                 say: Callable[[str], None] = print) -> bool:
@@ -892,6 +972,9 @@ def run_torture(directory: Optional[str] = None, seconds: float = 10.0, procs: i
     with open(layout.journal, "rb") as stream:
         invariants = check_journal(stream.read(), stats, elected, markers_left, left, progress_bound)
     say(_kills_line(stats, seconds))
+    logged = _log_summary(layout.log)
+    if logged:
+        say(logged)
     for line in cleanup:
         say("  cleanup: " + line)
     for invariant in invariants:
