@@ -165,3 +165,33 @@ def test_cleanup_removes_the_lock_file_of_a_killed_mutex_holder_and_spares_a_hel
     assert held.wait() == 0
     assert os.listdir(tmp_path) == []
 
+
+def test_cleanup_tolerates_directories_removed_under_it_by_others(tmp_path, monkeypatch):
+    # Regression (found by the torture running cleanup while workers use the
+    # directory): an arena's members directory removed by its last member
+    # while cleanup waited for the arena's mutex, or the deferred directory
+    # removed by a concurrent cleanup, made cleanup raise FileNotFoundError.
+    # The interleaving is forced here by removing them at those moments.
+    import toilcoord.arena
+    from toilcoord.cli import cleanup_directory
+    from toilcoord.deferred import DeferredFunctionManager
+
+    (tmp_path / "gone-arena-members").mkdir()
+    (tmp_path / "deferred").mkdir(mode=0o700)
+    real_reap, real_cleanup = toilcoord.arena.reap_dead_members, DeferredFunctionManager.cleanupWorker
+
+    def reap_after_the_last_member_left(directory):
+        os.rmdir(directory)
+        return real_reap(directory)
+
+    def cleanup_beside_another(base):
+        real_cleanup(base)
+        shutil.rmtree(os.path.join(base, "deferred"), ignore_errors=True)
+
+    monkeypatch.setattr(toilcoord.arena, "reap_dead_members", reap_after_the_last_member_left)
+    monkeypatch.setattr(DeferredFunctionManager, "cleanupWorker", staticmethod(cleanup_beside_another))
+    said = list(cleanup_directory(str(tmp_path)))
+    assert "arena gone: 0 live members; directory removed" in said
+    assert said[0] == "deferred functions: ran those of dead processes; 0 live state files left"
+    assert os.listdir(tmp_path) == []
+

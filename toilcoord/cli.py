@@ -131,6 +131,8 @@ def cleanup_directory(directory: str) -> Iterator[str]:
     Never touches a live process's files: every removal is of a file whose
     lock could be taken, and arena directories are removed under the
     arena's own mutex. Lock files of mutexes whose holder was killed go too.
+    Safe while other processes use the directory, another cleanup included:
+    whatever vanishes meanwhile was removed by someone else.
     """
     from .arena import MEMBERS_SUFFIX, reap_dead_members
     from .deferred import DeferredFunctionManager
@@ -140,8 +142,7 @@ def cleanup_directory(directory: str) -> Iterator[str]:
     state = os.path.join(directory, DeferredFunctionManager.STATE_DIR_STEM)
     if os.path.isdir(state):
         DeferredFunctionManager.cleanupWorker(directory)
-        left = os.listdir(state) if os.path.isdir(state) else []
-        yield f"deferred functions: ran those of dead processes; {len(left)} live state files left"
+        yield f"deferred functions: ran those of dead processes; {_count_entries(state)} live state files left"
     removed = reap_dead_process_names(directory)
     yield f"process names: removed {len(removed)} of dead processes"
     for entry in sorted(os.listdir(directory)):
@@ -151,12 +152,27 @@ def cleanup_directory(directory: str) -> Iterator[str]:
         with global_mutex(directory, arena + "-arena-lock"):
             live = reap_dead_members(os.path.join(directory, entry))
             if not live:
-                os.rmdir(os.path.join(directory, entry))
+                _remove_gone_arena(os.path.join(directory, entry))
         yield f"arena {arena}: {live} live members" + ("" if live else "; directory removed")
-    stale = [entry.name for entry in sorted(os.scandir(directory), key=lambda entry: entry.name)
-             if entry.name.startswith(_MUTEX_FILE_PREFIX) and entry.is_file(follow_symlinks=False)
-             and _remove_unless_held(entry.path)]
+    with os.scandir(directory) as entries:
+        candidates = sorted(entry.path for entry in entries if entry.name.startswith(_MUTEX_FILE_PREFIX)
+                            and entry.is_file(follow_symlinks=False))
+    stale = [path for path in candidates if _remove_unless_held(path)]
     yield f"mutexes: removed {len(stale)} lock files left by dead holders"
+
+
+def _count_entries(path: str) -> int:
+    try:
+        return len(os.listdir(path))
+    except FileNotFoundError:
+        return 0  # removed meanwhile by another cleanup
+
+
+def _remove_gone_arena(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass  # the arena's last member (or another cleanup) removed it while we waited for its mutex
 
 
 # global_mutex(base_dir, name) locks base_dir/toil-mutex-<name> (the contract).
