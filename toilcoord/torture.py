@@ -5,7 +5,9 @@ runs N worker processes for S seconds. Each loops at random over the
 primitives, often nesting them: it takes ``global_mutex`` and checks a shared
 potato; enters and leaves an arena whose last member checks and removes
 every member's marker; registers deferred functions that append a unique id
-to a journal; gets and polls process names. Meanwhile the supervisor
+to a journal; gets and polls process names; now and then runs ``cleanup``
+on the directory, as a batch system's epilog would while other jobs still
+use it. Meanwhile the supervisor
 SIGKILLs random workers at random moments and starts new ones in their
 place. At the end it cleans up as a batch system's epilog would
 (``cleanup``) and checks, from the journal, that every guarantee held.
@@ -108,10 +110,11 @@ _PHASES = (
     "inside a deferred function",
     "getting its process name",
     "polling process names",
+    "running cleanup (as an epilog would)",
     "stopping",
 )
 (_STARTING, _IDLE, _MUTEX_WAIT, _MUTEX_HELD, _ARENA_ENTER, _ARENA_INSIDE, _ARENA_LEAVE, _ARENA_CLEAN,
- _OPEN, _DEFER, _OPEN_EXIT, _RUNNING, _NAME_GET, _NAME_POLL, _STOPPING) = range(len(_PHASES))
+ _OPEN, _DEFER, _OPEN_EXIT, _RUNNING, _NAME_GET, _NAME_POLL, _CLEANUP, _STOPPING) = range(len(_PHASES))
 
 # Mean life of a killable worker, unless run_torture is told otherwise.
 _LIFETIME = 0.2
@@ -379,7 +382,7 @@ class _Worker:
         _record("stopped")
 
     def _operations(self) -> List[Callable[[], None]]:
-        return [self._mutex, self._mutex, self._arena, self._deferred, self._deferred, self._names]
+        return [self._mutex] * 3 + [self._arena] * 3 + [self._deferred] * 3 + [self._names] * 2 + [self._cleanup]
 
     def _told_to_stop(self) -> bool:
         return (os.path.exists(self.layout.stop) or os.getppid() != self.parent
@@ -418,6 +421,16 @@ class _Worker:
                 _record("deferred " + ident)
             self._maybe(self._mutex, self._names)
             _set_phase(_OPEN_EXIT)
+        _set_phase(_IDLE)
+
+    def _cleanup(self) -> None:
+        """What a batch system's epilog runs, while every other worker
+        still uses the directory."""
+        from .cli import cleanup_directory
+
+        _set_phase(_CLEANUP)
+        for _ in cleanup_directory(self.layout.coord):
+            pass
         _set_phase(_IDLE)
 
     def _names(self) -> None:
