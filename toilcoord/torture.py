@@ -367,7 +367,7 @@ class _Worker:
     def run(self) -> None:
         _record("start pid=%d immortal=%d" % (os.getpid(), self.immortal))
         self._names()
-        for operation in self._operations():  # a first round of each: lazy imports, caches
+        for operation in dict.fromkeys(self._operations()):  # one of each first: lazy imports, caches
             operation()
         if self.immortal:
             _record("fds start %d" % _fd_count())
@@ -382,6 +382,7 @@ class _Worker:
         _record("stopped")
 
     def _operations(self) -> List[Callable[[], None]]:
+        """What a worker does, each as often as it appears here."""
         return [self._mutex] * 3 + [self._arena] * 3 + [self._deferred] * 3 + [self._names] * 2 + [self._cleanup]
 
     def _told_to_stop(self) -> bool:
