@@ -195,3 +195,20 @@ def test_cleanup_tolerates_directories_removed_under_it_by_others(tmp_path, monk
     assert said[0] == "deferred functions: ran those of dead processes; 0 live state files left"
     assert os.listdir(tmp_path) == []
 
+
+
+def test_unsafe_filesystem_is_a_failing_check_with_advice(tmp_path, monkeypatch, capsys):
+    scratch = tmp_path / "ceph"
+    scratch.mkdir()
+    fake = tmp_path / "mountinfo"
+    fake.write_text(
+        "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
+        f"90 27 0:99 / {scratch} rw,relatime - ceph 10.0.0.1:6789:/ rw,name=admin\n"
+    )
+    monkeypatch.setattr(locks, "_MOUNTINFO", str(fake))
+    monkeypatch.setattr(locks, "_lockable_devices", {})
+    assert main(["--dir", str(scratch)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("filesystem: ceph mounted at")
+    verdict = [line for line in out.splitlines() if "filesystem is safe for locks" in line][0]
+    assert verdict.startswith("FAIL") and "UnsafeFilesystemError" in verdict and "local storage" in verdict

@@ -113,6 +113,15 @@ def _pause(_: Forked) -> None:
 _PROCS, _ROUNDS = 4, 50
 
 
+@check("filesystem is safe for locks")
+def check_filesystem(directory: str) -> str:
+    from .locks import ensure_filesystem_lockable, filesystem_info
+
+    ensure_filesystem_lockable(directory)  # UnsafeFilesystemError carries the advice
+    info = filesystem_info(directory)
+    return f"{info.fstype} at {info.mount_point}: {info.reason}"
+
+
 def _race_on_potato(directory: str, rounds: int) -> None:
     """Hold the mutex and prove nobody else does: the holder alone may
     create (O_EXCL), see and remove the potato."""
