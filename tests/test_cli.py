@@ -212,3 +212,23 @@ def test_unsafe_filesystem_is_a_failing_check_with_advice(tmp_path, monkeypatch,
     assert out.startswith("filesystem: ceph mounted at")
     verdict = [line for line in out.splitlines() if "filesystem is safe for locks" in line][0]
     assert verdict.startswith("FAIL") and "UnsafeFilesystemError" in verdict and "local storage" in verdict
+
+
+def test_bench_quick_prints_every_row(tmp_path):
+    done = toilcoord("bench", "--quick", "--json", "--procs", "2", "--dir", str(tmp_path), timeout=300)
+    assert done.returncode in (0, 1), done.stderr  # 1: a target missed on a loaded machine
+    report = json.loads(done.stdout)
+    names = [row["name"] for row in report["rows"]]
+    for expected in ("mutex acquire+release", "contended mutex, 2 processes (vs raw cycle)",
+                     "contended mutex, 2 processes (vs bare flock)", "arena enter+leave", "defer()",
+                     "orphan scan", "process_name_exists", "rtlog burst", "rtlog receive rate", "robust_rmtree",
+                     "import toilcoord"):
+        assert any(name.startswith(expected) for name in names), (expected, names)
+    for row in report["rows"]:
+        assert row["value"] > 0, row
+    assert "[1/" in done.stderr, "progress is shown while it runs"
+    assert os.listdir(tmp_path) == []
+
+    table = toilcoord("bench", "--quick", "--procs", "1", "--dir", str(tmp_path), timeout=300)
+    assert table.stdout.splitlines()[1].split()[:2] == ["benchmark", "median"]
+    assert len(table.stdout.splitlines()) == 2 + len(names)
