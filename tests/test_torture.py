@@ -70,6 +70,19 @@ def test_long_torture_run_holds_every_invariant(tmp_path):
     assert all(line.startswith("ok") for line in invariant_lines(done.stdout)), done.stdout
 
 
+@pytest.mark.parametrize("args", [["--procs", "1"], ["--seconds", "0"], ["--procs", "x"]])
+def test_bad_torture_arguments_are_one_line_usage_errors(tmp_path, args):
+    done = torture(tmp_path, *args, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("python -m toilcoord: error:"), done.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_package_never_imports_the_torture():
+    done = run_python("import sys, toilcoord; print('toilcoord.torture' in sys.modules)")
+    assert done.stdout.strip() == "False", done.stderr
+
+
 # A run whose primitive is sabotaged must fail, on the matching line.
 SABOTAGED = """
 import contextlib, sys
