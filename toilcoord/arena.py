@@ -4,11 +4,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 from .locks import HeldFile, PathArg, check_name, discard_taken, global_mutex, take_over
 
-__all__ = ["MEMBERS_SUFFIX", "LastProcessStandingArena", "reap_dead_members"]
+__all__ = ["MEMBERS_SUFFIX", "LastProcessStandingArena", "reap_dead_arenas", "reap_dead_members"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,22 @@ def reap_dead_members(directory: PathArg) -> int:
             else:
                 discard_taken(fd, entry.path)
     return live
+
+
+def reap_dead_arenas(base_dir: PathArg) -> Iterator[Tuple[str, int]]:
+    """For each arena in *base_dir*, remove its dead members (and its
+    folder, if none live), under the arena's own mutex; yield ``(name,
+    live members left)``. Safe while the arenas are in use."""
+    for entry in sorted(os.listdir(base_dir)):
+        if not entry.endswith(MEMBERS_SUFFIX):
+            continue
+        name = entry[: -len(MEMBERS_SUFFIX)]
+        members = os.path.join(base_dir, entry)
+        with global_mutex(base_dir, name + _LOCK_SUFFIX):
+            live = reap_dead_members(members)
+            if not live:
+                _rmdir_if_empty(members)  # gone already if its last member left while we waited
+        yield name, live
 
 
 def _rmdir_if_empty(path: str) -> bool:

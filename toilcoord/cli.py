@@ -129,36 +129,24 @@ def cleanup_directory(directory: str) -> Iterator[str]:
     """Remove what dead processes left in *directory*, saying what was done.
 
     Never touches a live process's files: every removal is of a file whose
-    lock could be taken, and arena directories are removed under the
-    arena's own mutex. Lock files of mutexes whose holder was killed go too.
-    Safe while other processes use the directory, another cleanup included:
-    whatever vanishes meanwhile was removed by someone else.
+    lock could be taken, and arena folders are removed under the arena's
+    own mutex. Safe while other processes use the directory, another
+    cleanup included: whatever vanishes meanwhile was removed by someone
+    else.
     """
-    from .arena import MEMBERS_SUFFIX, reap_dead_members
+    from .arena import reap_dead_arenas
     from .deferred import DeferredFunctionManager
-    from .locks import global_mutex
+    from .locks import reap_unheld_mutex_files
     from .procnames import reap_dead_process_names
 
     state = os.path.join(directory, DeferredFunctionManager.STATE_DIR_STEM)
     if os.path.isdir(state):
         DeferredFunctionManager.cleanupWorker(directory)
         yield f"deferred functions: ran those of dead processes; {_count_entries(state)} live state files left"
-    removed = reap_dead_process_names(directory)
-    yield f"process names: removed {len(removed)} of dead processes"
-    for entry in sorted(os.listdir(directory)):
-        if not entry.endswith(MEMBERS_SUFFIX):
-            continue
-        arena = entry[: -len(MEMBERS_SUFFIX)]
-        with global_mutex(directory, arena + "-arena-lock"):
-            live = reap_dead_members(os.path.join(directory, entry))
-            if not live:
-                _remove_gone_arena(os.path.join(directory, entry))
+    yield f"process names: removed {len(reap_dead_process_names(directory))} of dead processes"
+    for arena, live in reap_dead_arenas(directory):
         yield f"arena {arena}: {live} live members" + ("" if live else "; directory removed")
-    with os.scandir(directory) as entries:
-        candidates = sorted(entry.path for entry in entries if entry.name.startswith(_MUTEX_FILE_PREFIX)
-                            and entry.is_file(follow_symlinks=False))
-    stale = [path for path in candidates if _remove_unless_held(path)]
-    yield f"mutexes: removed {len(stale)} lock files left by dead holders"
+    yield f"mutexes: removed {len(reap_unheld_mutex_files(directory))} lock files left by dead holders"
 
 
 def _count_entries(path: str) -> int:
@@ -166,29 +154,3 @@ def _count_entries(path: str) -> int:
         return len(os.listdir(path))
     except FileNotFoundError:
         return 0  # removed meanwhile by another cleanup
-
-
-def _remove_gone_arena(path: str) -> None:
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass  # the arena's last member (or another cleanup) removed it while we waited for its mutex
-
-
-# global_mutex(base_dir, name) locks base_dir/toil-mutex-<name> (the contract).
-_MUTEX_FILE_PREFIX = "toil-mutex-"
-
-
-def _remove_unless_held(path: str) -> bool:
-    """Remove a mutex's lock file that nobody holds (its holder was killed);
-    a process waiting on it finds it unlinked and makes a new one."""
-    from .locks import discard_taken, take_over
-
-    try:
-        fd = take_over(path)
-    except FileNotFoundError:
-        return False
-    if fd is None:
-        return False  # held by a live process
-    discard_taken(fd, path)
-    return True

@@ -41,6 +41,7 @@ __all__ = [
     "lock_scope",
     "locked_file_is",
     "parse_mountinfo",
+    "reap_unheld_mutex_files",
     "safe_lock",
     "safe_unlock_and_close",
     "take_over",
@@ -410,6 +411,25 @@ def _leave_gate(path: str, gate: _ThreadGate) -> None:
 
 
 _MUTEX_PREFIX = "toil-mutex-"
+
+
+def reap_unheld_mutex_files(base_dir: PathArg) -> List[str]:
+    """Remove the lock files in *base_dir* of mutexes nobody holds (their
+    holder was killed); return their paths. A process about to lock one
+    finds it unlinked and makes a new one, so this is safe at any time."""
+    with os.scandir(base_dir) as entries:
+        candidates = sorted(entry.path for entry in entries
+                            if entry.name.startswith(_MUTEX_PREFIX) and entry.is_file(follow_symlinks=False))
+    removed = []
+    for path in candidates:
+        try:
+            fd = take_over(path)
+        except FileNotFoundError:
+            continue  # released (and unlinked) meanwhile
+        if fd is not None:
+            discard_taken(fd, path)
+            removed.append(path)
+    return removed
 
 
 def _mutex_path(base_dir: PathArg, mutex: str) -> str:
