@@ -324,18 +324,21 @@ def _lock_until(fd: int, path: str, deadline: float) -> None:
         delay = min(delay * 2, _POLL_MAX)
 
 
-def take_over(path: PathArg) -> Optional[int]:
+def take_over(path: PathArg, shared: bool = False) -> Optional[int]:
     """Lock the file at *path* if the process that held it is dead.
 
-    Returns an fd holding an exclusive lock on the file (the caller reads
-    what it needs, then unlinks the path and calls
-    :func:`safe_unlock_and_close`), or None if a live process holds it.
-    Raises FileNotFoundError if no file is (any longer) linked at *path*.
-    Symlinks are never followed.
+    Returns an fd holding a lock on the file (the caller reads what it
+    needs, then calls :func:`discard_taken`), or None if a live process
+    holds it. Raises FileNotFoundError if no file is (any longer) linked at
+    *path*. Symlinks are never followed.
+
+    The lock is exclusive, so two takers never both get a file, unless
+    *shared*: for a mere liveness probe, which must not mistake another
+    prober's brief lock for the owner's (only owners lock exclusively).
     """
     fd = os.open(path, _OPEN_EXISTING)
     try:
-        safe_lock(fd, block=False)
+        safe_lock(fd, block=False, shared=shared)
     except OSError as error:
         os.close(fd)
         if error.errno in (errno.EAGAIN, errno.EACCES):

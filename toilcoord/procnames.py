@@ -9,12 +9,11 @@ name: the file's lock dies with the process that took it.
 from __future__ import annotations
 
 import atexit
-import errno
 import os
 import threading
 from typing import Dict, List
 
-from .locks import HeldFile, PathArg, check_name, locked_file_is, safe_lock
+from .locks import HeldFile, PathArg, check_name, discard_taken, locked_file_is, take_over
 
 __all__ = [
     "NAME_PREFIX",
@@ -81,36 +80,15 @@ def process_name_exists(base_dir: PathArg, name: str) -> bool:
             # Our own lock: on filesystems that emulate flock with per-process
             # POSIX locks (NFS) our probe would succeed and delete our file.
             return True
-    return _owner_lives(os.path.join(key, name))
-
-
-def _owner_lives(path: str) -> bool:
-    """Probe the name file at *path*; remove it if its owner is dead.
-
-    Probes take a *shared* lock: only the owner ever holds the file
-    exclusively, so a probe fails exactly while the owner lives. (An
-    exclusive probe, as ``take_over`` makes, would read another prober's
-    brief lock on a dead name as its owner's, and call the dead alive.)
-    """
+    path = os.path.join(key, name)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = take_over(path, shared=True)
     except FileNotFoundError:
         return False
-    try:
-        try:
-            safe_lock(fd, block=False, shared=True)
-        except OSError as error:
-            if error.errno in (errno.EAGAIN, errno.EACCES):
-                return True
-            raise
-        if locked_file_is(fd, path):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass  # another prober removed it first
-        return False
-    finally:
-        os.close(fd)
+    if fd is None:
+        return True
+    discard_taken(fd, path)
+    return False
 
 
 def reap_dead_process_names(base_dir: PathArg) -> List[str]:
