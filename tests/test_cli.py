@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -12,7 +11,7 @@ import pytest
 from toilcoord import LastProcessStandingArena, LockTimeout, global_mutex, locks
 from toilcoord.cli import main
 
-from conftest import ROOT, child_env
+from conftest import ROOT, child_env, run_python
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,17 +48,24 @@ def test_json_report_has_one_entry_per_check(tmp_path):
     assert {"name", "status", "seconds", "detail"} <= set(report["checks"][0])
 
 
-def test_smoke_check_fails_where_locking_is_impossible(monkeypatch, capsys):
-    # A filesystem without a lock daemon answers every flock with ENOLCK.
-    def no_locks(fd, operation):
-        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+def test_smoke_check_fails_where_locking_is_impossible():
+    # A filesystem without a lock daemon answers every flock with ENOLCK. In a
+    # fresh interpreter: the smoke check forks, and pytest's process may have
+    # threads of its own.
+    done = run_python("""
+        import errno, os, sys
+        from toilcoord import locks
+        from toilcoord.cli import main
 
-    monkeypatch.setattr(locks, "_FIRST_BACKOFF", 0)
-    monkeypatch.setattr(locks, "_MAX_BACKOFF", 0)
-    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
-    assert main([]) == 1
-    out = capsys.readouterr().out
-    assert "FAIL" in out and "No locks available" in out
+        def no_locks(fd, operation):
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+        locks._FIRST_BACKOFF = locks._MAX_BACKOFF = 0
+        locks.fcntl.flock = no_locks
+        sys.exit(main([]))
+    """, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAIL" in done.stdout and "No locks available" in done.stdout
 
 
 @pytest.mark.parametrize("args, message", [
