@@ -71,7 +71,6 @@ What is checked, and why each check is sound:
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
