@@ -127,8 +127,8 @@ def test_cleanup_removes_the_dead_and_leaves_the_living(tmp_path, children):
     assert "removed 2" in done.stdout
     after = sorted(os.listdir(tmp_path))
     assert len([name for name in after if name.startswith("toil-proc-")]) == 1
-    assert "gone-arena-members" not in after, "a dead arena is removed"
-    assert len(os.listdir(tmp_path / "work-arena-members")) == 1, "the live member is untouched"
+    assert not [name for name in after if name.startswith("gone-arena-member-")], "a dead arena is removed"
+    assert len([name for name in after if name.startswith("work-arena-member-")]) == 1, "the live member is untouched"
     assert (tmp_path / f"ran-{dead.pid}").is_dir() and (tmp_path / f"ran-{gone.pid}").is_dir()
     assert not (tmp_path / f"ran-{live.pid}").exists(), "a live process's deferred function is not run"
     assert len(os.listdir(tmp_path / "deferred")) == 1
@@ -172,35 +172,35 @@ def test_cleanup_removes_the_lock_file_of_a_killed_mutex_holder_and_spares_a_hel
     assert os.listdir(tmp_path) == []
 
 
-def test_cleanup_tolerates_directories_removed_under_it_by_others(tmp_path, monkeypatch):
+def test_cleanup_tolerates_files_removed_under_it_by_others(tmp_path, monkeypatch):
     # Regression (found by the torture running cleanup while workers use the
-    # directory): an arena's members directory removed by its last member
-    # while cleanup waited for the arena's mutex, or the deferred directory
-    # removed by a concurrent cleanup, made cleanup raise FileNotFoundError.
-    # The interleaving is forced here by removing them at those moments.
+    # directory): an arena member's file reaped by a leaver while cleanup
+    # waited for the arena's mutex, or the deferred directory removed by a
+    # concurrent cleanup, made cleanup raise FileNotFoundError. The
+    # interleaving is forced here by removing them at those moments.
     import toilcoord.arena
     from toilcoord.cli import cleanup_directory
     from toilcoord.deferred import DeferredFunctionManager
 
-    (tmp_path / "gone-arena-members").mkdir()
+    dead_member = tmp_path / ("gone" + toilcoord.arena.MEMBER_INFIX + "0" * 16)
+    dead_member.write_text("")
     (tmp_path / "deferred").mkdir(mode=0o700)
     real_reap, real_cleanup = toilcoord.arena.reap_dead_members, DeferredFunctionManager.cleanupWorker
 
-    def reap_after_the_last_member_left(directory):
-        os.rmdir(directory)
-        return real_reap(directory)
+    def reap_after_a_leaver_reaped(base_dir, name):
+        dead_member.unlink()
+        return real_reap(base_dir, name)
 
     def cleanup_beside_another(base):
         real_cleanup(base)
         shutil.rmtree(os.path.join(base, "deferred"), ignore_errors=True)
 
-    monkeypatch.setattr(toilcoord.arena, "reap_dead_members", reap_after_the_last_member_left)
+    monkeypatch.setattr(toilcoord.arena, "reap_dead_members", reap_after_a_leaver_reaped)
     monkeypatch.setattr(DeferredFunctionManager, "cleanupWorker", staticmethod(cleanup_beside_another))
     said = list(cleanup_directory(str(tmp_path)))
-    assert "arena gone: 0 live members; directory removed" in said
+    assert "arena gone: 0 live members left" in said
     assert said[0] == "deferred functions: ran those of dead processes; 0 live state files left"
     assert os.listdir(tmp_path) == []
-
 
 
 def test_unsafe_filesystem_is_a_failing_check_with_advice(tmp_path, monkeypatch, capsys):

@@ -1,32 +1,29 @@
 """Last-process-standing election: the last process to leave runs the cleanup."""
 from __future__ import annotations
 
-import errno
-import logging
 import os
 from typing import Iterator, Optional, Tuple
 
 from .locks import HeldFile, PathArg, check_name, discard_taken, global_mutex, take_over
 
-__all__ = ["MEMBERS_SUFFIX", "LastProcessStandingArena", "reap_dead_arenas", "reap_dead_members"]
+__all__ = ["MEMBER_INFIX", "LastProcessStandingArena", "reap_dead_arenas", "reap_dead_members"]
 
-logger = logging.getLogger(__name__)
-
-#: An arena *name* keeps its members in ``base_dir/<name><MEMBERS_SUFFIX>``.
-MEMBERS_SUFFIX = "-arena-members"
+#: A member of arena *name* holds ``base_dir/<name><MEMBER_INFIX><16 hex>``.
+MEMBER_INFIX = "-arena-member-"
 _LOCK_SUFFIX = "-arena-lock"
+_MEMBER_TAIL = len(MEMBER_INFIX) + HeldFile.RANDOM_CHARS
 
 
 class LastProcessStandingArena:
     """Processes enter and leave (or die); the last to leave cleans up.
 
-    Each member holds a locked file in ``base_dir/<name>-arena-members``;
+    Each member holds a locked file ``base_dir/<name>-arena-member-<hex>``;
     entering and leaving are serialised by the mutex ``<name>-arena-lock``.
     ``leave()`` yields once to the last live member, while no process can
-    enter, and then removes the members directory, so nothing of the arena
-    is left in *base_dir*. Members that died without leaving do not count
-    and their files are removed by whoever leaves next. A forked child is
-    not a member of its parent's arenas.
+    enter. Members that died without leaving do not count and their files
+    are removed by whoever leaves next, so once the last member has left,
+    nothing of the arena is left in *base_dir*. A forked child is not a
+    member of its parent's arenas.
 
     Always leave after entering (try/finally), and iterate what ``leave()``
     returns: the leaving happens as the loop runs::
@@ -46,7 +43,7 @@ class LastProcessStandingArena:
         self.base_dir = os.fspath(base_dir)
         self.name = name
         self.mutex = name + _LOCK_SUFFIX
-        self.lockfileDir = os.path.join(self.base_dir, name + MEMBERS_SUFFIX)
+        self._member_prefix = name + MEMBER_INFIX
         self._member: Optional[HeldFile] = None
 
     def enter(self, timeout: Optional[float] = None) -> None:
@@ -58,13 +55,9 @@ class LastProcessStandingArena:
         if self._member is not None and self._member.held:
             raise RuntimeError(f"this process is already in arena {self.name!r}; leave it first")
         with global_mutex(self.base_dir, self.mutex, timeout):
-            try:
-                os.mkdir(self.lockfileDir)
-            except FileExistsError:
-                pass
             # Members are only reaped under this mutex: no take-over can
             # slip between our create and our lock, so nothing to verify.
-            self._member = HeldFile.create(self.lockfileDir, verify=False)
+            self._member = HeldFile.create(self.base_dir, prefix=self._member_prefix, verify=False)
 
     def leave(self) -> Iterator[bool]:
         """Leave the arena; yields once (True) if this was the last live
@@ -78,76 +71,46 @@ class LastProcessStandingArena:
     def _leave(self, member: HeldFile) -> Iterator[bool]:
         with global_mutex(self.base_dir, self.mutex):
             member.release()
-            # Alone, the members folder is now empty and one rmdir both
-            # proves it and removes it; only otherwise is a scan needed.
-            removed = _rmdir_if_empty(self.lockfileDir)
-            if not removed and reap_dead_members(self.lockfileDir):
-                return
-            try:
+            if not reap_dead_members(self.base_dir, self.name):
                 yield True
-            finally:  # also when the cleanup raises or the loop breaks
-                if not removed:
-                    _remove_empty_dir(self.lockfileDir)
 
 
-def reap_dead_members(directory: PathArg) -> int:
-    """Remove the files of dead members in an arena's members *directory*;
-    return how many live members remain. Safe while others use the arena."""
+def _is_member_file(entry: "os.DirEntry[str]", prefix: str) -> bool:
+    return (entry.name.startswith(prefix) and len(entry.name) == len(prefix) + HeldFile.RANDOM_CHARS
+            and entry.is_file(follow_symlinks=False))
+
+
+def reap_dead_members(base_dir: PathArg, name: str) -> int:
+    """Remove the files of arena *name*'s dead members in *base_dir*; return
+    how many live members remain. Call it holding the arena's mutex."""
+    prefix = name + MEMBER_INFIX
     live = 0
-    try:
-        entries = os.scandir(directory)
-    except FileNotFoundError:
-        return 0
-    with entries:
-        for entry in entries:
-            if not entry.is_file(follow_symlinks=False):
-                continue
-            try:
-                fd = take_over(entry.path)
-            except FileNotFoundError:
-                continue  # another leaver reaped it first
-            if fd is None:
-                live += 1
-            else:
-                discard_taken(fd, entry.path)
+    with os.scandir(base_dir) as entries:
+        members = [entry.path for entry in entries if _is_member_file(entry, prefix)]
+    for path in members:
+        try:
+            fd = take_over(path)
+        except FileNotFoundError:
+            continue  # reaped meanwhile by a cleanup
+        if fd is None:
+            live += 1
+        else:
+            discard_taken(fd, path)
     return live
 
 
 def reap_dead_arenas(base_dir: PathArg) -> Iterator[Tuple[str, int]]:
-    """For each arena in *base_dir*, remove its dead members (and its
-    folder, if none live), under the arena's own mutex; yield ``(name,
-    live members left)``. Safe while the arenas are in use."""
-    for entry in sorted(os.listdir(base_dir)):
-        if not entry.endswith(MEMBERS_SUFFIX):
-            continue
-        name = entry[: -len(MEMBERS_SUFFIX)]
-        members = os.path.join(base_dir, entry)
+    """For each arena with members in *base_dir*, remove its dead members
+    under the arena's own mutex; yield ``(name, live members left)``. Safe
+    while the arenas are in use."""
+    with os.scandir(base_dir) as entries:
+        names = sorted({name for name in map(_arena_of, entries) if name})
+    for name in names:
         with global_mutex(base_dir, name + _LOCK_SUFFIX):
-            live = reap_dead_members(members)
-            if not live:
-                _rmdir_if_empty(members)  # gone already if its last member left while we waited
-        yield name, live
+            yield name, reap_dead_members(base_dir, name)
 
 
-def _rmdir_if_empty(path: str) -> bool:
-    """Remove the folder if it is empty (or already gone); False if not."""
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        return True
-    except OSError as error:
-        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-        return False
-    return True
-
-
-def _remove_empty_dir(path: str) -> None:
-    try:
-        os.rmdir(path)
-    except OSError as error:
-        # Someone put a foreign file there: leave the directory to them.
-        if error.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
-            raise
-        if error.errno != errno.ENOENT:
-            logger.warning("arena directory %s is not empty after the last member left; leaving it", path)
+def _arena_of(entry: "os.DirEntry[str]") -> Optional[str]:
+    """The name of the arena whose member file *entry* is, if it is one."""
+    name = entry.name[:-_MEMBER_TAIL]
+    return name if _is_member_file(entry, name + MEMBER_INFIX) else None

@@ -145,7 +145,7 @@ def cleanup_directory(directory: str) -> Iterator[str]:
         yield f"deferred functions: ran those of dead processes; {_count_entries(state)} live state files left"
     yield f"process names: removed {len(reap_dead_process_names(directory))} of dead processes"
     for arena, live in reap_dead_arenas(directory):
-        yield f"arena {arena}: {live} live members" + ("" if live else "; directory removed")
+        yield f"arena {arena}: {live} live members left"
     yield f"mutexes: removed {len(reap_unheld_mutex_files(directory))} lock files left by dead holders"
 
 

@@ -178,7 +178,6 @@ def _forget_parent_locks() -> None:
     _thread_locks.clear()
 
 
-_NAME_BYTES = 16
 _OPEN_EXISTING = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_OR_CREATE = _OPEN_EXISTING | os.O_CREAT
 _CREATE_NEW = _OPEN_OR_CREATE | os.O_EXCL
@@ -194,6 +193,10 @@ class HeldFile:
     """
 
     __slots__ = ("path", "fd", "_epoch")
+
+    #: ``create`` names a file *prefix*, this many random lowercase hex
+    #: characters, then *suffix*.
+    RANDOM_CHARS = 16
 
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
@@ -222,7 +225,7 @@ class HeldFile:
         may pass ``verify=False`` and save the two stat calls.
         """
         while True:
-            path = os.path.join(directory, prefix + os.urandom(_NAME_BYTES // 2).hex() + suffix)
+            path = os.path.join(directory, prefix + os.urandom(cls.RANDOM_CHARS // 2).hex() + suffix)
             try:
                 fd = os.open(path, _CREATE_NEW, mode)
             except FileExistsError:
