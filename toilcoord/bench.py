@@ -25,6 +25,7 @@ from .files import robust_rmtree
 from .locks import global_mutex
 from .procnames import get_process_name, process_name_exists
 from .rtlog import RealtimeLogger
+from .smoke import import_root
 
 __all__ = ["Row", "measure", "rtlog_burst", "run_bench"]
 
@@ -392,7 +393,7 @@ def bench_import(directory: str, settings: Settings) -> Row:
     list the heavy modules it pulls in (of json, zipfile, urllib,
     socketserver, hmac, pickle, subprocess, tempfile)."""
     package = __name__.rpartition(".")[0]
-    env = dict(os.environ, PYTHONPATH=_package_root())
+    env = dict(os.environ, PYTHONPATH=import_root()[0])
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     command = [sys.executable, "-S", "-X", "pycache_prefix=" + os.path.join(directory, "pycache"), "-c"]
 
@@ -570,17 +571,9 @@ def rtlog_burst(procs: int = 4, records: int = 5000, secret: Optional[str] = Non
     }
 
 
-def _package_root() -> str:
-    """The directory to put on sys.path so this package imports by its name."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for _ in __package__.split("."):
-        here = os.path.dirname(here)
-    return here
-
-
 def _start_workers(procs: int, records: int) -> List[subprocess.Popen]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = _package_root() + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = import_root()[0] + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     workers: List[subprocess.Popen] = []
     try:
         for _ in range(procs):

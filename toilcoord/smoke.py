@@ -9,13 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 from .arena import LastProcessStandingArena
 from .locks import global_mutex
 from .procnames import get_process_name, process_name_exists
 
-__all__ = ["CHECKS", "CheckResult", "run_checks"]
+__all__ = ["CHECKS", "CheckResult", "import_root", "run_checks"]
 
 
 class CheckResult(NamedTuple):
@@ -230,7 +230,7 @@ def check_process_names(directory: str) -> str:
     return "distinct per process; alive while it lives, dead once killed"
 
 
-def _import_root() -> tuple:
+def import_root() -> Tuple[str, str]:
     """(sys.path entry, package name) that import this package in a fresh
     interpreter, wherever it was vendored."""
     package = __name__.rpartition(".")[0]
@@ -254,7 +254,7 @@ def check_pid_namespace(directory: str) -> str:
     unshare = shutil.which("unshare")
     if unshare is None:
         raise Skip("no unshare command")
-    root, package = _import_root()
+    root, package = import_root()
     inner = subprocess.Popen(
         [unshare, "--pid", "--fork", "--kill-child", sys.executable, "-c", _NAMESPACE_CHILD, root, package, directory],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -300,7 +300,7 @@ def check_module_round_trip(directory: str) -> str:
     descriptor = ModuleDescriptor(app, "coord_probe", False)
     resource = descriptor.saveAsResourceTo(LocalJobStore(os.path.join(directory, "store")))
     shutil.rmtree(app)  # the worker can only use the shipped copy
-    root, package = _import_root()
+    root, package = import_root()
     os.mkdir(os.path.join(directory, "worker"))
     env = dict(os.environ, JTRES_ROOT=os.path.join(directory, "worker"))
     env[resource.resourceEnvNamePrefix + resource.pathHash] = resource.pickle()
@@ -343,7 +343,7 @@ def check_realtime_log(directory: str) -> str:
     receiver.addHandler(catch)
     try:
         with RealtimeLogger(level="INFO", host="127.0.0.1"):
-            root, package = _import_root()
+            root, package = import_root()
             worker = subprocess.run([sys.executable, "-c", _LOG_WORKER, root, package], stdin=subprocess.DEVNULL,
                                     capture_output=True, text=True, timeout=60)
             if worker.returncode != 0:
