@@ -104,6 +104,18 @@ def test_entering_twice_and_leaving_unentered_raise(tmp_path):
         arena.leave()
 
 
+def test_a_leave_never_iterated_keeps_the_membership(tmp_path):
+    arena = LastProcessStandingArena(tmp_path, "lazy")
+    before = open_fds()
+    arena.enter()
+    forgotten, second = arena.leave(), arena.leave()
+    del forgotten  # never iterated: still a member, nothing leaked
+    assert list(arena.leave()) == [True]
+    assert list(second) == [], "a second leave() of the same membership yields nothing"
+    assert os.listdir(tmp_path) == []
+    assert open_fds() == before
+
+
 def test_forked_child_is_not_a_member(tmp_path):
     arena = LastProcessStandingArena(tmp_path, "fork")
     arena.enter()

@@ -65,11 +65,15 @@ class LastProcessStandingArena:
         member = self._member
         if member is None or not member.held:
             raise RuntimeError(f"this process is not in arena {self.name!r}; enter it first")
-        self._member = None
         return self._leave(member)
 
     def _leave(self, member: HeldFile) -> Iterator[bool]:
+        # Membership ends here, as the loop runs: a leave() never iterated
+        # leaves this process in the arena, free to leave() again.
         with global_mutex(self.base_dir, self.mutex):
+            if self._member is not member:
+                return  # left already, through another leave()
+            self._member = None
             member.release()
             if not reap_dead_members(self.base_dir, self.name):
                 yield True
