@@ -713,6 +713,42 @@ def test_take_over_a_live_then_a_killed_holder(tmp_path, children):
         take_over(path)
 
 
+# Takes over the (dead) file argv[1], forks a child that outlives us and
+# reports once it runs, then waits to be killed.
+TAKE_OVER_AND_FORK = """
+import os, sys
+from toilcoord.locks import take_over
+assert take_over(sys.argv[1]) is not None
+if os.fork() == 0:
+    print(os.getpid(), flush=True)
+    sys.stdin.read()
+    os._exit(0)
+sys.stdin.read()
+"""
+
+
+def test_a_taker_that_dies_never_leaves_the_file_locked_by_its_forked_child(tmp_path, children):
+    # Regression (found in review): take_over's fd was not closed in forked
+    # children, so a deferred function that forked while its dead owner's file
+    # was being run kept that file "alive" after the runner was killed.
+    holder = children.python(HOLD_FILE, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    path = holder.stdout.readline().strip()
+    holder.kill()
+    holder.wait()
+    taker = children.python(TAKE_OVER_AND_FORK, path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child_pid = int(taker.stdout.readline())
+    try:
+        assert take_over(path) is None, "the taker holds it"
+        taker.kill()
+        taker.wait()
+        os.kill(child_pid, 0)  # the taker's child still lives...
+        fd = take_over(path)   # ...yet the file is free
+        assert fd is not None
+        discard_taken(fd, path)
+    finally:
+        os.kill(child_pid, signal.SIGKILL)
+
+
 def test_take_over_after_clean_release_finds_nothing(tmp_path, children):
     holder = children.python(HOLD_FILE, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     path = holder.stdout.readline().strip()

@@ -37,7 +37,7 @@ import types
 import weakref
 from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
-from .locks import HeldFile, PathArg, discard_taken, locked_file_is, safe_unlock_and_close, take_over
+from .locks import HeldFile, PathArg, discard_taken, locked_file_is, release_taken, take_over
 
 __all__ = ["DeferredFunction", "DeferredFunctionManager"]
 
@@ -609,12 +609,12 @@ def _run_and_release(fd: int, path: str) -> None:
         logger.error("cannot run the deferred functions in %s: %s; leaving it for another process", path, error)
         finished = False
     except BaseException:
-        safe_unlock_and_close(fd)  # the rest stays for the next process
+        release_taken(fd)  # the rest stays for the next process
         raise
     if finished:
         discard_taken(fd, path)
     else:
-        safe_unlock_and_close(fd)
+        release_taken(fd)
 
 
 def _run_taken(fd: int, path: str) -> bool:

@@ -42,6 +42,7 @@ __all__ = [
     "locked_file_is",
     "parse_mountinfo",
     "reap_unheld_mutex_files",
+    "release_taken",
     "safe_lock",
     "safe_unlock_and_close",
     "take_over",
@@ -340,17 +341,25 @@ def take_over(path: PathArg, shared: bool = False) -> Optional[int]:
     prober's brief lock for the owner's (only owners lock exclusively).
     """
     fd = os.open(path, _OPEN_EXISTING)
+    _held_fds.add(fd)  # a child forked while we hold it must not keep it
     try:
         safe_lock(fd, block=False, shared=shared)
     except OSError as error:
-        os.close(fd)
+        _close_tracked(fd)
         if error.errno in (errno.EAGAIN, errno.EACCES):
             return None
         raise
     if locked_file_is(fd, path):
         return fd
-    os.close(fd)
+    _close_tracked(fd)
     raise FileNotFoundError(errno.ENOENT, "file vanished while being taken over", os.fspath(path))
+
+
+def release_taken(fd: int) -> None:
+    """Unlock and close a file taken over with :func:`take_over`, leaving
+    it for the next taker."""
+    _held_fds.discard(fd)
+    safe_unlock_and_close(fd)
 
 
 def discard_taken(fd: int, path: PathArg) -> None:
@@ -358,7 +367,7 @@ def discard_taken(fd: int, path: PathArg) -> None:
     try:
         _unlink_if_present(path)
     finally:
-        safe_unlock_and_close(fd)
+        release_taken(fd)
 
 
 # ----------------------------------------------------------- global_mutex
