@@ -660,7 +660,9 @@ def ensure_filesystem_lockable(path: PathArg, timeout: float = 30, hint: Optiona
     if info is None:
         info = filesystem_info(path)
         if info.lock_scope == "unknown":
-            _trial_lock(path, timeout, info, hint)
+            failure = _trial_lock_failure(path, timeout, info.fstype)
+            if failure is not None:  # cached too: a hung lock is not retried
+                info = info._replace(lock_scope="unsafe", reason=failure)
         _lockable_devices[device] = info
     if info.lock_scope == "unsafe":
         raise UnsafeFilesystemError(_unsafe_message(path, info.reason, hint))
@@ -671,7 +673,8 @@ def _unsafe_message(path: PathArg, reason: str, hint: Optional[str]) -> str:
     return f"{message} {hint}" if hint else message
 
 
-def _trial_lock(path: PathArg, timeout: float, info: FilesystemInfo, hint: Optional[str]) -> None:
+def _trial_lock_failure(path: PathArg, timeout: float, fstype: str) -> Optional[str]:
+    """Why a trial lock in *path* failed or hung, or None if it worked."""
     # A blocking flock cannot be interrupted, so it runs in a daemon thread
     # that we stop waiting for after *timeout*.
     outcome: List[BaseException] = []
@@ -687,14 +690,13 @@ def _trial_lock(path: PathArg, timeout: float, info: FilesystemInfo, hint: Optio
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise UnsafeFilesystemError(_unsafe_message(
-            path, f"a trial lock on {info.fstype} did not finish within {timeout} s", hint))
-    if outcome:
-        error = outcome[0]
-        if isinstance(error, OSError) and error.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise UnsafeFilesystemError(_unsafe_message(
-                path, f"a trial lock on {info.fstype} failed: {error.strerror}", hint)) from error
-        raise error
+        return f"a trial lock on {fstype} did not finish within {timeout} s"
+    if not outcome:
+        return None
+    error = outcome[0]
+    if isinstance(error, OSError) and error.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+        return f"a trial lock on {fstype} failed: {error.strerror}"
+    raise error
 
 
 os.register_at_fork(after_in_child=_forget_parent_locks)
