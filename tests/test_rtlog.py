@@ -254,6 +254,28 @@ def test_forked_child_of_the_leader_is_a_worker(received):
         assert leader_server().statistics()["received"] == 1
 
 
+def test_a_forked_child_leaving_the_inherited_block_stops_nothing(received):
+    # Regression (found in review): the child raised "exited more often than
+    # entered" when it ran on out of the with block it inherited.
+    leader = RealtimeLogger(host="127.0.0.1")
+    with leader:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+            pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                leader.__exit__(None, None, None)  # what running on out of the block does
+                RealtimeLogger.info("child, after leaving the block")
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        received.wait_for("child, after leaving the block")
+        assert RealtimeLogger.loggingServer is not None, "the parent's leader still runs"
+
+
 def test_received_records_are_never_sent_on(received):
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))

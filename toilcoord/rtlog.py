@@ -481,9 +481,20 @@ class RealtimeLogServer:
         import time
 
         recv, size = sock.recv, self.max_packet_size
+        failures = 0
         try:
             while True:
-                data = recv(size)
+                try:
+                    data = recv(size)
+                except OSError as error:
+                    # A closed socket ends the loop; a passing error (ENOBUFS,
+                    # ENOMEM under pressure) loses a datagram, not the rest.
+                    failures += 1
+                    if self._stopping or error.errno in (errno.EBADF, errno.ENOTSOCK) or failures > 100:
+                        raise
+                    log.warning("Real-time log receiver: %s; going on", error)
+                    continue
+                failures = 0
                 if self._stopping and (not data or time.monotonic() > self._deadline):
                     return
                 sink(data, tally)
@@ -833,9 +844,12 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
     def __enter__(self) -> "RealtimeLogger":
         RealtimeLogger._startLeader(self._batchSystem, self._level, self._host, self._port,
                                     self._secret, self._localSocket)
+        self._entered_in = _fork_generation[0]
         return self
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
+        if self._entered_in != _fork_generation[0]:
+            return  # entered by the parent of this forked child: its leader, not ours
         RealtimeLogger._stopLeader()
 
     # -- leader
