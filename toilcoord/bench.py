@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from .files import robust_rmtree
 from .locks import global_mutex
 from .procnames import get_process_name, process_name_exists
 from .rtlog import RealtimeLogger
-from .smoke import import_root
+from .smoke import Forked, import_root
 
 __all__ = ["Row", "measure", "rtlog_burst", "run_bench"]
 
@@ -77,11 +78,18 @@ _LOCK_FLAGS = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _raw_mutex_cycle(path: str) -> None:
-    """What any flock mutex that leaves no file behind must do."""
-    fd = os.open(path, _LOCK_FLAGS, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    os.lstat(path)
-    os.fstat(fd)
+    """What any flock mutex that leaves no file behind must do: open, lock,
+    check the locked file is still the one at *path* (else a releaser
+    unlinked it: again), unlink, close."""
+    while True:
+        fd = os.open(path, _LOCK_FLAGS, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.lstat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
     os.unlink(path)
     os.close(fd)
 
@@ -126,8 +134,8 @@ def bench_arena(directory: str, settings: Settings) -> Row:
 
 
 def bench_process_name(directory: str, settings: Settings) -> Row:
-    holder = _Holder(lambda: get_process_name(directory))
-    name = holder.value
+    holder = Forked(_report_name_and_wait, directory)
+    name = holder.hear().decode()
     path = os.path.join(directory, name)
     try:
         def primitive(n: int) -> float:
@@ -149,71 +157,42 @@ def bench_process_name(directory: str, settings: Settings) -> Row:
 
         times = interleaved({"primitive": primitive, "floor": floor}, settings.rounds, settings.ops)
     finally:
-        holder.stop()
+        holder.kill()
+        holder.wait()
     return _latency_row("process_name_exists (live)", times, None)
 
 
-class _Holder:
-    """A forked child that computes ``make()``, reports it, and lives until
-    stopped."""
-
-    def __init__(self, make: Callable[[], str]) -> None:
-        read, write = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:
-            try:
-                os.close(read)
-                os.write(write, make().encode())
-                os.close(write)
-                while True:
-                    time.sleep(3600)
-            finally:
-                os._exit(1)
-        os.close(write)
-        with os.fdopen(read, "rb") as stream:
-            self.value = stream.read().decode()
-
-    def stop(self) -> None:
-        os.kill(self.pid, 9)
-        os.waitpid(self.pid, 0)
+def _report_name_and_wait(child: Forked, directory: str) -> None:
+    child.tell(get_process_name(directory).encode())
+    while True:
+        signal.pause()
 
 
 # ------------------------------------------------------------- contention
 
-def _contend(directory: str, procs: int, seconds: float, acquire_release: Callable[[], None]) -> float:
+def _contend(procs: int, seconds: float, acquire_release: Callable[[], None]) -> float:
     """Acquisitions per second, all *procs* processes together."""
     go_read, go_write = os.pipe()
-    results = []
-    pids = []
-    for _ in range(procs):
-        out_read, out_write = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(go_write)
-                os.read(go_read, 1)
-                count, deadline = 0, time.monotonic() + seconds
-                while time.monotonic() < deadline:
-                    acquire_release()
-                    count += 1
-                os.write(out_write, str(count).encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(out_write)
-        pids.append(pid)
-        results.append(out_read)
+
+    def count(child: Forked) -> None:
+        os.close(go_write)
+        os.read(go_read, 1)
+        done, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            acquire_release()
+            done += 1
+        child.tell(str(done).encode())
+
+    children = [Forked(count) for _ in range(procs)]
     os.close(go_read)
     start = time.monotonic()
     os.write(go_write, b"g" * procs)
     os.close(go_write)
-    total = 0
-    for pid, out_read in zip(pids, results):
-        with os.fdopen(out_read, "rb") as stream:
-            total += int(stream.read() or 0)
-        os.waitpid(pid, 0)
-    return total / max(time.monotonic() - start, seconds)
+    total = sum(int(child.hear(timeout=seconds + 60)) for child in children)
+    elapsed = time.monotonic() - start
+    for child in children:
+        child.wait()
+    return total / max(elapsed, seconds)
 
 
 def bench_contended(directory: str, procs: int, settings: Settings) -> List[Row]:
@@ -241,7 +220,7 @@ def bench_contended(directory: str, procs: int, settings: Settings) -> List[Row]
     rates: Dict[str, List[float]] = {name: [] for name in contenders}
     for _ in range(max(1, settings.rounds // 2)):
         for name, operation in contenders.items():
-            rates[name].append(_contend(directory, procs, settings.contended_seconds, operation))
+            rates[name].append(_contend(procs, settings.contended_seconds, operation))
     os.unlink(kept_path)
     ours_rate, cycle, kept = (statistics.median(rates[name]) for name in ("ours", "cycle", "kept"))
     return [
