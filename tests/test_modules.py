@@ -641,3 +641,18 @@ def test_local_job_store_rejects_bad_input(tmp_path):
     with pytest.raises(TypeError):
         LocalJobStore(42)
     assert os.listdir(store.path) == []
+
+
+def test_refresh_asks_the_job_store_for_the_url_again(tmp_path):
+    write(tmp_path / "app" / "mod.py", "X = 1\n")
+    store = LocalJobStore(tmp_path / "store")
+    resource = ModuleDescriptor(str(tmp_path / "app"), "mod", False).saveAsResourceTo(store)
+
+    class MovedStore(LocalJobStore):
+        def get_shared_public_url(self, shared_file_name):
+            return "file:///moved/" + shared_file_name
+
+    refreshed = resource.refresh(MovedStore(tmp_path / "store"))
+    assert refreshed.url == "file:///moved/" + resource.pathHash
+    assert refreshed._replace(url=resource.url) == resource, "only the URL changes"
+    assert type(refreshed) is type(resource)

@@ -13,7 +13,7 @@ from .locks import filesystem_info
 __all__ = ["main"]
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad command line: reported in one line, exit status 2."""
 
 
@@ -129,7 +129,7 @@ def cleanup_directory(directory: str) -> Iterator[str]:
     """Remove what dead processes left in *directory*, saying what was done.
 
     Never touches a live process's files: every removal is of a file whose
-    lock could be taken, and arena folders are removed under the arena's
+    lock could be taken, and arena members are reaped under the arena's
     own mutex. Safe while other processes use the directory, another
     cleanup included: whatever vanishes meanwhile was removed by someone
     else.

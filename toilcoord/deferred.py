@@ -327,7 +327,7 @@ class DeferredFunction(NamedTuple):
         process. Raises TypeError, naming the culprit, for anything that
         cannot be serialised.
         """
-        return DeferredFunction(*_fields(function, args, kwargs))
+        return cls(*_fields(function, args, kwargs))
 
     def invoke(self) -> Any:
         """Run the captured call and return its result."""

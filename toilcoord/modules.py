@@ -129,7 +129,7 @@ class LocalJobStore:
         return os.path.join(self.path, check_name(shared_file_name, "shared file name"))
 
     @contextmanager
-    def write_shared_file_stream(self, shared_file_name: str, encrypted: Optional[bool] = None) -> Iterator[BinaryIO]:
+    def write_shared_file_stream(self, shared_file_name: str, encrypted: bool = False) -> Iterator[BinaryIO]:
         """Yield a binary writer; on a clean exit its bytes replace the shared
         file *shared_file_name* at once, on an exception nothing changes.
         ``encrypted=True`` raises ValueError: this store cannot encrypt."""
