@@ -78,6 +78,9 @@ class Forked:
                 os.close(self._read)
                 target(self, *args)
                 code = 0
+            except BaseException:
+                import traceback
+                traceback.print_exc()  # the parent only sees the exit status
             finally:
                 os._exit(code)
         os.close(self._write)
