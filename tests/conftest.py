@@ -6,7 +6,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-from typing import Iterator, List
+import traceback
+import warnings
+from typing import Callable, Iterator, List
 
 import pytest
 
@@ -65,3 +67,37 @@ def run_python(code: str, *args: str, timeout: float = 60, env: dict = None) -> 
         env=env if env is not None else child_env(), cwd=ROOT,
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def run_in_fork(function: Callable[[], object]) -> int:
+    """Run *function* in a forked child; return its exit code (0 iff it
+    returned true, 1 if false, 2 if it raised). The child is always reaped."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork while threads run
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 2
+        try:
+            code = 0 if function() else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+
+
+def join_or_kill(processes: list, timeout: float) -> List[int]:
+    """Join multiprocessing children, killing any still running after
+    *timeout* seconds; return their exit codes."""
+    for process in processes:
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    return [process.exitcode for process in processes]

@@ -8,6 +8,8 @@ import pytest
 
 from toilcoord import LastProcessStandingArena, LockTimeout, global_mutex
 
+from conftest import join_or_kill, run_in_fork
+
 pytestmark = pytest.mark.timeout(90)
 
 # A member in a child process: enters the arena, says so, waits for a line on
@@ -119,22 +121,13 @@ def test_a_leave_never_iterated_keeps_the_membership(tmp_path):
 def test_forked_child_is_not_a_member(tmp_path):
     arena = LastProcessStandingArena(tmp_path, "fork")
     arena.enter()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
+
+    def child_cannot_leave():
+        with pytest.raises(RuntimeError):
             arena.leave()
-            verdict = b"child could leave"
-        except RuntimeError:
-            verdict = b"ok"
-        os.write(write_end, verdict)
-        os._exit(0)
-    os.close(write_end)
-    try:
-        assert os.read(read_end, 64) == b"ok"
-    finally:
-        os.close(read_end)
-        os.waitpid(pid, 0)
+        return True
+
+    assert run_in_fork(child_cannot_leave) == 0
     assert list(arena.leave()) == [True]
 
 
@@ -249,12 +242,8 @@ def test_exactly_one_cleanup_per_generation(tmp_path):
             for _ in members:
                 go.release()
         finally:
-            for member in members:
-                member.join(30)
-                if member.is_alive():
-                    member.kill()
-                    member.join()
-        assert [member.exitcode for member in members] == [0] * size
+            exit_codes = join_or_kill(members, 30)
+        assert exit_codes == [0] * size
     lines = (tmp_path / "cleanups").read_text().split("\n")[:-1]
     assert lines == [f"{generation} 0" for generation in range(generations)]
     assert sorted(os.listdir(tmp_path)) == ["cleanups", "inside"]

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import threading
 import time
-import traceback
 
 import pytest
 
@@ -32,6 +31,8 @@ from toilcoord.locks import (
     safe_unlock_and_close,
     take_over,
 )
+
+from conftest import run_in_fork
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,27 +95,6 @@ def kill_orphan(pid):
     """SIGKILL a grandchild whose parent died (init reaps it, not us)."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-
-
-def run_in_fork(function):
-    """Run *function* in a forked child; return its exit code (0 iff it
-    returned true). The child is always reaped."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 2
-        try:
-            code = 0 if function() else 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    try:
-        _, status = os.waitpid(pid, 0)
-    except BaseException:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        raise
-    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
 
 
 # ----------------------------------------------------------- the potato race

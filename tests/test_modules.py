@@ -14,7 +14,7 @@ import urllib.request
 import zipfile
 
 import pytest
-from conftest import ROOT, child_env, run_python
+from conftest import ROOT, child_env, join_or_kill, run_python
 
 from toilcoord.modules import (
     DirectoryResource,
@@ -481,12 +481,8 @@ def test_concurrent_downloads_publish_one_whole_copy(tmp_path, root):
         for process in processes:
             process.start()
     finally:
-        for process in processes:
-            process.join(60)
-            if process.is_alive():
-                process.kill()
-                process.join()
-    assert [p.exitcode for p in processes] == [0] * workers
+        exit_codes = join_or_kill(processes, 60)
+    assert exit_codes == [0] * workers
     assert os.listdir(root) == [resource.contentHash]
 
 

@@ -18,7 +18,7 @@ from toilcoord import (
 )
 from toilcoord.procnames import NAME_PREFIX
 
-from conftest import child_env, run_python
+from conftest import child_env, run_in_fork, run_python
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -104,20 +104,11 @@ def test_clean_exit_removes_the_name_file(tmp_path):
 
 def test_forked_child_gets_its_own_name_and_never_inherits_the_lock(tmp_path):
     parent_name = get_process_name(tmp_path)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        os.close(read_end)
-        child_name = get_process_name(tmp_path)
-        ok = child_name != parent_name and process_name_exists(tmp_path, parent_name)
-        os.write(write_end, b"ok" if ok else b"bad")
-        os._exit(0)
-    os.close(write_end)
-    try:
-        assert os.read(read_end, 16) == b"ok"
-    finally:
-        os.close(read_end)
-        os.waitpid(pid, 0)
+
+    def child_has_its_own_name():
+        return get_process_name(tmp_path) != parent_name and process_name_exists(tmp_path, parent_name)
+
+    assert run_in_fork(child_has_its_own_name) == 0
     assert get_process_name(tmp_path) == parent_name
 
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 
 import pytest
 
@@ -25,7 +24,7 @@ from toilcoord.rtlog import (
     split_address,
 )
 
-from conftest import ROOT, child_env, run_python
+from conftest import ROOT, child_env, run_in_fork, run_python
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -237,18 +236,12 @@ def test_leader_process_logs_locally_once(received):
 def test_forked_child_of_the_leader_is_a_worker(received):
     with RealtimeLogger(host="127.0.0.1"):
         RealtimeLogger.info("parent, local")  # configure the leader's own logger first
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
-            pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                RealtimeLogger.info("from the forked child")
-                code = 0 if RealtimeLogger._handler is not None else 2
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+        def child_sends():
+            RealtimeLogger.info("from the forked child")
+            return RealtimeLogger._handler is not None
+
+        assert run_in_fork(child_sends) == 0
         child_record = received.wait_for("from the forked child")
         assert child_record.__dict__[RECEIVED_MARK] is True
         assert leader_server().statistics()["received"] == 1
@@ -259,19 +252,12 @@ def test_a_forked_child_leaving_the_inherited_block_stops_nothing(received):
     # entered" when it ran on out of the with block it inherited.
     leader = RealtimeLogger(host="127.0.0.1")
     with leader:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
-            pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                leader.__exit__(None, None, None)  # what running on out of the block does
-                RealtimeLogger.info("child, after leaving the block")
-                code = 0
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        def child_leaves_then_logs():
+            leader.__exit__(None, None, None)  # what running on out of the block does
+            RealtimeLogger.info("child, after leaving the block")
+            return True
+
+        assert run_in_fork(child_leaves_then_logs) == 0
         received.wait_for("child, after leaving the block")
         assert RealtimeLogger.loggingServer is not None, "the parent's leader still runs"
 

@@ -12,7 +12,7 @@ import pytest
 from toilcoord import threads
 from toilcoord.threads import ExceptionalThread, cgroup_cpu_limit, cpu_count, cpu_count_sources
 
-from conftest import child_env, run_python
+from conftest import child_env, run_in_fork, run_python
 
 # The threads here die of their exceptions on purpose: threading.excepthook
 # reports them (as in Toil) and pytest would turn each into a warning.
@@ -394,21 +394,13 @@ def test_a_forked_child_reads_the_cgroup_limit_afresh(fresh_cache, monkeypatch) 
     real = threads.cgroup_cpu_limit
     monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: reads.append(1) or real())
     cpu_count()
-    readable, writable = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            cpu_count()
-            cpu_count()
-            os.write(writable, str(len(reads)).encode())
-        finally:
-            os._exit(0)
-    try:
-        os.close(writable)
-        with os.fdopen(readable, "rb") as pipe:
-            assert pipe.read() == b"2"  # the parent's read, and one of its own
-    finally:
-        os.waitpid(pid, 0)
+
+    def child_reads_once_more():
+        cpu_count()
+        cpu_count()
+        return len(reads) == 2  # the parent's read, and one of its own
+
+    assert run_in_fork(child_reads_once_more) == 0
     assert len(reads) == 1
 
 
