@@ -31,6 +31,11 @@ from toilcoord.torture import check_journal
 SEED = int(os.environ.get("TOILCOORD_FUZZ_SEED", "20261121"))
 
 
+def sizes(default, slow):
+    """Parameters for a fuzzer: *default* in every run, *slow* behind -m slow."""
+    return [default, pytest.param(slow, marks=(pytest.mark.slow, pytest.mark.timeout(900)))]
+
+
 def rng_for(name):
     return random.Random("%d:%s" % (SEED, name))
 
@@ -100,16 +105,10 @@ SABOTAGES = {
 }
 
 
-@pytest.mark.parametrize("broken", ["mutex exclusion"])
+@pytest.mark.parametrize("broken", ["mutex exclusion"] + [
+    pytest.param(other, marks=pytest.mark.slow) for other in sorted(set(SABOTAGES) - {"mutex exclusion"})])
 @pytest.mark.timeout(120)
 def test_the_torture_fails_when_a_primitive_is_broken(tmp_path, broken):
-    run_sabotaged(tmp_path, broken)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("broken", sorted(set(SABOTAGES) - {"mutex exclusion"}))
-@pytest.mark.timeout(120)
-def test_the_torture_fails_when_another_primitive_is_broken(tmp_path, broken):
     run_sabotaged(tmp_path, broken)
 
 
@@ -299,16 +298,10 @@ def fuzz_corrupt_state_files(tmp_path, state_file, rounds):
         assert not (tmp_path / "deferred").exists(), context
 
 
-def test_corrupt_state_files_never_crash_and_intact_records_run_once(tmp_path, state_file, caplog):
+@pytest.mark.parametrize("rounds", sizes(120, 5000))
+def test_corrupt_state_files_never_crash_and_intact_records_run_once(tmp_path, state_file, caplog, rounds):
     caplog.set_level(logging.CRITICAL)
-    fuzz_corrupt_state_files(tmp_path, state_file, rounds=120)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_corrupt_state_files_never_crash_and_intact_records_run_once_at_length(tmp_path, state_file, caplog):
-    caplog.set_level(logging.CRITICAL)
-    fuzz_corrupt_state_files(tmp_path, state_file, rounds=5000)
+    fuzz_corrupt_state_files(tmp_path, state_file, rounds=rounds)
 
 
 def fuzz_garbage_state_files(tmp_path, state_file, rounds):
@@ -325,16 +318,10 @@ def fuzz_garbage_state_files(tmp_path, state_file, rounds):
         assert not (tmp_path / "deferred").exists()
 
 
-def test_garbage_around_real_records_is_skipped_and_the_records_run_once(tmp_path, state_file, caplog):
+@pytest.mark.parametrize("rounds", sizes(60, 3000))
+def test_garbage_around_real_records_is_skipped_and_the_records_run_once(tmp_path, state_file, caplog, rounds):
     caplog.set_level(logging.CRITICAL)
-    fuzz_garbage_state_files(tmp_path, state_file, rounds=60)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_garbage_around_real_records_is_skipped_and_the_records_run_once_at_length(tmp_path, state_file, caplog):
-    caplog.set_level(logging.CRITICAL)
-    fuzz_garbage_state_files(tmp_path, state_file, rounds=3000)
+    fuzz_garbage_state_files(tmp_path, state_file, rounds=rounds)
 
 
 def trusted_and_usable(mode, owner):
@@ -487,15 +474,9 @@ def fuzz_datagrams(count, batch=25):
     assert stats["received"] == len(formatting.seen)
 
 
-@pytest.mark.timeout(120)
-def test_hostile_datagrams_never_stop_the_leader_or_break_its_formatters():
-    fuzz_datagrams(600)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_hostile_datagrams_never_stop_the_leader_or_break_its_formatters_at_length():
-    fuzz_datagrams(30000)
+@pytest.mark.parametrize("count", sizes(600, 30000))
+def test_hostile_datagrams_never_stop_the_leader_or_break_its_formatters(count):
+    fuzz_datagrams(count)
 
 
 # ------------------------------------------------------- fuzz: mountinfo
@@ -548,13 +529,9 @@ def fuzz_mountinfo(rounds):
             assert isinstance(mount.mount_point, str) and isinstance(mount.options, tuple), context
 
 
-def test_mountinfo_lines_with_odd_escapes_parse_back_and_garbage_never_crashes():
-    fuzz_mountinfo(400)
-
-
-@pytest.mark.slow
-def test_mountinfo_lines_with_odd_escapes_parse_back_and_garbage_never_crashes_at_length():
-    fuzz_mountinfo(40000)
+@pytest.mark.parametrize("count", sizes(400, 40000))
+def test_mountinfo_lines_with_odd_escapes_parse_back_and_garbage_never_crashes(count):
+    fuzz_mountinfo(count)
 
 
 def test_the_longest_odd_mount_point_holding_a_path_is_its_filesystem(tmp_path):
@@ -643,13 +620,8 @@ def test_edge_case_names_are_refused_up_front_or_work_and_leave_nothing(tmp_path
     exercise_name(tmp_path, name)
 
 
-def test_generated_names_are_refused_up_front_or_work_and_leave_nothing(tmp_path):
-    for name in generated_names(rng_for("names"), 150):
+@pytest.mark.parametrize("count", sizes(150, 5000))
+def test_generated_names_are_refused_up_front_or_work_and_leave_nothing(tmp_path, count):
+    for name in generated_names(rng_for("names"), count):
         exercise_name(tmp_path, name)
         exercise_name(tmp_path, "toil-proc-" + name if isinstance(name, str) else name)
-
-
-@pytest.mark.slow
-def test_generated_names_at_length(tmp_path):
-    for name in generated_names(rng_for("names-long"), 5000):
-        exercise_name(tmp_path, name)
