@@ -37,6 +37,7 @@ __all__ = [
     "discard_taken",
     "ensure_filesystem_lockable",
     "filesystem_info",
+    "fork_epoch",
     "global_mutex",
     "lock_scope",
     "locked_file_is",
@@ -162,6 +163,12 @@ def locked_file_is(fd: int, path: PathArg) -> bool:
 # an fd number the child has reused.
 _held_fds: set = set()
 _fork_epoch = 0
+
+
+def fork_epoch() -> int:
+    """A number that changes in every forked child: state stamped with it
+    in a parent is recognisably inherited in the child."""
+    return _fork_epoch
 
 
 def _forget_parent_locks() -> None:

@@ -40,6 +40,8 @@ import threading
 from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from .locks import fork_epoch
+
 __all__ = ["RealtimeLogHandler", "RealtimeLogServer", "RealtimeLogger"]
 
 log = logging.getLogger(__name__)
@@ -163,7 +165,7 @@ class RealtimeLogHandler(logging.Handler):
         import itertools
         import socket
 
-        self._generation = _fork_generation[0]
+        self._generation = fork_epoch()
         self.sender_id = "%s:%d:%s" % (socket.gethostname(), os.getpid(), os.urandom(4).hex())
         self._next_seq = itertools.count().__next__
 
@@ -217,7 +219,7 @@ class RealtimeLogHandler(logging.Handler):
         if RECEIVED_MARK in record.__dict__:
             return
         try:
-            if self._generation != _fork_generation[0]:
+            if self._generation != fork_epoch():
                 self._new_identity()  # a forked child must not reuse the parent's numbering
             self.send(self.encode(record))
         except RecursionError:
@@ -305,9 +307,6 @@ class RealtimeLogHandler(logging.Handler):
 # port unreachable or a closed local socket, then ENOTCONN; EPIPE after the
 # leader shut down), or no buffer space on the way out (ENOBUFS).
 _DROPPED = frozenset((errno.EAGAIN, errno.ECONNREFUSED, errno.ENOTCONN, errno.EPIPE, errno.ENOBUFS))
-# Bumped in every forked child; a handler seeing it change takes a new
-# sender id, so parent and child are counted as two senders.
-_fork_generation = [0]
 
 
 def _stringify_extras(fields: Dict[str, Any]) -> Dict[str, Any]:
@@ -844,11 +843,11 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
     def __enter__(self) -> "RealtimeLogger":
         RealtimeLogger._startLeader(self._batchSystem, self._level, self._host, self._port,
                                     self._secret, self._localSocket)
-        self._entered_in = _fork_generation[0]
+        self._entered_in = fork_epoch()
         return self
 
     def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> None:
-        if self._entered_in != _fork_generation[0]:
+        if self._entered_in != fork_epoch():
             return  # entered by the parent of this forked child: its leader, not ours
         RealtimeLogger._stopLeader()
 
@@ -982,7 +981,6 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
 
     @classmethod
     def _afterForkInChild(cls) -> None:
-        _fork_generation[0] += 1
         cls.lock = threading.RLock()  # another thread may have held it at fork time
         if cls.loggingServer is not None:
             # The child is a worker of its parent's leader: the environment
