@@ -87,7 +87,7 @@ def _remove(path: Union[str, bytes]) -> None:
         if error.errno not in _NOT_A_DIRECTORY:
             raise
         try:
-            _unlink_if_present(path)
+            unlink_if_present(path)
         except NotADirectoryError:
             pass  # a path through a file ("file/x"): nothing there
         return
@@ -133,7 +133,7 @@ def _list_and_unlink_files(level: _Level) -> None:
         if entry.is_dir(follow_symlinks=False):
             level.subdirs.append(entry.name)
         else:
-            _unlink_if_present(entry.name, level.fd)
+            unlink_if_present(entry.name, level.fd)
 
 
 def _open_subdir(parent: _Level, name: str) -> Optional[_Level]:
@@ -146,7 +146,7 @@ def _open_subdir(parent: _Level, name: str) -> Optional[_Level]:
     except OSError as error:
         if error.errno not in _NOT_A_DIRECTORY:
             raise
-    _unlink_if_present(name, parent.fd)
+    unlink_if_present(name, parent.fd)
     return None
 
 
@@ -189,7 +189,9 @@ def _identity(fd: int) -> tuple:
     return (status.st_dev, status.st_ino)
 
 
-def _unlink_if_present(name: Union[str, bytes], dir_fd: Optional[int] = None) -> None:
+def unlink_if_present(name: PathArg, dir_fd: Optional[int] = None) -> None:
+    """Unlink *name* (relative to *dir_fd* if given); gone already is fine:
+    someone else removed it."""
     try:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:

@@ -28,6 +28,8 @@ import threading
 import time
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
+from .files import unlink_if_present
+
 __all__ = [
     "FilesystemInfo",
     "HeldFile",
@@ -242,7 +244,7 @@ class HeldFile:
             try:
                 locked = _lock_and_verify(fd, path, block=False, verify=verify)
             except BaseException:
-                _unlink_if_present(path)  # ours: made with O_EXCL, never locked
+                unlink_if_present(path)  # ours: made with O_EXCL, never locked
                 raise
             if locked:
                 return cls(path, fd)
@@ -266,19 +268,12 @@ class HeldFile:
         _held_fds.discard(fd)
         try:
             if unlink:
-                _unlink_if_present(self.path)
+                unlink_if_present(self.path)
         finally:
             safe_unlock_and_close(fd)
 
     def __repr__(self) -> str:
         return f"HeldFile({self.path!r}, held={self.held})"
-
-
-def _unlink_if_present(path: PathArg) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass  # removed by someone else (a taker-over, an rm -rf of the directory)
 
 
 def _close_tracked(fd: int) -> None:
@@ -372,7 +367,7 @@ def release_taken(fd: int) -> None:
 def discard_taken(fd: int, path: PathArg) -> None:
     """Unlink a file taken over with :func:`take_over`, then unlock it."""
     try:
-        _unlink_if_present(path)
+        unlink_if_present(path)
     finally:
         release_taken(fd)
 
