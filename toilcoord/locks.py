@@ -209,10 +209,10 @@ class HeldFile:
     RANDOM_CHARS = 16
 
     def __init__(self, path: str, fd: int) -> None:
+        # *fd* is tracked in _held_fds from its open on (create, acquire).
         self.path = path
         self.fd = fd
         self._epoch = _fork_epoch
-        _held_fds.add(fd)
 
     @property
     def name(self) -> str:

@@ -537,7 +537,7 @@ class ModuleDescriptor(NamedTuple):
         if extension not in (".py", ".pyc"):
             raise ResourceException(f"module {name!r} is {fileName}; only .py and .pyc modules can be shipped")
         if name == "__main__":
-            name, dirPath = _main_module_name(module, stem)
+            name, dirPath = _main_module_location(module, stem)
         else:
             dirPath = _import_root(stem, name)
         if not os.path.isdir(dirPath):
@@ -697,7 +697,7 @@ class ModuleDescriptor(NamedTuple):
             )
 
 
-def _main_module_name(module: ModuleType, stem: str) -> Tuple[str, str]:
+def _main_module_location(module: ModuleType, stem: str) -> Tuple[str, str]:
     """The importable name and import root of the ``__main__`` module whose
     file is *stem* plus an extension."""
     spec = getattr(module, "__spec__", None)
