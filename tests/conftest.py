@@ -1,11 +1,13 @@
 """Shared helpers: child Python processes that can import this checkout."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 import traceback
 import warnings
 from typing import Callable, Iterator, List
@@ -101,3 +103,83 @@ def join_or_kill(processes: list, timeout: float) -> List[int]:
             process.kill()
             process.join()
     return [process.exitcode for process in processes]
+
+
+def release(holder):
+    """Close a holder child's stdin (its signal to let go) and reap it."""
+    holder.stdin.close()
+    assert holder.wait() == 0
+
+
+def open_fds():
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+def blocked_on_flock(pid):
+    """True once process *pid* waits for an flock (a "->" line in /proc/locks)."""
+    with open("/proc/locks") as table:
+        return any(line.split()[1:3] == ["->", "FLOCK"] and line.split()[5] == str(pid) for line in table)
+
+
+def wait_until(predicate, timeout=30.0):
+    """Poll *predicate* (an observation of another process, such as
+    /proc/locks) until it holds; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{predicate} never held"
+        time.sleep(0.005)
+
+
+def alive(pid):
+    """True while *pid* runs (not a zombie), whoever its parent is."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def kill_orphan(pid):
+    """SIGKILL a grandchild whose parent died (init reaps it, not us)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------ fake mount tables
+
+def escape(path):
+    """*path* written as the kernel writes mount points in mountinfo."""
+    for char, code in (("\\", "\\134"), (" ", "\\040"), ("\t", "\\011"), ("\n", "\\012")):
+        path = path.replace(char, code)
+    return path
+
+
+def mount_line(number, mount_point, fstype, super_options, options="rw,relatime", optional="shared:1"):
+    fields = [str(number), "1", "0:%d" % number, "/", escape(mount_point), options]
+    fields += [optional] if optional else []
+    return " ".join(fields + ["-", fstype, "src%d" % number, super_options])
+
+
+@pytest.fixture
+def fake_mounts(tmp_path):
+    """A fake mountinfo: / is ext4 and directories under tmp_path are other
+    filesystems. Returns (root, mountinfo path)."""
+    root = os.path.realpath(str(tmp_path))
+    for name in ("nfs", "nfs-local", "nfs/tmp", "my dir", "stacked", "lustre", "ceph", "unknown", "nfsdir"):
+        os.makedirs(os.path.join(root, name))
+    lines = [
+        mount_line(1, "/", "ext4", "rw"),
+        mount_line(2, root + "/nfs", "nfs4", "rw,vers=4.2,local_lock=none"),
+        mount_line(3, root + "/nfs/tmp", "tmpfs", "rw"),
+        mount_line(4, root + "/nfs-local", "nfs", "rw,vers=3,local_lock=all", optional=""),
+        mount_line(5, root + "/my dir", "nfs4", "rw,local_lock=flock", optional="shared:5 master:2"),
+        mount_line(6, root + "/stacked", "ext4", "rw"),
+        mount_line(7, root + "/stacked", "ceph", "rw,name=admin"),
+        mount_line(8, root + "/lustre", "lustre", "rw,noflock"),
+        mount_line(9, root + "/ceph", "ceph", "rw"),
+        mount_line(10, root + "/unknown", "fuse.sshfs", "rw"),
+    ]
+    mountinfo = os.path.join(root, "mountinfo")
+    with open(mountinfo, "w") as stream:
+        stream.write("\n".join(lines) + "\n")
+    return root, mountinfo

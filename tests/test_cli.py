@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from toilcoord import LastProcessStandingArena, LockTimeout, global_mutex, locks
+from toilcoord import LastProcessStandingArena, LockTimeout, global_mutex, locks, mounts
 from toilcoord.cli import main
 
 from conftest import ROOT, child_env, run_python
@@ -127,8 +127,10 @@ def test_cleanup_removes_the_dead_and_leaves_the_living(tmp_path, children):
     assert "removed 2" in done.stdout
     after = sorted(os.listdir(tmp_path))
     assert len([name for name in after if name.startswith("toil-proc-")]) == 1
-    assert not [name for name in after if name.startswith("gone-arena-member-")], "a dead arena is removed"
-    assert len([name for name in after if name.startswith("work-arena-member-")]) == 1, "the live member is untouched"
+    assert "gone-arena-live" not in after, "a dead arena is removed"
+    assert "work-arena-live" in after, "a live arena is untouched"
+    assert "arena gone: no live members; removed" in done.stdout
+    assert "arena work: live members remain" in done.stdout
     assert (tmp_path / f"ran-{dead.pid}").is_dir() and (tmp_path / f"ran-{gone.pid}").is_dir()
     assert not (tmp_path / f"ran-{live.pid}").exists(), "a live process's deferred function is not run"
     assert len(os.listdir(tmp_path / "deferred")) == 1
@@ -174,7 +176,7 @@ def test_cleanup_removes_the_lock_file_of_a_killed_mutex_holder_and_spares_a_hel
 
 def test_cleanup_tolerates_files_removed_under_it_by_others(tmp_path, monkeypatch):
     # Regression (found by the torture running cleanup while workers use the
-    # directory): an arena member's file reaped by a leaver while cleanup
+    # directory): an arena's file removed by its last leaver while cleanup
     # waited for the arena's mutex, or the deferred directory removed by a
     # concurrent cleanup, made cleanup raise FileNotFoundError. The
     # interleaving is forced here by removing them at those moments.
@@ -182,23 +184,23 @@ def test_cleanup_tolerates_files_removed_under_it_by_others(tmp_path, monkeypatc
     from toilcoord.cli import cleanup_directory
     from toilcoord.deferred import DeferredFunctionManager
 
-    dead_member = tmp_path / ("gone" + toilcoord.arena.MEMBER_INFIX + "0" * 16)
-    dead_member.write_text("")
+    dead_arena = tmp_path / "gone-arena-live"
+    dead_arena.write_text("")
     (tmp_path / "deferred").mkdir(mode=0o700)
-    real_reap, real_cleanup = toilcoord.arena.reap_dead_members, DeferredFunctionManager.cleanupWorker
+    real_take_over, real_cleanup = toilcoord.arena.take_over, DeferredFunctionManager.cleanupWorker
 
-    def reap_after_a_leaver_reaped(base_dir, name):
-        dead_member.unlink()
-        return real_reap(base_dir, name)
+    def take_over_after_a_leaver_removed_it(path):
+        dead_arena.unlink()
+        return real_take_over(path)
 
     def cleanup_beside_another(base):
         real_cleanup(base)
         shutil.rmtree(os.path.join(base, "deferred"), ignore_errors=True)
 
-    monkeypatch.setattr(toilcoord.arena, "reap_dead_members", reap_after_a_leaver_reaped)
+    monkeypatch.setattr(toilcoord.arena, "take_over", take_over_after_a_leaver_removed_it)
     monkeypatch.setattr(DeferredFunctionManager, "cleanupWorker", staticmethod(cleanup_beside_another))
     said = list(cleanup_directory(str(tmp_path)))
-    assert "arena gone: 0 live members left" in said
+    assert "arena gone: no live members; removed" in said
     assert said[0] == "deferred functions: ran those of dead processes; 0 live state files left"
     assert os.listdir(tmp_path) == []
 
@@ -211,7 +213,7 @@ def test_unsafe_filesystem_is_a_failing_check_with_advice(tmp_path, monkeypatch,
         "27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
         f"90 27 0:99 / {scratch} rw,relatime - ceph 10.0.0.1:6789:/ rw,name=admin\n"
     )
-    monkeypatch.setattr(locks, "_MOUNTINFO", str(fake))
+    monkeypatch.setattr(mounts, "_MOUNTINFO", str(fake))
     monkeypatch.setattr(locks, "_lockable_devices", {})
     assert main(["--dir", str(scratch)]) == 1
     out = capsys.readouterr().out

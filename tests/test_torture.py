@@ -24,7 +24,8 @@ from conftest import ROOT, child_env, run_python
 
 from toilcoord import LastProcessStandingArena, global_mutex, process_name_exists
 from toilcoord.deferred import DeferredFunctionManager
-from toilcoord.locks import filesystem_info, parse_mountinfo
+from toilcoord.mounts import filesystem_info, parse_mountinfo
+from toilcoord.mutex import retire_mutex_files
 from toilcoord.rtlog import RealtimeLogHandler, RealtimeLogServer
 from toilcoord.torture import check_journal
 
@@ -607,6 +608,7 @@ def exercise_name(tmp_path, name):
     else:
         with pytest.raises(ValueError):
             process_name_exists(tmp_path, name)
+    retire_mutex_files()  # as at exit
     assert sorted(os.listdir(tmp_path)) == before, "nothing left for %r" % (name,)
 
 

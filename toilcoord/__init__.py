@@ -16,16 +16,15 @@ except ImportError:  # pragma: no cover - exercised only off POSIX
     ) from None
 
 from .locks import (
-    FilesystemInfo,
     LockTimeout,
     UnsafeFilesystemError,
     ensure_filesystem_lockable,
-    filesystem_info,
-    global_mutex,
     locked_file_is,
     safe_lock,
     safe_unlock_and_close,
 )
+from .mounts import FilesystemInfo, filesystem_info
+from .mutex import global_mutex
 from .procnames import (
     collect_process_name_garbage,
     current_process_name_for,

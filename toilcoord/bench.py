@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 from .arena import LastProcessStandingArena
 from .deferred import DeferredFunctionManager
 from .files import robust_rmtree
-from .locks import global_mutex
+from .mutex import global_mutex
 from .procnames import get_process_name, process_name_exists
 from .rtlog import RealtimeLogger
 from .smoke import Forked, import_root

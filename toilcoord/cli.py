@@ -8,7 +8,7 @@ import tempfile
 from typing import Iterator, Optional, Sequence
 
 from . import __version__
-from .locks import filesystem_info
+from .mounts import filesystem_info
 
 __all__ = ["main"]
 
@@ -136,7 +136,7 @@ def cleanup_directory(directory: str) -> Iterator[str]:
     """
     from .arena import reap_dead_arenas
     from .deferred import DeferredFunctionManager
-    from .locks import reap_unheld_mutex_files
+    from .mutex import reap_unheld_mutex_files
     from .procnames import reap_dead_process_names
 
     state = os.path.join(directory, DeferredFunctionManager.STATE_DIR_STEM)
@@ -145,7 +145,7 @@ def cleanup_directory(directory: str) -> Iterator[str]:
         yield f"deferred functions: ran those of dead processes; {_count_entries(state)} live state files left"
     yield f"process names: removed {len(reap_dead_process_names(directory))} of dead processes"
     for arena, live in reap_dead_arenas(directory):
-        yield f"arena {arena}: {live} live members left"
+        yield f"arena {arena}: " + ("live members remain" if live else "no live members; removed")
     yield f"mutexes: removed {len(reap_unheld_mutex_files(directory))} lock files left by dead holders"
 
 

@@ -1,34 +1,37 @@
-"""flock-based locks that dead holders release and that leave no files behind.
+"""flock-based locks that dead holders release, on local and network filesystems.
 
 Everything in toilcoord that proves liveness or excludes other processes
 stands on three ideas kept in this module:
 
-* a lock is an exclusive ``flock`` on an open file, so the kernel drops it
-  when the holder dies, however it dies;
-* after locking, the holder checks with :func:`locked_file_is` that the file
-  it locked is still the one linked at the path, so a file may be unlinked
-  while locked and nobody can ever hold a stale copy;
+* a lock is an exclusive ``flock`` on a file open for writing (NFSv4 grants
+  exclusive locks only on such files), so the kernel drops it when the
+  holder dies, however it dies;
+* after locking, the holder checks that the file it locked is still the one
+  linked at the path (:func:`locked_file_is`), so a file may be unlinked
+  while locked and nobody ever holds a stale copy. On network filesystems
+  the check never trusts a cached name (see :mod:`.mounts`);
 * a forked child never keeps a lock of its parent's: the fds are closed in
   the child (``os.register_at_fork``), so a parent that dies is seen dead even
   while its children live.
 
 :class:`HeldFile` and :func:`take_over` are the one implementation of the
 "file held locked for liveness" pattern used by process names, the arena and
-the deferred-function manager.
+the deferred-function manager; :class:`global_mutex` keeps its lock file
+open between acquisitions.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import logging
 import os
-import re
+import stat
 import threading
 import time
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 from .files import unlink_if_present
+from .mounts import FilesystemInfo, filesystem_info
 
 __all__ = [
     "FilesystemInfo",
@@ -40,11 +43,7 @@ __all__ = [
     "ensure_filesystem_lockable",
     "filesystem_info",
     "fork_epoch",
-    "global_mutex",
-    "lock_scope",
     "locked_file_is",
-    "parse_mountinfo",
-    "reap_unheld_mutex_files",
     "release_taken",
     "safe_lock",
     "safe_unlock_and_close",
@@ -139,17 +138,20 @@ def safe_unlock_and_close(fd: int) -> None:
 def locked_file_is(fd: int, path: PathArg) -> bool:
     """True iff the open *fd* is the file now linked at *path*.
 
-    A missing path, a path through a missing directory and a stale NFS
-    handle (ESTALE) all give False.
+    A missing path, a path through a missing directory, a file whose last
+    link is gone and a stale NFS handle (ESTALE) all give False. On NFS,
+    call it after locking *fd*: taking a lock makes the client drop the
+    file's cached attributes, so a file another node unlinked is seen with
+    no links even where the name at *path* is still cached.
     """
     try:
-        linked = os.lstat(path)
         opened = os.fstat(fd)
+        linked = os.lstat(path)
     except OSError as error:
         if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
             return False
         raise
-    return linked.st_ino == opened.st_ino and linked.st_dev == opened.st_dev
+    return opened.st_nlink > 0 and linked.st_ino == opened.st_ino and linked.st_dev == opened.st_dev
 
 
 # ------------------------------------------------- fork-aware held files
@@ -182,15 +184,30 @@ def _forget_parent_locks() -> None:
             pass  # already closed by the application after fork
     _held_fds.clear()
     _fork_epoch += 1
-    # Another thread may have held these at fork time; it does not exist here.
-    global _thread_locks_guard
-    _thread_locks_guard = threading.Lock()
-    _thread_locks.clear()
 
 
-_OPEN_EXISTING = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Read-write: NFSv4 refuses an exclusive lock on a file not open for
+# writing. Non-blocking: a FIFO planted at the path must not hang the open.
+_OPEN_EXISTING = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 _OPEN_OR_CREATE = _OPEN_EXISTING | os.O_CREAT
 _CREATE_NEW = _OPEN_OR_CREATE | os.O_EXCL
+_FILE_MODE = 0o600
+
+
+def _open_tracked(path: str, flags: int) -> int:
+    """Open *path* and track the fd for forks; raise unless it is a regular file."""
+    fd = os.open(path, flags, _FILE_MODE)
+    _held_fds.add(fd)
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        _close_tracked(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        _close_tracked(fd)
+        raise OSError(errno.EINVAL, "not a regular file, so never used as a lock file "
+                      "(something else was put at this path)", path)
+    return fd
 
 
 class HeldFile:
@@ -225,7 +242,7 @@ class HeldFile:
 
     @classmethod
     def create(cls, directory: str, prefix: str = "", suffix: str = "",
-               mode: int = 0o644, verify: bool = True) -> "HeldFile":
+               mode: int = _FILE_MODE, verify: bool = True) -> "HeldFile":
         """Create a new, randomly named file in *directory* and lock it.
 
         The name is made with O_EXCL; the lock is taken and verified before
@@ -247,16 +264,6 @@ class HeldFile:
                 unlink_if_present(path)  # ours: made with O_EXCL, never locked
                 raise
             if locked:
-                return cls(path, fd)
-
-    @classmethod
-    def acquire(cls, path: str, deadline: Optional[float] = None) -> "HeldFile":
-        """Lock the file at *path*, creating it if needed; wait until
-        *deadline* (a ``time.monotonic()`` value; None waits forever)."""
-        while True:
-            fd = os.open(path, _OPEN_OR_CREATE, 0o644)
-            _held_fds.add(fd)
-            if _lock_and_verify(fd, path, block=True, deadline=deadline):
                 return cls(path, fd)
 
     def release(self, unlink: bool = True) -> None:
@@ -342,8 +349,7 @@ def take_over(path: PathArg, shared: bool = False) -> Optional[int]:
     *shared*: for a mere liveness probe, which must not mistake another
     prober's brief lock for the owner's (only owners lock exclusively).
     """
-    fd = os.open(path, _OPEN_EXISTING)
-    _held_fds.add(fd)  # a child forked while we hold it must not keep it
+    fd = _open_tracked(os.fspath(path), _OPEN_EXISTING)  # a child forked while we hold it must not keep it
     try:
         safe_lock(fd, block=False, shared=shared)
     except OSError as error:
@@ -372,7 +378,7 @@ def discard_taken(fd: int, path: PathArg) -> None:
         release_taken(fd)
 
 
-# ----------------------------------------------------------- global_mutex
+# ------------------------------------------------------------------ names
 
 _MAX_NAME_BYTES = 200
 
@@ -396,254 +402,7 @@ def check_name(name: object, what: str = "mutex name") -> str:
     return name
 
 
-class _ThreadGate:
-    """In-process queue in front of one lock file, so threads exclude each
-    other even where flock is emulated with per-process POSIX locks (NFS)."""
-
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.users = 0
-
-
-_thread_locks: Dict[str, _ThreadGate] = {}
-_thread_locks_guard = threading.Lock()
-
-
-def _enter_gate(path: str) -> _ThreadGate:
-    with _thread_locks_guard:
-        gate = _thread_locks.get(path)
-        if gate is None:
-            gate = _thread_locks[path] = _ThreadGate()
-        gate.users += 1
-        return gate
-
-
-def _leave_gate(path: str, gate: _ThreadGate) -> None:
-    with _thread_locks_guard:
-        gate.users -= 1
-        if gate.users == 0 and _thread_locks.get(path) is gate:
-            del _thread_locks[path]
-
-
-_MUTEX_PREFIX = "toil-mutex-"
-
-
-def reap_unheld_mutex_files(base_dir: PathArg) -> List[str]:
-    """Remove the lock files in *base_dir* of mutexes nobody holds (their
-    holder was killed); return their paths. A process about to lock one
-    finds it unlinked and makes a new one, so this is safe at any time."""
-    with os.scandir(base_dir) as entries:
-        candidates = sorted(entry.path for entry in entries
-                            if entry.name.startswith(_MUTEX_PREFIX) and entry.is_file(follow_symlinks=False))
-    removed = []
-    for path in candidates:
-        try:
-            fd = take_over(path)
-        except FileNotFoundError:
-            continue  # released (and unlinked) meanwhile
-        if fd is not None:
-            discard_taken(fd, path)
-            removed.append(path)
-    return removed
-
-
-def _mutex_path(base_dir: PathArg, mutex: str) -> str:
-    directory = os.fspath(base_dir)
-    if not isinstance(directory, str):
-        raise TypeError(f"base_dir must be a str or os.PathLike[str], not {type(directory).__name__}")
-    if directory.startswith("/"):
-        return _absolute_mutex_path(directory, mutex)
-    # Relative to the current directory, which may change: not cached.
-    return os.path.abspath(os.path.join(directory, _MUTEX_PREFIX + mutex))
-
-
-# The path is the key of the thread gate, so it must be canonical; abspath
-# costs microseconds on old Pythons, a cache hit a tenth of one.
-@functools.lru_cache(maxsize=256)
-def _absolute_mutex_path(base_dir: str, mutex: str) -> str:
-    return os.path.normpath(os.path.join(base_dir, _MUTEX_PREFIX + mutex))
-
-
-def _clearer_error(error: BaseException, path: str) -> Optional[OSError]:
-    """The error to raise instead of *error*, met while opening lock file *path*."""
-    if isinstance(error, FileNotFoundError):
-        return FileNotFoundError(errno.ENOENT, "mutex base directory does not exist", os.path.dirname(path))
-    if isinstance(error, NotADirectoryError):
-        return NotADirectoryError(errno.ENOTDIR, "mutex base directory is not a directory", os.path.dirname(path))
-    if isinstance(error, OSError) and error.errno == errno.ELOOP and os.path.islink(path):
-        return OSError(errno.ELOOP, "mutex lock file is a symbolic link, which is never followed", path)
-    return None
-
-
-class global_mutex:  # noqa: N801 - a context manager named like Toil's function
-    """Context manager holding the mutex *mutex* scoped to *base_dir*.
-
-    Excludes every process that shares *base_dir* (across containers too)
-    and every other thread of this process. The lock file
-    ``base_dir/toil-mutex-<mutex>`` exists only while the mutex is held; a
-    holder that dies releases it. With *timeout* (seconds) the wait raises
-    :class:`LockTimeout`. Not reentrant: a thread that enters the same mutex
-    twice waits for itself. A bad *mutex* raises ValueError here, before
-    anything is touched; a missing *base_dir* raises FileNotFoundError on
-    entry.
-    """
-
-    __slots__ = ("path", "timeout", "_gate", "_file")
-
-    def __init__(self, base_dir: PathArg, mutex: str, timeout: Optional[float] = None) -> None:
-        check_name(mutex)
-        if timeout is not None and not timeout >= 0:
-            raise ValueError(f"timeout must be None or a number >= 0, not {timeout!r}")
-        self.path = _mutex_path(base_dir, mutex)
-        self.timeout = timeout
-        self._file: Optional[HeldFile] = None
-
-    def __enter__(self) -> None:
-        gate = self._gate = _enter_gate(self.path)
-        try:
-            deadline = self._pass_gate(gate)
-            try:
-                self._file = HeldFile.acquire(self.path, deadline)
-            except BaseException:
-                gate.lock.release()
-                raise
-        except BaseException as error:
-            _leave_gate(self.path, gate)
-            clearer = _clearer_error(error, self.path)
-            if clearer is not None:
-                raise clearer from None
-            raise
-
-    def _pass_gate(self, gate: _ThreadGate) -> Optional[float]:
-        """Wait for the other threads; return the deadline for the file lock."""
-        if self.timeout is None:
-            gate.lock.acquire()
-            return None
-        deadline = time.monotonic() + self.timeout
-        # Lock.acquire refuses timeouts beyond TIMEOUT_MAX (float("inf") too).
-        if not gate.lock.acquire(timeout=min(self.timeout, threading.TIMEOUT_MAX)):
-            raise LockTimeout(f"timed out after {self.timeout} s waiting for {self.path}")
-        return deadline
-
-    def __exit__(self, *exc_info: object) -> None:
-        held = self._file
-        self._file = None
-        if held is None or not held.held:
-            return  # entered in the parent of this forked child: not ours
-        try:
-            held.release()
-        finally:
-            self._gate.lock.release()
-            _leave_gate(self.path, self._gate)
-
-
 # ------------------------------------------------------- filesystem facts
-
-class FilesystemInfo(NamedTuple):
-    """What kind of filesystem a path is on and how far its locks reach."""
-
-    fstype: str
-    mount_point: str
-    options: Tuple[str, ...]
-    lock_scope: str  # "cluster", "node", "unsafe" or "unknown"
-    reason: str
-
-
-class _Mount(NamedTuple):
-    mount_point: str
-    fstype: str
-    options: Tuple[str, ...]
-
-
-# The kernel writes space, tab, newline and backslash in mountinfo as \ooo.
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-def _unescape(field: str) -> str:
-    if "\\" not in field:
-        return field
-    return _OCTAL_ESCAPE.sub(lambda match: chr(int(match.group(1), 8)), field)
-
-
-def parse_mountinfo(text: str) -> List[_Mount]:
-    """Parse ``/proc/self/mountinfo`` (see proc(5)); bad lines are skipped."""
-    mounts = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        try:
-            separator = fields.index("-", 6)
-            mount_point = _unescape(fields[4])
-            options = fields[5].split(",") + fields[separator + 3].split(",")
-            fstype = _unescape(fields[separator + 1])
-        except (ValueError, IndexError):
-            continue
-        mounts.append(_Mount(mount_point, fstype, tuple(dict.fromkeys(_unescape(o) for o in options if o))))
-    return mounts
-
-
-_NODE_LOCAL_TYPES = frozenset((
-    "ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "jfs", "reiserfs",
-    "tmpfs", "ramfs", "overlay", "devtmpfs", "shm",
-))
-
-
-def lock_scope(fstype: str, options: Tuple[str, ...]) -> Tuple[str, str]:
-    """Return ``(scope, reason)`` for a filesystem type and its options."""
-    opts = set(options)
-    if fstype in ("nfs", "nfs4"):
-        for local in ("local_lock=flock", "local_lock=all"):
-            if local in opts:
-                return "node", f"NFS mounted {local}: locks hold only between processes of this node"
-        if "nolock" in opts:
-            return "node", "NFS mounted nolock: locks hold only between processes of this node"
-        return "cluster", "NFS with server-side locking: flock is emulated with byte-range locks that hold between nodes"
-    if fstype == "lustre":
-        if "flock" in opts:
-            return "cluster", "Lustre mounted flock: locks are coherent between nodes"
-        if "localflock" in opts:
-            return "node", "Lustre mounted localflock: locks hold only between processes of this node"
-        return "unsafe", "Lustre mounted without flock or localflock: flock fails; remount with -o flock or use local storage"
-    if fstype == "beegfs":
-        return "node", "BeeGFS: flock is handled by each client, so locks hold only between processes of this node"
-    if fstype in ("ceph", "fuse.ceph-fuse", "fuse.ceph"):
-        return "unsafe", "CephFS: flock is known to hang or be lost; use local storage for coordination"
-    if fstype in _NODE_LOCAL_TYPES:
-        return "node", f"{fstype} is local to this node: locks hold between its processes"
-    return "unknown", f"{fstype} is not a filesystem whose locking toilcoord knows"
-
-
-_MOUNTINFO = "/proc/self/mountinfo"
-
-
-def filesystem_info(path: PathArg, mountinfo: Optional[str] = None) -> FilesystemInfo:
-    """Describe the filesystem *path* is on, from the mount table
-    (*mountinfo*, by default ``/proc/self/mountinfo``).
-
-    The mount whose mount point is the longest prefix of the real path
-    wins; of mounts stacked on one mount point, the last. No subprocess is
-    run. Raises FileNotFoundError if *path* is missing; where the mount
-    table cannot be read the answer is "unknown".
-    """
-    real = os.path.realpath(path)
-    os.stat(real)
-    try:
-        with open(mountinfo or _MOUNTINFO, encoding="utf-8", errors="surrogateescape") as stream:
-            mounts = parse_mountinfo(stream.read())
-    except OSError:
-        mounts = []
-    best: Optional[_Mount] = None
-    for mount in mounts:
-        point = mount.mount_point
-        if (real == point or real.startswith(point.rstrip("/") + "/")) and (
-                best is None or len(point) >= len(best.mount_point)):
-            best = mount
-    if best is None:
-        return FilesystemInfo("unknown", "/", (), "unknown", "the mount table could not be read")
-    scope, reason = lock_scope(best.fstype, best.options)
-    return FilesystemInfo(best.fstype, best.mount_point, best.options, scope, reason)
-
 
 _lockable_devices: Dict[int, FilesystemInfo] = {}
 

@@ -12,7 +12,7 @@ import time
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 from .arena import LastProcessStandingArena
-from .locks import global_mutex
+from .mutex import global_mutex, retire_mutex_files
 from .procnames import get_process_name, process_name_exists
 
 __all__ = ["CHECKS", "CheckResult", "import_root", "run_checks"]
@@ -77,6 +77,7 @@ class Forked:
             try:
                 os.close(self._read)
                 target(self, *args)
+                retire_mutex_files()  # what exiting normally does (os._exit runs no atexit)
                 code = 0
             except BaseException:
                 import traceback
@@ -118,7 +119,8 @@ _PROCS, _ROUNDS = 4, 50
 
 @check("filesystem is safe for locks")
 def check_filesystem(directory: str) -> str:
-    from .locks import ensure_filesystem_lockable, filesystem_info
+    from .locks import ensure_filesystem_lockable
+    from .mounts import filesystem_info
 
     ensure_filesystem_lockable(directory)  # UnsafeFilesystemError carries the advice
     info = filesystem_info(directory)
@@ -182,7 +184,7 @@ def check_killed_holder(directory: str) -> str:
     with global_mutex(directory, "smoke", timeout=10):
         waited = time.monotonic() - start
     _assert_empty(directory)
-    return f"acquired {waited * 1000:.1f} ms after the kill; no lock file left"
+    return f"acquired {waited * 1000:.1f} ms after the kill; no lock file left once its users exit"
 
 
 def _enter_arena_forever(child: Forked, directory: str) -> None:
@@ -276,6 +278,9 @@ def check_pid_namespace(directory: str) -> str:
 
 
 def _assert_empty(directory: str) -> None:
+    """Fail unless nothing is left, once this process's users have exited
+    (mutexes keep their files open while their users live)."""
+    retire_mutex_files()
     left = os.listdir(directory)
     if left:
         raise AssertionError(f"left behind in the directory: {left}")

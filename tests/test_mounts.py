@@ -1,0 +1,99 @@
+"""Tests for toilcoord.mounts: mount tables, lock scopes, stale names."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from toilcoord.mounts import filesystem_info, lock_scope, parse_mountinfo
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("fstype, options, scope", [
+    ("ext4", ("rw", "relatime"), "node"),
+    ("xfs", ("rw",), "node"),
+    ("tmpfs", ("rw", "size=100k"), "node"),
+    ("overlay", ("rw", "lowerdir=/a"), "node"),
+    ("nfs4", ("rw", "vers=4.2", "local_lock=none"), "cluster"),
+    ("nfs4", ("rw", "vers=4.2"), "cluster"),
+    ("nfs4", ("rw", "local_lock=flock"), "node"),
+    ("nfs4", ("rw", "local_lock=all"), "node"),
+    ("nfs", ("rw", "vers=3", "local_lock=posix"), "cluster"),
+    ("nfs", ("rw", "vers=3", "nolock"), "node"),
+    ("lustre", ("rw", "flock"), "cluster"),
+    ("lustre", ("rw", "localflock"), "node"),
+    ("lustre", ("rw", "noflock"), "unsafe"),
+    ("lustre", ("rw",), "unsafe"),
+    ("beegfs", ("rw", "cfgFile=/etc/beegfs/beegfs-client.conf"), "node"),
+    ("ceph", ("rw", "name=admin"), "unsafe"),
+    ("fuse.ceph-fuse", ("rw", "user_id=0"), "unsafe"),
+    ("fuse.sshfs", ("rw",), "unknown"),
+    ("gpfs", ("rw",), "unknown"),
+])
+def test_lock_scope(fstype, options, scope):
+    got, reason = lock_scope(fstype, options)
+    assert got == scope
+    assert reason and "\n" not in reason
+
+
+def test_parse_mountinfo():
+    text = "\n".join([
+        "27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard",
+        "30 27 0:27 / /dev/shm rw,nosuid,nodev - tmpfs tmpfs rw,size=100k",
+        "40 27 0:40 / /mnt/my\\040dir\\011x\\134y rw shared:2 master:1 - nfs4 srv:/e rw,vers=4.2,local_lock=flock",
+        "41 27 0:41 / /scratch rw,relatime - lustre 10.0.0.1@tcp:/fs rw,flock,lazystatfs",
+        "42 27 0:42 / /ceph rw - fuse.ceph-fuse ceph-fuse rw,user_id=0,allow_other",
+        "garbage line",
+        "43 27 0:43 / /no-separator rw shared:3 ext4 /dev/vdb rw",
+        "",
+    ])
+    mounts = parse_mountinfo(text)
+    assert [(m.mount_point, m.fstype) for m in mounts] == [
+        ("/", "ext4"), ("/dev/shm", "tmpfs"), ("/mnt/my dir\tx\\y", "nfs4"),
+        ("/scratch", "lustre"), ("/ceph", "fuse.ceph-fuse"),
+    ]
+    assert mounts[0].options == ("rw", "relatime", "discard"), "mount and superblock options, deduplicated"
+    assert "local_lock=flock" in mounts[2].options
+    assert "flock" in mounts[3].options
+
+
+@pytest.mark.parametrize("relative, fstype, mount, scope", [
+    ("nfs", "nfs4", "nfs", "cluster"),
+    ("nfs/tmp", "tmpfs", "nfs/tmp", "node"),  # the longest prefix wins
+    ("nfs-local", "nfs", "nfs-local", "node"),
+    ("nfsdir", "ext4", None, "node"),  # /nfs is a prefix of the string, not of the path
+    ("my dir", "nfs4", "my dir", "node"),
+    ("stacked", "ceph", "stacked", "unsafe"),  # the later of stacked mounts wins
+    ("lustre", "lustre", "lustre", "unsafe"),
+    ("unknown", "fuse.sshfs", "unknown", "unknown"),
+    ("", "ext4", None, "node"),
+])
+def test_filesystem_info_on_a_fake_mount_table(fake_mounts, relative, fstype, mount, scope):
+    root, mountinfo = fake_mounts
+    info = filesystem_info(os.path.join(root, relative), mountinfo=mountinfo)
+    assert info.fstype == fstype
+    assert info.mount_point == (os.path.join(root, mount) if mount else "/")
+    assert info.lock_scope == scope
+    assert info.reason
+
+
+def test_filesystem_info_follows_symlinks_to_the_real_path(fake_mounts):
+    root, mountinfo = fake_mounts
+    os.symlink(os.path.join(root, "ceph"), os.path.join(root, "link"))
+    assert filesystem_info(os.path.join(root, "link"), mountinfo=mountinfo).fstype == "ceph"
+
+
+def test_filesystem_info_missing_path_and_unreadable_table(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        filesystem_info(tmp_path / "missing")
+    info = filesystem_info(tmp_path, mountinfo=str(tmp_path / "no-mountinfo"))
+    assert info.lock_scope == "unknown"
+
+
+def test_filesystem_info_on_this_machine(tmp_path):
+    info = filesystem_info(tmp_path)
+    assert os.path.realpath(str(tmp_path)).startswith(info.mount_point)
+    assert info.lock_scope != "unsafe"
+    if os.path.isdir("/dev/shm"):
+        assert filesystem_info("/dev/shm").fstype == "tmpfs"

@@ -1,0 +1,454 @@
+"""Tests for toilcoord.mutex: real processes, threads, signals and files."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import threading
+
+import pytest
+
+from toilcoord import mutex as mutex_module
+from toilcoord.locks import LockTimeout, check_name, safe_unlock_and_close, take_over
+from toilcoord.mutex import global_mutex, retire_mutex_files
+
+from conftest import alive, blocked_on_flock, kill_orphan, open_fds, release, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+MUTEX_FILE = "toil-mutex-m"
+
+
+# Holds mutex argv[2] in directory argv[1], says "held", and releases it when
+# its stdin closes.
+HOLD = """
+import sys
+from toilcoord.mutex import global_mutex
+with global_mutex(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def start_holder(children, directory, mutex="m"):
+    holder = children.python(HOLD, str(directory), mutex, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def no_gate_in_use():
+    """True when no thread of this process holds or waits for a mutex."""
+    return all(gate.users == 0 for gate in mutex_module._gates.values())
+
+
+def left_after_exit(directory):
+    """What a mutex user leaves in *directory* once it has exited normally."""
+    retire_mutex_files()
+    return os.listdir(directory)
+
+
+# ----------------------------------------------------------- the potato race
+
+# Runs race(directory, rounds, threads): each thread enters the mutex
+# `rounds` times; the holder creates a "potato" with O_EXCL, writes its
+# identity, yields, checks the potato is still its own and removes it. Any
+# overlap of two holders makes a create, a check or a removal fail. As a
+# child: waits for stdin to close (the start gun), prints "violations done".
+RACE = """
+import os, sys, threading
+from toilcoord.mutex import global_mutex
+
+def race(directory, rounds, threads):
+    potato = os.path.join(directory, "potato")
+    tally_lock = threading.Lock()
+    tally = [0, 0]
+
+    def hold_the_potato(me):
+        try:
+            fd = os.open(potato, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return 1
+        os.write(fd, me)
+        os.close(fd)
+        for _ in range(3):
+            os.sched_yield()
+        with open(potato, "rb") as stream:
+            stolen = stream.read() != me
+        try:
+            os.unlink(potato)
+        except FileNotFoundError:
+            return 1
+        return int(stolen)
+
+    def contender():
+        me = ("%d.%d" % (os.getpid(), threading.get_ident())).encode()
+        for _ in range(rounds):
+            with global_mutex(directory, "potato"):
+                violation = hold_the_potato(me)
+            with tally_lock:
+                tally[0] += violation
+                tally[1] += 1
+
+    workers = [threading.Thread(target=contender) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return tally
+
+if __name__ == "__main__":
+    sys.stdin.read()
+    print(*race(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+def race_in_processes(children, directory, processes, rounds, threads):
+    racers = [
+        children.python(RACE, str(directory), str(rounds), str(threads),
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
+    for racer in racers:
+        racer.stdin.close()  # the start gun
+    results = [racer.stdout.read().split() for racer in racers]
+    assert [racer.wait() for racer in racers] == [0] * processes
+    return [[int(count) for count in result] for result in results]
+
+
+@pytest.mark.timeout(120)
+def test_processes_racing_never_overlap(tmp_path, children):
+    results = race_in_processes(children, tmp_path, processes=8, rounds=25, threads=1)
+    assert results == [[0, 25]] * 8
+    assert os.listdir(tmp_path) == []
+
+
+def test_threads_of_one_process_racing_never_overlap(tmp_path):
+    namespace = {"__name__": "race"}
+    exec(RACE, namespace)
+    assert namespace["race"](str(tmp_path), 40, 8) == [0, 8 * 40]
+    assert left_after_exit(tmp_path) == []
+    assert no_gate_in_use()
+
+
+@pytest.mark.timeout(120)
+def test_threads_in_several_processes_racing_never_overlap(tmp_path, children):
+    results = race_in_processes(children, tmp_path, processes=3, rounds=15, threads=4)
+    assert results == [[0, 4 * 15]] * 3
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------- holding and dying
+
+def test_lock_file_stays_while_its_user_lives_and_goes_at_exit(tmp_path):
+    path = str(tmp_path / MUTEX_FILE)
+    with global_mutex(tmp_path, "m"):
+        assert os.listdir(tmp_path) == [MUTEX_FILE]
+        assert take_over(path) is None, "locked by us"
+        inode = os.stat(path).st_ino
+    assert os.listdir(tmp_path) == [MUTEX_FILE], "kept open for the next acquisition"
+    with global_mutex(str(tmp_path), "m"):  # and again, as a str: the same file
+        assert os.stat(path).st_ino == inode
+    assert left_after_exit(tmp_path) == []
+
+
+USE_AND_EXIT = """
+import sys
+from toilcoord.mutex import global_mutex
+for _ in range(3):
+    with global_mutex(sys.argv[1], "m"):
+        pass
+"""
+
+
+def test_a_user_that_exits_normally_leaves_nothing(tmp_path, children):
+    assert children.python(USE_AND_EXIT, str(tmp_path)).wait() == 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_relative_base_dir_is_the_same_mutex(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with global_mutex(".", "m"):
+        with pytest.raises(LockTimeout):
+            with global_mutex(tmp_path, "m", timeout=0):
+                pass
+    assert left_after_exit(tmp_path) == []
+
+
+def test_waiter_gets_the_mutex_of_a_holder_killed_while_holding(tmp_path, children):
+    holder = start_holder(children, tmp_path)
+    waiter = children.python(HOLD, str(tmp_path), "m", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    wait_until(lambda: blocked_on_flock(waiter.pid))
+    holder.kill()
+    holder.wait()
+    assert waiter.stdout.readline() == "held\n"
+    assert os.listdir(tmp_path) == [MUTEX_FILE]
+    release(waiter)
+    assert os.listdir(tmp_path) == []
+
+
+def test_mutex_after_holder_killed_without_waiters(tmp_path, children):
+    holder = start_holder(children, tmp_path)
+    holder.kill()
+    holder.wait()
+    assert os.listdir(tmp_path) == [MUTEX_FILE], "a killed holder leaves its file"
+    with global_mutex(tmp_path, "m", timeout=10):
+        pass
+    assert left_after_exit(tmp_path) == []
+
+
+# ------------------------------------------------------------------ timeout
+
+@pytest.mark.parametrize("timeout", [0, 0.05])
+def test_timeout_when_another_process_holds_it(tmp_path, children, timeout):
+    holder = start_holder(children, tmp_path)
+    before = open_fds()
+    with pytest.raises(LockTimeout) as raised:
+        with global_mutex(tmp_path, "m", timeout=timeout):
+            pytest.fail("entered a mutex another process holds")
+    assert isinstance(raised.value, TimeoutError)
+    assert str(tmp_path / MUTEX_FILE) in str(raised.value)
+    retire_mutex_files()  # closes the one fd kept for the next try
+    assert open_fds() == before
+    assert no_gate_in_use()
+    assert os.listdir(tmp_path) == [MUTEX_FILE]
+    release(holder)
+    with global_mutex(tmp_path, "m", timeout=timeout + 10):
+        assert os.listdir(tmp_path) == [MUTEX_FILE]
+    assert left_after_exit(tmp_path) == []
+
+
+@pytest.mark.parametrize("timeout", [0, 0.05])
+def test_timeout_when_another_thread_holds_it(tmp_path, timeout):
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with global_mutex(tmp_path, "m"):
+            entered.set()
+            leave.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert entered.wait(30)
+        before = open_fds()
+        with pytest.raises(LockTimeout):
+            with global_mutex(tmp_path, "m", timeout=timeout):
+                pytest.fail("entered a mutex another thread holds")
+        assert open_fds() == before
+    finally:
+        leave.set()
+        holder.join(30)
+    with global_mutex(tmp_path, "m", timeout=timeout + 10):
+        pass
+    assert left_after_exit(tmp_path) == []
+    assert no_gate_in_use()
+
+
+def test_infinite_timeout_waits_like_none(tmp_path):
+    with global_mutex(tmp_path, "m", timeout=float("inf")):
+        assert os.listdir(tmp_path) == [MUTEX_FILE]
+    assert left_after_exit(tmp_path) == []
+
+
+@pytest.mark.parametrize("timeout", [-1, float("nan")])
+def test_bad_timeout(tmp_path, timeout):
+    with pytest.raises(ValueError, match="timeout"):
+        global_mutex(tmp_path, "m", timeout=timeout)
+
+
+# --------------------------------------------------------------------- fork
+
+# Holds the mutex, forks a child that lives until stdin closes, prints the
+# child's pid once the child runs, then either releases the mutex
+# ("release", printing "released") or waits to be killed ("die").
+HOLD_AND_FORK = """
+import os, sys
+from toilcoord.mutex import global_mutex
+running, started = os.pipe()
+with global_mutex(sys.argv[1], "m"):
+    pid = os.fork()
+    if pid == 0:
+        os.write(started, b"x")  # the at-fork handlers have run
+        sys.stdin.read()
+        os._exit(0)
+    os.read(running, 1)
+    print(pid, flush=True)
+    if sys.argv[2] == "die":
+        sys.stdin.read()
+print("released", flush=True)
+os.waitpid(pid, 0)
+"""
+
+
+@pytest.mark.parametrize("parent_fate", ["release", "die"])
+def test_forked_child_does_not_keep_the_parents_mutex(tmp_path, children, parent_fate):
+    parent = children.python(HOLD_AND_FORK, str(tmp_path), parent_fate,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    try:
+        if parent_fate == "die":
+            parent.kill()
+        else:
+            assert parent.stdout.readline() == "released\n"
+        with global_mutex(tmp_path, "m", timeout=20):
+            assert alive(child_pid), "the child must still live while we hold the mutex"
+    finally:
+        parent.stdin.close()  # the child's stdin too: it exits
+        if parent_fate == "die":
+            kill_orphan(child_pid)
+    assert parent.wait(20) in (0, -signal.SIGKILL)
+    assert left_after_exit(tmp_path) == []
+
+
+# A child forked inside the `with` also leaves the block: it must neither
+# unlink the parent's lock file nor believe it holds the mutex.
+FORK_INSIDE_WITH = """
+import os, sys
+from toilcoord.locks import LockTimeout
+from toilcoord.mutex import global_mutex
+path = os.path.join(sys.argv[1], "toil-mutex-m")
+with global_mutex(sys.argv[1], "m"):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with global_mutex(sys.argv[1], "m", timeout=0):
+                os._exit(3)  # the child got in while the parent holds it
+        except LockTimeout:
+            pass
+    else:
+        _, status = os.waitpid(pid, 0)
+        print(os.WEXITSTATUS(status), os.path.exists(path), flush=True)
+        sys.stdin.readline()
+if pid == 0:
+    os._exit(0)
+with global_mutex(sys.argv[1], "m", timeout=0):
+    print("free", flush=True)
+"""
+
+
+def test_child_leaving_an_inherited_with_block_leaves_the_parents_lock(tmp_path, children):
+    parent = children.python(FORK_INSIDE_WITH, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline() == "0 True\n"
+    with pytest.raises(LockTimeout):
+        with global_mutex(tmp_path, "m", timeout=0):
+            pytest.fail("the parent's mutex was free after its child left the with block")
+    parent.stdin.write("go\n")
+    parent.stdin.close()
+    assert parent.stdout.readline() == "free\n"
+    assert parent.wait() == 0
+    assert os.listdir(tmp_path) == []
+
+
+# Thread A waits for the mutex (its fd already open) while the main thread
+# forks a long-lived child; A then gets the lock on that very fd, the file of
+# a holder that died. Toil-like code would leave the lock shared with the
+# child, so the parent's death would not free the mutex.
+WAIT_THEN_FORK = """
+import os, sys, threading
+from toilcoord.mutex import global_mutex
+
+def wait_for_mutex():
+    with global_mutex(sys.argv[1], "m"):
+        print("A holds", flush=True)
+        threading.Event().wait()
+
+threading.Thread(target=wait_for_mutex, daemon=True).start()
+sys.stdin.readline()  # "fork", once A waits in flock
+if os.fork() == 0:
+    print(os.getpid(), flush=True)
+    sys.stdin.read()
+    os._exit(0)
+sys.stdin.read()
+"""
+
+
+def test_child_forked_while_a_thread_waits_does_not_keep_the_lock(tmp_path, children):
+    holder = start_holder(children, tmp_path)
+    parent = children.python(WAIT_THEN_FORK, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    wait_until(lambda: blocked_on_flock(parent.pid))
+    parent.stdin.write("fork\n")
+    parent.stdin.flush()
+    child_pid = int(parent.stdout.readline())
+    try:
+        holder.kill()  # its file stays linked: thread A locks the fd it opened before the fork
+        assert parent.stdout.readline() == "A holds\n"
+        parent.kill()
+        parent.wait()
+        with global_mutex(tmp_path, "m", timeout=20):
+            assert alive(child_pid)
+    finally:
+        kill_orphan(child_pid)
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("name", [
+    "", None, b"m", 5, "a/b", "a\0b", ".", "..", "x" * 201,
+    "\u00e9" * 101,   # 101 characters, 202 bytes
+    "\U0001f512" * 51,  # 51 characters, 204 bytes
+    "\ud800",  # cannot be encoded
+])
+def test_bad_mutex_names_raise_before_touching_anything(tmp_path, name):
+    with pytest.raises(ValueError, match="mutex name"):
+        global_mutex(tmp_path, name)
+    with pytest.raises(ValueError):
+        check_name(name)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["x" * 200, "\u00e9" * 100, "..." , ".hidden", "sp ace", "\u00e9"])
+def test_names_at_the_limits_work(tmp_path, name):
+    assert check_name(name) == name
+    with global_mutex(tmp_path, name):
+        assert os.listdir(tmp_path) == ["toil-mutex-" + name]
+    assert left_after_exit(tmp_path) == []
+
+
+def test_missing_base_dir_is_named(tmp_path):
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError) as raised:
+        with global_mutex(missing, "m"):
+            pass
+    assert raised.value.filename == str(missing)
+    assert "does not exist" in str(raised.value)
+    assert no_gate_in_use()
+
+
+def test_base_dir_that_is_a_file(tmp_path):
+    afile = tmp_path / "file"
+    afile.write_text("data")
+    with pytest.raises(NotADirectoryError) as raised:
+        with global_mutex(afile, "m"):
+            pass
+    assert raised.value.filename == str(afile)
+    assert "not a directory" in str(raised.value)
+    assert afile.read_text() == "data"
+
+
+def test_bytes_base_dir_is_a_clear_type_error(tmp_path):
+    with pytest.raises(TypeError, match="base_dir"):
+        global_mutex(os.fsencode(str(tmp_path)), "m")
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_symlink_at_the_lock_path_is_never_followed(tmp_path, dangling):
+    target = tmp_path / "target"
+    if not dangling:
+        target.write_text("precious")
+    base = tmp_path / "base"
+    base.mkdir()
+    os.symlink(target, base / MUTEX_FILE)
+    with pytest.raises(OSError) as raised:
+        with global_mutex(base, "m"):
+            pytest.fail("entered through a symlink")
+    assert raised.value.errno == errno.ELOOP
+    assert "symbolic link" in str(raised.value)
+    if dangling:
+        assert not os.path.lexists(target), "the symlink's target was created"
+    else:
+        assert target.read_text() == "precious"
+        fd = take_over(target)  # nobody holds it
+        assert fd is not None
+        safe_unlock_and_close(fd)
+    assert no_gate_in_use()

@@ -1,0 +1,354 @@
+"""``global_mutex``: a named mutex between processes, threads and nodes.
+
+The lock is an exclusive ``flock`` on ``base_dir/toil-mutex-<name>``. Each
+process keeps its lock file open between acquisitions, so an acquisition
+costs a lock, two stats and an unlock, with no create or unlink (those cost
+most of the time on a local disk, and on NFS two server round trips and a
+silly-renamed ``.nfsXXXX`` file per acquisition).
+
+The file may be unlinked at any time by someone holding its lock: by a
+process leaving at exit, by ``cleanup``, or by Toil's own mutex, which
+unlinks on every release. So a holder checks after every lock that the file
+it locked is still the one at the path, and starts again on the new file if
+not. On network filesystems that check forces a lookup at the server (an
+exclusive create cannot be answered from a cached name), and a lock on a
+file another node unlinked is seen by its link count, which the lock makes
+the client fetch afresh.
+
+Threads of one process queue on an in-process lock per file first: flock
+is per open file, and this process's one file is shared by its threads.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import errno
+import fcntl
+import functools
+import logging
+import os
+import threading
+import time
+from typing import List, Optional
+
+from .locks import (
+    LockTimeout,
+    PathArg,
+    _CREATE_NEW,
+    _OPEN_OR_CREATE,
+    _close_tracked,
+    _lock_until,
+    _open_tracked,
+    check_name,
+    discard_taken,
+    safe_lock,
+    take_over,
+)
+from .files import unlink_if_present
+from .mounts import names_may_be_stale
+
+__all__ = ["global_mutex", "reap_unheld_mutex_files", "retire_mutex_files"]
+
+logger = logging.getLogger(__name__)
+
+_MUTEX_PREFIX = "toil-mutex-"
+#: Lock files kept open at most; the least recently used idle one is retired.
+_KEEP_AT_MOST = 128
+
+
+class _Gate:
+    """This process's state for one lock file: threads queue on ``lock``;
+    ``fd`` is the kept lock file (-1 when none), used only by the thread
+    that holds ``lock``."""
+
+    __slots__ = ("lock", "users", "fd")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.fd = -1
+
+
+_gates: "collections.OrderedDict[str, _Gate]" = collections.OrderedDict()
+_gates_guard = threading.Lock()
+_epoch = 0  # changes in every forked child
+
+
+def _enter_gate(path: str) -> _Gate:
+    with _gates_guard:
+        gate = _gates.get(path)
+        if gate is None:
+            gate = _gates[path] = _Gate()
+            if len(_gates) > _KEEP_AT_MOST:
+                _retire_idle(len(_gates) - _KEEP_AT_MOST)
+        else:
+            _gates.move_to_end(path)
+        gate.users += 1
+        return gate
+
+
+def _leave_gate(path: str, gate: _Gate) -> None:
+    with _gates_guard:
+        gate.users -= 1
+        if gate.users == 0 and gate.fd < 0 and _gates.get(path) is gate:
+            del _gates[path]
+
+
+def _retire_idle(count: int) -> None:
+    """Retire *count* idle gates, least recently used first (guard held)."""
+    for path in [path for path, gate in _gates.items() if gate.users == 0][:count]:
+        _retire(path, _gates.pop(path))
+
+
+# ------------------------------------------------------------ the lock file
+
+def _drop(gate: _Gate) -> None:
+    """Close the kept fd (releasing any lock on it): its file is garbage."""
+    fd, gate.fd = gate.fd, -1
+    if fd >= 0:
+        _close_tracked(fd)
+
+
+def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool) -> bool:
+    """Lock the kept fd; False only if not *block* and someone holds it."""
+    if deadline is not None:
+        _lock_until(gate.fd, path, deadline)
+        return True
+    try:
+        safe_lock(gate.fd, block=block)
+    except OSError as error:
+        if block or error.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+    return True
+
+
+def _acquire(gate: _Gate, path: str, deadline: Optional[float] = None, block: bool = True) -> bool:
+    """Hold the lock file at *path* through ``gate.fd``; False only if not
+    *block* and another process holds it."""
+    while True:
+        if gate.fd < 0:
+            gate.fd = _open_tracked(path, _OPEN_OR_CREATE)
+        try:
+            if not _lock(gate, path, deadline, block):
+                return False
+            if _still_linked(gate, path):
+                return True
+        except OSError as error:
+            if error.errno != errno.ESTALE:  # its file is gone from the server
+                raise
+        _drop(gate)
+
+
+def _still_linked(gate: _Gate, path: str) -> bool:
+    """True if the locked ``gate.fd`` is the file linked at *path*. Where
+    the file was replaced, ``gate.fd`` may be swapped for the new one."""
+    opened = os.fstat(gate.fd)  # after the lock: fresh from an NFS server
+    if opened.st_nlink == 0:
+        return False
+    if names_may_be_stale(opened.st_dev, path):
+        # An exclusive create makes the client look the name up at the
+        # server. If it succeeds, our file was unlinked and the new one
+        # is the lock file now: lock that instead.
+        try:
+            fresh = _open_tracked(path, _CREATE_NEW)
+        except FileExistsError:
+            pass
+        else:
+            _drop(gate)
+            gate.fd = fresh
+            return False
+    try:
+        linked = os.lstat(path)
+    except OSError as error:
+        if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
+            return False
+        raise
+    return linked.st_ino == opened.st_ino and linked.st_dev == opened.st_dev
+
+
+def _unlock(gate: _Gate) -> None:
+    try:
+        fcntl.flock(gate.fd, fcntl.LOCK_UN)
+    except OSError as error:
+        # Closing releases the lock all the same; the next acquisition reopens.
+        logger.warning("unlocking %d failed with %s; closing it instead",
+                       gate.fd, errno.errorcode.get(error.errno, error.errno))
+        _drop(gate)
+
+
+def _retire(path: str, gate: _Gate) -> None:
+    """Remove the lock file if no process holds it, and close the kept fd.
+    The unlink happens while holding the lock, as every unlink of a lock
+    file must: whoever waits on it then sees it gone and starts again."""
+    if gate.fd < 0:
+        return
+    try:
+        if _acquire(gate, path, block=False):
+            unlink_if_present(path)
+    except OSError as error:
+        logger.debug("not removing lock file %s: %s", path, error)
+    finally:
+        _drop(gate)
+
+
+def retire_mutex_files() -> None:
+    """Remove the lock files this process keeps open, of mutexes that no
+    process holds, and close them. Runs at interpreter exit; a mutex used
+    afterwards makes its file again."""
+    with _gates_guard:
+        idle = []
+        for path, gate in list(_gates.items()):
+            if gate.users == 0 and gate.lock.acquire(blocking=False):  # no thread of ours uses it
+                idle.append((path, gate))
+                del _gates[path]
+    for path, gate in idle:
+        try:
+            _retire(path, gate)
+        finally:
+            gate.lock.release()
+
+
+def kept_lock_files() -> int:
+    """How many lock files this process keeps open between acquisitions."""
+    return sum(gate.fd >= 0 for gate in list(_gates.values()))
+
+
+def reap_unheld_mutex_files(base_dir: PathArg) -> List[str]:
+    """Remove the lock files in *base_dir* of mutexes nobody holds; return
+    their paths. Safe at any time: a process that later locks a removed
+    file sees it gone and makes a new one."""
+    with os.scandir(base_dir) as entries:
+        candidates = sorted(entry.path for entry in entries
+                            if entry.name.startswith(_MUTEX_PREFIX) and entry.is_file(follow_symlinks=False))
+    removed = []
+    for path in candidates:
+        try:
+            fd = take_over(path)
+        except FileNotFoundError:
+            continue  # removed meanwhile
+        if fd is not None:
+            discard_taken(fd, path)
+            removed.append(path)
+    return removed
+
+
+def _forget_parent_gates() -> None:
+    # The kept fds were closed by locks' own fork handler (they are in
+    # _held_fds); another thread may have held the guard at fork time.
+    global _gates_guard, _epoch
+    _gates_guard = threading.Lock()
+    _gates.clear()
+    _epoch += 1
+
+
+# ------------------------------------------------------------- the mutex
+
+def _mutex_path(base_dir: PathArg, mutex: str) -> str:
+    directory = os.fspath(base_dir)
+    if not isinstance(directory, str):
+        raise TypeError(f"base_dir must be a str or os.PathLike[str], not {type(directory).__name__}")
+    if directory.startswith("/"):
+        return _absolute_mutex_path(directory, mutex)
+    # Relative to the current directory, which may change: not cached.
+    return os.path.abspath(os.path.join(directory, _MUTEX_PREFIX + mutex))
+
+
+# The path is the key of the gate, so it must be canonical; abspath costs
+# microseconds on old Pythons, a cache hit a tenth of one.
+@functools.lru_cache(maxsize=256)
+def _absolute_mutex_path(base_dir: str, mutex: str) -> str:
+    return os.path.normpath(os.path.join(base_dir, _MUTEX_PREFIX + mutex))
+
+
+def _clearer_error(error: BaseException, path: str) -> Optional[OSError]:
+    """The error to raise instead of *error*, met while opening lock file *path*."""
+    if isinstance(error, FileNotFoundError):
+        return FileNotFoundError(errno.ENOENT, "mutex base directory does not exist", os.path.dirname(path))
+    if isinstance(error, NotADirectoryError):
+        return NotADirectoryError(errno.ENOTDIR, "mutex base directory is not a directory", os.path.dirname(path))
+    if isinstance(error, OSError) and error.errno == errno.ELOOP and os.path.islink(path):
+        return OSError(errno.ELOOP, "mutex lock file is a symbolic link, which is never followed", path)
+    return None
+
+
+class global_mutex:  # noqa: N801 - a context manager named like Toil's function
+    """Context manager holding the mutex *mutex* scoped to *base_dir*.
+
+    Excludes every process that shares *base_dir* (across containers too),
+    every other thread of this process, and processes of other nodes where
+    the filesystem's ``lock_scope`` is "cluster" (NFS with default mount
+    options included). A holder that dies releases it. The lock file
+    ``base_dir/toil-mutex-<mutex>`` may stay while any process that used the
+    mutex lives; a process removes it at exit when nobody holds it, and
+    ``python -m toilcoord cleanup`` removes any left by killed processes.
+    With *timeout* (seconds) the wait raises :class:`LockTimeout`. Not
+    reentrant: a thread that enters the same mutex twice waits for itself.
+    A bad *mutex* raises ValueError here, before anything is touched; a
+    missing *base_dir* raises FileNotFoundError on entry.
+    """
+
+    __slots__ = ("path", "timeout", "_gate", "_epoch")
+
+    def __init__(self, base_dir: PathArg, mutex: str, timeout: Optional[float] = None) -> None:
+        check_name(mutex)
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be None or a number >= 0, not {timeout!r}")
+        self.path = _mutex_path(base_dir, mutex)
+        self.timeout = timeout
+        self._gate: Optional[_Gate] = None
+        self._epoch = -1
+
+    def __enter__(self) -> None:
+        gate = _enter_gate(self.path)
+        try:
+            deadline = self._pass_gate(gate)
+            try:
+                _acquire(gate, self.path, deadline)
+            except BaseException:
+                gate.lock.release()
+                raise
+        except BaseException as error:
+            _leave_gate(self.path, gate)
+            clearer = _clearer_error(error, self.path)
+            if clearer is not None:
+                raise clearer from None
+            raise
+        self._gate, self._epoch = gate, _epoch
+
+    def _pass_gate(self, gate: _Gate) -> Optional[float]:
+        """Wait for the other threads; return the deadline for the file lock."""
+        if self.timeout is None:
+            gate.lock.acquire()
+            return None
+        deadline = time.monotonic() + self.timeout
+        # Lock.acquire refuses timeouts beyond TIMEOUT_MAX (float("inf") too).
+        if not gate.lock.acquire(timeout=min(self.timeout, threading.TIMEOUT_MAX)):
+            raise LockTimeout(f"timed out after {self.timeout} s waiting for {self.path}")
+        return deadline
+
+    def remove_file(self) -> None:
+        """Unlink the lock file now, while holding the mutex, and stop
+        keeping it: for holders that leave nothing behind (the arena's
+        last member). Call it last in the ``with`` block: the mutex is
+        free for other processes from here on."""
+        gate = self._gate
+        if gate is None or self._epoch != _epoch:
+            raise RuntimeError(f"remove_file() needs the mutex held: {self.path}")
+        unlink_if_present(self.path)
+        _drop(gate)
+
+    def __exit__(self, *exc_info: object) -> None:
+        gate, self._gate = self._gate, None
+        if gate is None or self._epoch != _epoch:
+            return  # entered in the parent of this forked child: not ours
+        try:
+            if gate.fd >= 0:
+                _unlock(gate)
+        finally:
+            gate.lock.release()
+            _leave_gate(self.path, gate)
+
+
+os.register_at_fork(after_in_child=_forget_parent_gates)
+atexit.register(retire_mutex_files)
