@@ -111,6 +111,22 @@ def release(holder):
     assert holder.wait() == 0
 
 
+@pytest.fixture(autouse=True)
+def no_kept_lock_files():
+    """Each test starts with no lock file kept open by an earlier one."""
+    from toilcoord.mutex import retire_mutex_files
+    retire_mutex_files()
+    yield
+
+
+def left_after_exit(directory):
+    """What this process leaves in *directory* once it exits normally (the
+    mutex and arena files it keeps open for its next use are removed)."""
+    from toilcoord.mutex import retire_mutex_files
+    retire_mutex_files()
+    return sorted(os.listdir(directory))
+
+
 def open_fds():
     return sorted(os.listdir("/proc/self/fd"))
 

@@ -7,9 +7,10 @@ import subprocess
 import pytest
 
 from toilcoord import LastProcessStandingArena, LockTimeout, global_mutex
-from toilcoord.mutex import retire_mutex_files
+from toilcoord.arena import reap_dead_arenas
+from toilcoord.mutex import reap_unheld_mutex_files, retire_mutex_files
 
-from conftest import join_or_kill, open_fds, run_in_fork
+from conftest import join_or_kill, left_after_exit, open_fds, run_in_fork
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,7 +46,7 @@ def test_single_member_is_last_and_leaves_nothing(tmp_path):
     before = open_fds()
     arena.enter()
     assert list(arena.leave()) == [True]
-    assert os.listdir(tmp_path) == []
+    assert left_after_exit(tmp_path) == []
     assert open_fds() == before
 
 
@@ -62,7 +63,7 @@ def test_leaving_while_a_live_member_remains_leaks_no_fd(tmp_path, children):
     before = open_fds()
     arena.enter()
     assert list(arena.leave()) == []
-    retire_mutex_files()  # the arena's mutex keeps its file open for the next use
+    retire_mutex_files()  # the arena's two files are kept open for the next entry
     assert open_fds() == before
     assert tell_to_leave(other) == "last"
 
@@ -77,8 +78,7 @@ def test_killed_members_do_not_block_the_election(tmp_path, children):
     arena.enter()
     assert list(arena.leave()) == [], "the live member still counts"
     assert tell_to_leave(live) == "last", "the dead do not"
-    retire_mutex_files()
-    assert os.listdir(tmp_path) == []
+    assert left_after_exit(tmp_path) == []
 
 
 def test_member_killed_inside_then_last_leaver_cleans_up(tmp_path, children):
@@ -88,7 +88,7 @@ def test_member_killed_inside_then_last_leaver_cleans_up(tmp_path, children):
     arena = LastProcessStandingArena(tmp_path, "test")
     arena.enter()
     assert list(arena.leave()) == [True]
-    assert os.listdir(tmp_path) == []
+    assert left_after_exit(tmp_path) == []
 
 
 def test_entering_twice_and_leaving_unentered_raise(tmp_path):
@@ -111,8 +111,7 @@ def test_a_leave_never_iterated_keeps_the_membership(tmp_path):
     del forgotten  # never iterated: still a member, nothing leaked
     assert list(arena.leave()) == [True]
     assert list(second) == [], "a second leave() of the same membership yields nothing"
-    retire_mutex_files()
-    assert os.listdir(tmp_path) == []
+    assert left_after_exit(tmp_path) == []
     assert open_fds() == before
 
 
@@ -173,7 +172,7 @@ def test_cleanup_that_raises_still_releases_the_arena(tmp_path):
     with pytest.raises(ZeroDivisionError):
         for _ in arena.leave():
             1 / 0
-    assert os.listdir(tmp_path) == []
+    assert left_after_exit(tmp_path) == []
     arena.enter(timeout=5)
     assert list(arena.leave()) == [True]
 
@@ -195,7 +194,7 @@ def test_arena_names_are_refused_at_construction_when_their_mutex_name_would_be_
     for name in (longest + "b", "é" * 95):
         with pytest.raises(ValueError, match="arena name plus the suffix '-arena-lock'"):
             LastProcessStandingArena(tmp_path, name)
-    assert os.listdir(tmp_path) == []
+    assert left_after_exit(tmp_path) == []
 
 
 def test_missing_base_dir(tmp_path):
@@ -205,6 +204,14 @@ def test_missing_base_dir(tmp_path):
 
 
 # ---------------------------------------------------------------- races
+
+def cleaned_up(directory):
+    """What is left in *directory* after cleanup's arena and mutex reaping."""
+    assert not any(live for _, live in reap_dead_arenas(directory))
+    reap_unheld_mutex_files(directory)
+    retire_mutex_files()
+    return sorted(os.listdir(directory))
+
 
 def _generation_member(directory, generation, ready, go):
     arena = LastProcessStandingArena(directory, "gen")
@@ -244,7 +251,9 @@ def test_exactly_one_cleanup_per_generation(tmp_path):
         assert exit_codes == [0] * size
     lines = (tmp_path / "cleanups").read_text().split("\n")[:-1]
     assert lines == [f"{generation} 0" for generation in range(generations)]
-    assert sorted(os.listdir(tmp_path)) == ["cleanups", "inside"]
+    assert sorted(os.listdir(tmp_path)) == ["cleanups", "gen-arena-live", "inside", "toil-mutex-gen-arena-lock"], \
+        "multiprocessing's children end with os._exit: files stay, for cleanup"
+    assert cleaned_up(tmp_path) == ["cleanups", "inside"]
 
 
 def _pool_task(directory):
@@ -270,5 +279,38 @@ def test_pool_of_short_lived_tasks(tmp_path):
     lines = (tmp_path / "cleanups").read_text().split()
     assert len(lines) == sum(results) >= 1
     assert set(lines) == {"0"}, "a cleanup ran while a member was inside"
-    # The pool's workers end with os._exit, so the "log" mutex's file stays.
-    assert sorted(os.listdir(tmp_path)) == ["cleanups", "inside", "toil-mutex-log"], "nothing of the arena is left"
+    assert cleaned_up(tmp_path) == ["cleanups", "inside"], "the pool's workers end with os._exit: cleanup's work"
+
+
+def test_entering_and_leaving_never_scan_the_directory(tmp_path, monkeypatch, children):
+    # O(1) whatever base_dir holds: thousands of other files, dead members.
+    for number in range(2000):
+        (tmp_path / f"unrelated-{number}").touch()
+    dead = start_member(children, tmp_path)
+    dead.kill()
+    dead.wait()
+
+    def no_scanning(*args, **kwargs):
+        raise AssertionError("the arena scanned its directory")
+
+    monkeypatch.setattr(os, "scandir", no_scanning)
+    monkeypatch.setattr(os, "listdir", no_scanning)
+    arena = LastProcessStandingArena(tmp_path, "test")
+    for _ in range(3):
+        arena.enter()
+        assert list(arena.leave()) == [True]
+    monkeypatch.undo()
+    retire_mutex_files()
+    assert len(os.listdir(tmp_path)) == 2000
+
+
+def test_a_member_holds_a_shared_lock_on_one_file(tmp_path, children):
+    first, second = start_member(children, tmp_path), start_member(children, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["test-arena-live", "toil-mutex-test-arena-lock"]
+    with open("/proc/locks") as table:
+        shared = [line for line in table if " FLOCK " in line and " READ " in line
+                  and line.split()[4] in (str(first.pid), str(second.pid))]
+    assert len(shared) == 2
+    assert tell_to_leave(first) == "not-last"
+    assert tell_to_leave(second) == "last"
+    assert os.listdir(tmp_path) == []

@@ -227,8 +227,8 @@ def test_bench_quick_prints_every_row(tmp_path):
     assert done.returncode in (0, 1), done.stderr  # 1: a target missed on a loaded machine
     report = json.loads(done.stdout)
     names = [row["name"] for row in report["rows"]]
-    for expected in ("mutex acquire+release", "contended mutex, 2 processes (vs raw cycle)",
-                     "contended mutex, 2 processes (vs bare flock)", "arena enter+leave", "defer()",
+    for expected in ("mutex acquire+release", "contended mutex, 2 processes (vs the kept-file floor)",
+                     "contended create-and-unlink mutex, 2 processes", "arena enter+leave", "defer()",
                      "orphan scan", "process_name_exists", "rtlog burst", "rtlog receive rate", "robust_rmtree",
                      "import toilcoord"):
         assert any(name.startswith(expected) for name in names), (expected, names)

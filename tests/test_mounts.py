@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from toilcoord import mounts
 from toilcoord.mounts import filesystem_info, lock_scope, parse_mountinfo
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,11 +31,21 @@ pytestmark = pytest.mark.timeout(60)
     ("fuse.ceph-fuse", ("rw", "user_id=0"), "unsafe"),
     ("fuse.sshfs", ("rw",), "unknown"),
     ("gpfs", ("rw",), "unknown"),
+    ("cifs", ("rw", "vers=3.1.1"), "unknown"),
+    ("smb3", ("rw",), "unknown"),
+    ("fuse.gcsfuse", ("rw",), "unknown"),
 ])
 def test_lock_scope(fstype, options, scope):
     got, reason = lock_scope(fstype, options)
     assert got == scope
     assert reason and "\n" not in reason
+
+
+def test_lock_scope_reasons_say_what_a_user_must_know():
+    assert "tuneUseGlobalFileLocks" in lock_scope("beegfs", ())[1]
+    assert "noflock" in lock_scope("lustre", ())[1]
+    assert "90 s" in lock_scope("nfs4", ("vers=4.2",))[1], "a dead node's locks outlive it"
+    assert "SMB" in lock_scope("cifs", ())[1] and "GPFS" in lock_scope("gpfs", ())[1]
 
 
 def test_parse_mountinfo():
@@ -97,3 +108,68 @@ def test_filesystem_info_on_this_machine(tmp_path):
     assert info.lock_scope != "unsafe"
     if os.path.isdir("/dev/shm"):
         assert filesystem_info("/dev/shm").fstype == "tmpfs"
+
+
+# --------------------------------------------------------- stale names
+
+def device_line(number, device, mount_point, fstype, super_options="rw"):
+    return f"{number} 1 {device} / {mount_point} rw shared:1 - {fstype} src{number} {super_options}"
+
+
+@pytest.fixture
+def stale_cache(monkeypatch):
+    monkeypatch.setattr(mounts, "_stale_names", {})
+
+
+@pytest.mark.usefixtures("stale_cache")
+@pytest.mark.parametrize("fstype, stale", [
+    ("ext4", False), ("xfs", False), ("tmpfs", False), ("overlay", False), ("btrfs", False),
+    ("nfs", True), ("nfs4", True), ("cifs", True), ("smb3", True), ("fuse.sshfs", True),
+    ("lustre", True), ("beegfs", True), ("gpfs", True), ("somethingnew", True),
+])
+def test_names_may_be_stale_by_filesystem_type(tmp_path, fstype, stale):
+    table = tmp_path / "mountinfo"
+    table.write_text(device_line(1, "0:1", "/", "ext4") + "\n" + device_line(2, "0:77", "/elsewhere", fstype) + "\n")
+    device = os.makedev(0, 77)
+    assert mounts.names_may_be_stale(device, "/not/consulted", mountinfo=str(table)) is stale
+
+
+@pytest.mark.usefixtures("stale_cache")
+def test_names_may_be_stale_tells_two_mounts_of_one_export_apart_by_device(tmp_path):
+    # Two nosharecache mounts of one export: the same source, other devices;
+    # a local bind mount under one of them has the local device.
+    table = tmp_path / "mountinfo"
+    table.write_text("\n".join([
+        device_line(1, "8:1", "/", "ext4"),
+        device_line(2, "0:50", "/mnt/a", "nfs4", "rw,vers=4.2"),
+        device_line(3, "0:51", "/mnt/b", "nfs4", "rw,vers=4.2"),
+        device_line(4, "8:1", "/mnt/a/local", "ext4"),
+    ]) + "\n")
+    assert mounts.names_may_be_stale(os.makedev(0, 51), "/", mountinfo=str(table))
+    assert not mounts.names_may_be_stale(os.makedev(8, 1), "/mnt/a/local", mountinfo=str(table))
+
+
+@pytest.mark.usefixtures("stale_cache")
+def test_names_may_be_stale_falls_back_to_the_path_and_then_to_caution(tmp_path):
+    table = tmp_path / "mountinfo"
+    table.write_text(device_line(1, "8:1", "/", "ext4") + "\n")
+    # A device not in the table (a btrfs subvolume, say): found by its path.
+    assert not mounts.names_may_be_stale(os.makedev(0, 99), str(tmp_path), mountinfo=str(table))
+    unreadable = str(tmp_path / "missing")
+    assert mounts.names_may_be_stale(os.makedev(0, 98), str(tmp_path), mountinfo=unreadable)
+
+
+@pytest.mark.usefixtures("stale_cache")
+def test_names_may_be_stale_is_cached_per_device(tmp_path):
+    table = tmp_path / "mountinfo"
+    table.write_text(device_line(1, "0:60", "/", "nfs") + "\n")
+    assert mounts.names_may_be_stale(os.makedev(0, 60), "/", mountinfo=str(table))
+    table.write_text(device_line(1, "0:60", "/", "ext4") + "\n")
+    assert mounts.names_may_be_stale(os.makedev(0, 60), "/", mountinfo=str(table)), "read once per device"
+
+
+def test_this_machines_local_disk_has_current_names(tmp_path):
+    info = filesystem_info(tmp_path)
+    if info.fstype not in ("ext4", "xfs", "tmpfs", "btrfs", "overlay"):
+        pytest.skip(f"the test directory is on {info.fstype}")
+    assert not mounts.names_may_be_stale(os.stat(tmp_path).st_dev, str(tmp_path))

@@ -13,7 +13,7 @@ from toilcoord import mutex as mutex_module
 from toilcoord.locks import LockTimeout, check_name, safe_unlock_and_close, take_over
 from toilcoord.mutex import global_mutex, retire_mutex_files
 
-from conftest import alive, blocked_on_flock, kill_orphan, open_fds, release, wait_until
+from conftest import alive, blocked_on_flock, kill_orphan, left_after_exit, open_fds, release, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,12 +40,6 @@ def start_holder(children, directory, mutex="m"):
 def no_gate_in_use():
     """True when no thread of this process holds or waits for a mutex."""
     return all(gate.users == 0 for gate in mutex_module._gates.values())
-
-
-def left_after_exit(directory):
-    """What a mutex user leaves in *directory* once it has exited normally."""
-    retire_mutex_files()
-    return os.listdir(directory)
 
 
 # ----------------------------------------------------------- the potato race
@@ -452,3 +446,163 @@ def test_symlink_at_the_lock_path_is_never_followed(tmp_path, dangling):
         assert fd is not None
         safe_unlock_and_close(fd)
     assert no_gate_in_use()
+
+
+# ------------------------------------------- a kept file that others remove
+
+# Like RACE, in one process per style: "ours" takes global_mutex; "toil"
+# does what Toil's own mutex does (create, flock, check the name, and unlink
+# before unlocking at release); "reaper" runs cleanup's reaping of unheld
+# lock files in a loop; "stale" takes global_mutex as on a network
+# filesystem (an exclusive create before trusting the name). Prints
+# "violations rounds".
+MIXED = """
+import fcntl, os, sys
+from toilcoord import mutex
+from toilcoord.mutex import global_mutex, reap_unheld_mutex_files
+
+directory, style, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+path = os.path.join(directory, "toil-mutex-potato")
+potato = os.path.join(directory, "potato")
+
+class toil_mutex:
+    def __enter__(self):
+        while True:
+            self.fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(path).st_ino == os.fstat(self.fd).st_ino:
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+
+    def __exit__(self, *exc):
+        os.unlink(path)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+def hold_the_potato():
+    try:
+        os.close(os.open(potato, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return 1
+    for _ in range(3):
+        os.sched_yield()
+    try:
+        os.unlink(potato)
+    except FileNotFoundError:
+        return 1
+    return 0
+
+sys.stdin.read()  # the start gun
+if style == "stale":
+    mutex.names_may_be_stale = lambda device, path: True
+violations = 0
+for _ in range(rounds):
+    if style == "reaper":
+        reap_unheld_mutex_files(directory)
+        continue
+    with (toil_mutex() if style == "toil" else global_mutex(directory, "potato")):
+        violations += hold_the_potato()
+print(violations, rounds)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("styles", [
+    ("ours", "ours", "toil", "toil"),
+    ("ours", "ours", "ours", "reaper"),
+    ("stale", "stale", "ours", "toil", "reaper"),
+], ids="+".join)
+def test_a_lock_file_removed_by_others_is_never_held_twice(tmp_path, children, styles):
+    racers = [children.python(MIXED, str(tmp_path), style, "300" if style != "reaper" else "600",
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for style in styles]
+    for racer in racers:
+        racer.stdin.close()
+    results = [racer.stdout.read().split() for racer in racers]
+    assert [racer.wait() for racer in racers] == [0] * len(racers)
+    assert [int(violations) for violations, _ in results] == [0] * len(racers)
+    assert os.listdir(tmp_path) == [], "exited normally: nothing left"
+
+
+def test_a_file_removed_between_acquisitions_is_made_again_and_held(tmp_path, children):
+    with global_mutex(tmp_path, "m"):
+        pass
+    from toilcoord.mutex import reap_unheld_mutex_files
+    assert reap_unheld_mutex_files(tmp_path) == [str(tmp_path / MUTEX_FILE)]
+    assert os.listdir(tmp_path) == []
+    with global_mutex(tmp_path, "m"):
+        probe = children.python(
+            "import sys\nfrom toilcoord.locks import take_over\nprint(take_over(sys.argv[1]))",
+            str(tmp_path / MUTEX_FILE), stdout=subprocess.PIPE, text=True)
+        assert probe.stdout.read().strip() == "None", "the new file is the one we hold"
+        assert probe.wait() == 0
+    assert left_after_exit(tmp_path) == []
+
+
+def test_on_a_network_filesystem_a_free_name_is_created_and_adopted(tmp_path, monkeypatch):
+    # The stale-name path: our kept file was unlinked by someone else; the
+    # exclusive create that forces a server lookup finds the name free and
+    # makes the new lock file, which we lock instead.
+    monkeypatch.setattr(mutex_module, "names_may_be_stale", lambda device, path: True)
+    with global_mutex(tmp_path, "m"):
+        pass
+    os.unlink(tmp_path / MUTEX_FILE)  # as a holder elsewhere would, at its exit
+    with global_mutex(tmp_path, "m"):
+        assert os.listdir(tmp_path) == [MUTEX_FILE]
+        assert take_over(str(tmp_path / MUTEX_FILE)) is None, "we hold the file now linked there"
+    assert left_after_exit(tmp_path) == []
+
+
+def test_a_stale_handle_makes_us_reopen(tmp_path, monkeypatch):
+    # ESTALE (an NFS file removed on the server) cannot be caused locally.
+    with global_mutex(tmp_path, "m"):
+        pass
+    real_fstat, failures = os.fstat, [errno.ESTALE]
+
+    def fstat_once_stale(fd):
+        if failures:
+            code = failures.pop()
+            raise OSError(code, os.strerror(code))
+        return real_fstat(fd)
+
+    monkeypatch.setattr(mutex_module.os, "fstat", fstat_once_stale)
+    with global_mutex(tmp_path, "m"):
+        assert not failures
+    monkeypatch.undo()
+    assert left_after_exit(tmp_path) == []
+
+
+# ------------------------------------------------- what the lock file is
+
+def test_the_lock_file_is_open_for_writing_and_private(tmp_path):
+    with global_mutex(tmp_path, "m"):
+        fd = mutex_module._gates[str(tmp_path / MUTEX_FILE)].fd
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            flags = int(next(line for line in info if line.startswith("flags:")).split()[1], 8)
+    # NFSv4 grants an exclusive flock only on a file open for writing.
+    assert flags & os.O_ACCMODE == os.O_RDWR
+    assert flags & os.O_CLOEXEC and flags & os.O_NONBLOCK
+    assert os.stat(tmp_path / MUTEX_FILE).st_mode & 0o777 == 0o600
+    assert left_after_exit(tmp_path) == []
+
+
+@pytest.mark.parametrize("timeout", [None, 2])
+def test_a_fifo_at_the_lock_path_is_a_clear_error_not_a_hang(tmp_path, timeout):
+    os.mkfifo(tmp_path / MUTEX_FILE)
+    with pytest.raises(OSError, match="not a regular file"):
+        with global_mutex(tmp_path, "m", timeout=timeout):
+            pytest.fail("entered a mutex whose lock file is a FIFO")
+    assert os.listdir(tmp_path) == [MUTEX_FILE], "left alone"
+    assert no_gate_in_use()
+
+
+def test_idle_lock_files_kept_open_are_bounded(tmp_path):
+    from toilcoord.mutex import kept_lock_files
+    for number in range(mutex_module._KEEP_AT_MOST + 40):
+        with global_mutex(tmp_path, f"m{number}"):
+            pass
+    assert kept_lock_files() == mutex_module._KEEP_AT_MOST
+    assert len(os.listdir(tmp_path)) == mutex_module._KEEP_AT_MOST, "those let go of are removed"
+    assert left_after_exit(tmp_path) == []

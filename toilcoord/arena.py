@@ -5,20 +5,8 @@ import errno
 import os
 from typing import Iterator, Optional, Tuple
 
-from .locks import (
-    PathArg,
-    _OPEN_OR_CREATE,
-    _close_tracked,
-    _open_tracked,
-    check_name,
-    discard_taken,
-    fork_epoch,
-    locked_file_is,
-    release_taken,
-    safe_lock,
-    take_over,
-)
-from .mutex import global_mutex
+from .locks import PathArg, check_name, discard_taken, fork_epoch, safe_lock, take_over
+from .mutex import _acquire, _enter_gate, _Gate, _leave_gate, _unlock, global_mutex
 
 __all__ = ["LastProcessStandingArena", "reap_dead_arenas"]
 
@@ -30,15 +18,18 @@ _LIVE_SUFFIX = "-arena-live"
 class LastProcessStandingArena:
     """Processes enter and leave (or die); the last to leave cleans up.
 
-    Every member holds a shared ``flock`` on one file,
+    Every member process holds a shared ``flock`` on one file,
     ``base_dir/<name>-arena-live``; entering and leaving are serialised by
     the mutex ``<name>-arena-lock``. A leaver tries to turn its shared lock
     into an exclusive one: that succeeds only if no other live member holds
     the file (the dead hold nothing), so entering and leaving cost the same
-    however many members there are or have died, and nothing has to be
-    reaped. ``leave()`` yields once to the last live member, while no
-    process can enter; once it has left, nothing of the arena is left in
-    *base_dir*. A forked child is not a member of its parent's arenas.
+    however many members there are or have died, and nothing is reaped.
+    ``leave()`` yields once to the last live member, while no process can
+    enter. Like the mutex's, the arena's two files stay while a process
+    that used the arena lives, kept open for its next entry; once every
+    such process has exited normally (or after ``python -m toilcoord
+    cleanup``) nothing of the arena is left in *base_dir*. A forked child
+    is not a member of its parent's arenas.
 
     Always leave after entering (try/finally), and iterate what ``leave()``
     returns: the leaving happens as the loop runs::
@@ -58,7 +49,7 @@ class LastProcessStandingArena:
         self.base_dir = os.fspath(base_dir)
         self.name = name
         self.mutex = name + _LOCK_SUFFIX
-        self._live_path = os.path.join(self.base_dir, name + _LIVE_SUFFIX)
+        self._live_path = os.path.abspath(os.path.join(self.base_dir, name + _LIVE_SUFFIX))
         self._member: Optional[_Member] = None
 
     def enter(self, timeout: Optional[float] = None) -> None:
@@ -70,7 +61,16 @@ class LastProcessStandingArena:
         if self._member is not None and self._member.ours:
             raise RuntimeError(f"this process is already in arena {self.name!r}; leave it first")
         with global_mutex(self.base_dir, self.mutex, timeout):
-            self._member = _Member(_hold_shared(self._live_path))
+            # One shared lock per process, through its kept fd, however
+            # many of its arena objects are in (the mutex queues threads).
+            gate = _enter_gate(self._live_path)
+            try:
+                if gate.users == 1:
+                    _acquire(gate, self._live_path, shared=True)
+            except BaseException:
+                _leave_gate(self._live_path, gate)
+                raise
+            self._member = _Member(gate)
 
     def leave(self) -> Iterator[bool]:
         """Leave the arena; yields once (True) if this was the last live
@@ -83,29 +83,28 @@ class LastProcessStandingArena:
     def _leave(self, member: "_Member") -> Iterator[bool]:
         # Membership ends here, as the loop runs: a leave() never iterated
         # leaves this process in the arena, free to leave() again.
-        mutex = global_mutex(self.base_dir, self.mutex)
-        with mutex:
+        with global_mutex(self.base_dir, self.mutex):
             if self._member is not member:
                 return  # left already, through another leave()
             self._member = None
-            if not _last_to_leave(member.fd):
-                return
+            gate = member.gate
             try:
-                yield True
+                if gate.users == 1 and _last_to_leave(gate):
+                    try:
+                        yield True
+                    finally:
+                        _unlock(gate)  # the file stays, kept for our next entry
             finally:
-                # Unlinked while held exclusively, like the mutex's file,
-                # so that nothing of the arena is left.
-                discard_taken(member.fd, self._live_path)
-                mutex.remove_file()
+                _leave_gate(self._live_path, gate)
 
 
 class _Member:
-    """This process's shared lock on an arena's live file."""
+    """One membership: this process's gate on the arena's live file."""
 
-    __slots__ = ("fd", "_epoch")
+    __slots__ = ("gate", "_epoch")
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, gate: _Gate) -> None:
+        self.gate = gate
         self._epoch = fork_epoch()
 
     @property
@@ -114,32 +113,19 @@ class _Member:
         return self._epoch == fork_epoch()
 
 
-def _hold_shared(path: str) -> int:
-    """Open (creating) the live file and lock it shared; called holding the
-    arena's mutex, so only a crash can leave it unlinked meanwhile."""
-    while True:
-        fd = _open_tracked(path, _OPEN_OR_CREATE)
-        try:
-            safe_lock(fd, shared=True)
-            if locked_file_is(fd, path):
-                return fd
-        except BaseException:
-            _close_tracked(fd)
-            raise
-        _close_tracked(fd)  # a stale name on a network filesystem: look again
-
-
-def _last_to_leave(fd: int) -> bool:
-    """Turn our shared lock into an exclusive one if nobody else holds one.
-    True: we hold it exclusively; False: others live, and *fd* is closed."""
+def _last_to_leave(gate: _Gate) -> bool:
+    """Turn our shared lock into an exclusive one if no other process holds
+    one. True: we hold it exclusively; False: others live, and we hold
+    nothing (a refused conversion drops the lock on Linux, keeps it on NFS:
+    we unlock either way)."""
     try:
-        safe_lock(fd, block=False)
+        safe_lock(gate.fd, block=False)
         return True
     except OSError as error:
         if error.errno not in (errno.EAGAIN, errno.EACCES):
-            release_taken(fd)
+            _unlock(gate)
             raise
-    release_taken(fd)
+    _unlock(gate)
     return False
 
 
@@ -153,14 +139,11 @@ def reap_dead_arenas(base_dir: PathArg) -> Iterator[Tuple[str, bool]]:
                        and entry.is_file(follow_symlinks=False))
     for name in names:
         path = os.path.join(os.fspath(base_dir), name + _LIVE_SUFFIX)
-        mutex = global_mutex(base_dir, name + _LOCK_SUFFIX)
-        with mutex:
+        with global_mutex(base_dir, name + _LOCK_SUFFIX):
             try:
                 fd = take_over(path)
             except FileNotFoundError:
-                fd = -1  # its last member left meanwhile
-            if fd is not None:
-                if fd >= 0:
-                    discard_taken(fd, path)
-                mutex.remove_file()
+                fd = -1  # removed meanwhile
+            if fd is not None and fd >= 0:
+                discard_taken(fd, path)
             yield name, fd is None

@@ -320,12 +320,12 @@ _POLL_FIRST = 0.001
 _POLL_MAX = 0.05
 
 
-def _lock_until(fd: int, path: str, deadline: float) -> None:
+def _lock_until(fd: int, path: str, deadline: float, shared: bool = False) -> None:
     # flock has no timeout: poll with LOCK_NB and a growing sleep.
     delay = _POLL_FIRST
     while True:
         try:
-            safe_lock(fd, block=False)
+            safe_lock(fd, block=False, shared=shared)
             return
         except OSError as error:
             if error.errno not in (errno.EAGAIN, errno.EACCES):

@@ -109,13 +109,13 @@ def _drop(gate: _Gate) -> None:
         _close_tracked(fd)
 
 
-def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool) -> bool:
+def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared: bool) -> bool:
     """Lock the kept fd; False only if not *block* and someone holds it."""
     if deadline is not None:
-        _lock_until(gate.fd, path, deadline)
+        _lock_until(gate.fd, path, deadline, shared)
         return True
     try:
-        safe_lock(gate.fd, block=block)
+        safe_lock(gate.fd, block=block, shared=shared)
     except OSError as error:
         if block or error.errno not in (errno.EAGAIN, errno.EACCES):
             raise
@@ -123,14 +123,16 @@ def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool) -> boo
     return True
 
 
-def _acquire(gate: _Gate, path: str, deadline: Optional[float] = None, block: bool = True) -> bool:
-    """Hold the lock file at *path* through ``gate.fd``; False only if not
-    *block* and another process holds it."""
+def _acquire(gate: _Gate, path: str, deadline: Optional[float] = None, block: bool = True,
+             shared: bool = False) -> bool:
+    """Lock the file at *path* through ``gate.fd`` (exclusively unless
+    *shared*), opening or creating it as needed; False only if not *block*
+    and another process holds it."""
     while True:
         if gate.fd < 0:
             gate.fd = _open_tracked(path, _OPEN_OR_CREATE)
         try:
-            if not _lock(gate, path, deadline, block):
+            if not _lock(gate, path, deadline, block, shared):
                 return False
             if _still_linked(gate, path):
                 return True
@@ -327,24 +329,12 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
             raise LockTimeout(f"timed out after {self.timeout} s waiting for {self.path}")
         return deadline
 
-    def remove_file(self) -> None:
-        """Unlink the lock file now, while holding the mutex, and stop
-        keeping it: for holders that leave nothing behind (the arena's
-        last member). Call it last in the ``with`` block: the mutex is
-        free for other processes from here on."""
-        gate = self._gate
-        if gate is None or self._epoch != _epoch:
-            raise RuntimeError(f"remove_file() needs the mutex held: {self.path}")
-        unlink_if_present(self.path)
-        _drop(gate)
-
     def __exit__(self, *exc_info: object) -> None:
         gate, self._gate = self._gate, None
         if gate is None or self._epoch != _epoch:
             return  # entered in the parent of this forked child: not ours
         try:
-            if gate.fd >= 0:
-                _unlock(gate)
+            _unlock(gate)
         finally:
             gate.lock.release()
             _leave_gate(self.path, gate)

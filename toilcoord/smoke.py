@@ -13,7 +13,8 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 
 from .arena import LastProcessStandingArena
 from .mutex import global_mutex, retire_mutex_files
-from .procnames import get_process_name, process_name_exists
+from .files import robust_rmtree
+from .procnames import destroy_all_process_names, get_process_name, process_name_exists
 
 __all__ = ["CHECKS", "CheckResult", "import_root", "run_checks"]
 
@@ -54,12 +55,21 @@ def run_checks(directory: str, on_result: Optional[Callable[[CheckResult], None]
             status, detail = "skip", str(skipped)
         except Exception as error:  # a failed check is reported, not raised
             status, detail = "FAIL", f"{type(error).__name__}: {error}"
+        _let_go()
         results.append(CheckResult(name, status, time.monotonic() - start, detail))
         if on_result is not None:
             on_result(results[-1])
         if status == "ok":
-            shutil.rmtree(workdir, ignore_errors=True)
+            robust_rmtree(workdir)
     return results
+
+
+def _let_go() -> None:
+    """Close every file this process holds in the checks' directories, so
+    that they can be removed (on NFS a file still open is silly-renamed to
+    ``.nfsXXXX`` and its directory cannot go)."""
+    retire_mutex_files()
+    destroy_all_process_names()
 
 
 # ------------------------------------------------------------ processes
