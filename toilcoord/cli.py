@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     torture.add_argument("--procs", type=int, default=4, help="worker processes, at least 2 (default 4)")
     torture.add_argument("--dir", dest="sub_dir", help="torture in this directory (default: a temporary one)")
     torture.add_argument("--seed", help="seed of every random choice (default: a random one, printed)")
+    torture.add_argument("--split-dir", help="--dir seen through another mount (another NFS client of the same "
+                         "export): half of the workers use it")
     for sub in (bench, cleanup, torture):
         sub.error = parser.error  # type: ignore[method-assign]
     return parser
@@ -74,7 +76,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.procs < 2 or not args.seconds > 0:
                 raise UsageError(f"torture needs --procs of at least 2 and --seconds above 0, not {args.procs} and {args.seconds}")
             from .torture import main as torture
-            return torture(directory, args.seconds, args.procs, args.seed)
+            if args.split_dir is not None and directory is None:
+                raise UsageError("torture --split-dir needs --dir: the same directory through another mount")
+            return torture(directory, args.seconds, args.procs, args.seed, args.split_dir)
         return _smoke(directory, as_json)
     except UsageError as error:
         print(f"python -m toilcoord: error: {error}", file=sys.stderr)

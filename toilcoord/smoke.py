@@ -292,6 +292,12 @@ def _assert_empty(directory: str) -> None:
     (mutexes keep their files open while their users live)."""
     retire_mutex_files()
     left = os.listdir(directory)
+    # NFS silly-renames a file unlinked while open to .nfsXXXX and removes
+    # that after the last close, asynchronously: give it a moment.
+    deadline = time.monotonic() + 5
+    while left and all(name.startswith(".nfs") for name in left) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = os.listdir(directory)
     if left:
         raise AssertionError(f"left behind in the directory: {left}")
 

@@ -82,7 +82,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Se
 
 from .arena import LastProcessStandingArena
 from .deferred import DeferredFunction, DeferredFunctionManager
-from .mutex import global_mutex, kept_lock_files
+from .mutex import global_mutex, kept_lock_files, retire_mutex_files
 from .procnames import NAME_PREFIX, destroy_all_process_names, get_process_name, process_name_exists
 
 __all__ = ["Invariant", "check_journal", "main", "run_torture"]
@@ -207,12 +207,18 @@ class _Layout(NamedTuple):
     root: str
     coord: str  # the coordination directory: every primitive works here
     records: str  # evidence: journal, potato, markers, identities
+    views: Tuple[str, ...]  # coord, and coord through another mount: workers alternate
 
     @classmethod
-    def make(cls, root: str) -> "_Layout":
-        layout = cls(root, os.path.join(root, "coord"), os.path.join(root, "records"))
+    def make(cls, root: str, coord: Optional[str] = None, split_dir: Optional[str] = None) -> "_Layout":
+        coord = coord or os.path.join(root, "coord")
+        views = (coord, os.path.join(split_dir, os.path.basename(coord))) if split_dir else (coord,)
+        layout = cls(root, coord, os.path.join(root, "records"), views)
         for path in (layout.coord, layout.records, layout.markers):
             os.mkdir(path)
+        for view in views:  # (two mounts of one export differ in st_dev: no samefile)
+            if not os.path.isdir(view):
+                raise ValueError(f"{view} is not {coord} seen through another mount")
         return layout
 
     @property
@@ -350,9 +356,10 @@ def _take_part_in_arena(layout: _Layout, arena: LastProcessStandingArena, identi
 class _Worker:
     """One worker process: loops over the primitives until told to stop."""
 
-    def __init__(self, layout: _Layout, seed: object, incarnation: str, immortal: bool,
+    def __init__(self, layout: _Layout, seed: object, incarnation: str, slot: int, immortal: bool,
                  progress_fd: int, deadline: float) -> None:
         self.layout = layout
+        self.coord = layout.views[slot % len(layout.views)]
         self.incarnation = incarnation
         self.immortal = immortal
         self.progress_fd = progress_fd
@@ -361,8 +368,8 @@ class _Worker:
         self.parent = os.getppid()
         self.serial = 0
         self.identity = _make_identity(layout, incarnation)
-        self.manager = DeferredFunctionManager(layout.coord)
-        self.arena = LastProcessStandingArena(layout.coord, ARENA)
+        self.manager = DeferredFunctionManager(self.coord)
+        self.arena = LastProcessStandingArena(self.coord, ARENA)
         self.name = ""
 
     def run(self) -> None:
@@ -401,7 +408,7 @@ class _Worker:
 
     def _mutex(self) -> None:
         _set_phase(_MUTEX_WAIT)
-        with global_mutex(self.layout.coord, MUTEX):
+        with global_mutex(self.coord, MUTEX):
             _set_phase(_MUTEX_HELD)
             _hold_the_potato(self.layout, self.identity, self.rng.choice((0, 0, 0.0005, 0.002)))
         _set_phase(_IDLE)
@@ -431,26 +438,26 @@ class _Worker:
         from .cli import cleanup_directory
 
         _set_phase(_CLEANUP)
-        for _ in cleanup_directory(self.layout.coord):
+        for _ in cleanup_directory(self.coord):
             pass
         _set_phase(_IDLE)
 
     def _names(self) -> None:
         _set_phase(_NAME_GET)
-        name = get_process_name(self.layout.coord)
+        name = get_process_name(self.coord)
         if not self.name:
             self.name = name
             _record("name " + name)
         elif name != self.name:
             _record("violation names-changed %s became %s" % (self.name, name))
         _set_phase(_NAME_POLL)
-        if not process_name_exists(self.layout.coord, name):
+        if not process_name_exists(self.coord, name):
             _record("violation names-own-dead our own name %s read as dead" % name)
-        others = [entry for entry in os.listdir(self.layout.coord)
+        others = [entry for entry in os.listdir(self.coord)
                   if entry.startswith(NAME_PREFIX) and entry != name]
         _record("polling")  # before the probes: a poll's own record comes after its probe
         for other in self.rng.sample(others, min(3, len(others))):
-            _record("poll %s %d" % (other, process_name_exists(self.layout.coord, other)))
+            _record("poll %s %d" % (other, process_name_exists(self.coord, other)))
         _set_phase(_IDLE)
 
 
@@ -468,7 +475,7 @@ def _worker_process(layout: _Layout, seed: object, incarnation: str, slot: int, 
     _become(incarnation, layout.journal, phases, slot)
     _set_phase(_STARTING)
     try:
-        _Worker(layout, seed, incarnation, immortal, progress_fd, deadline).run()
+        _Worker(layout, seed, incarnation, slot, immortal, progress_fd, deadline).run()
         return 0
     except BaseException as error:
         with open(os.path.join(layout.records, "errors.txt"), "a") as errors:
@@ -925,6 +932,7 @@ def _final_checks(layout: _Layout) -> Tuple[bool, List[str], List[str], List[str
     # a potato still there must be a dead holder's.
     with global_mutex(layout.coord, MUTEX):
         _hold_the_potato(layout, identity, 0)
+    retire_mutex_files()  # as at exit: the coordination directory is empty again
     return elected, sorted(os.listdir(layout.markers)), cleanup, left
 
 
@@ -956,9 +964,15 @@ def _log_summary(path: str) -> Optional[str]:
 
 def run_torture(directory: Optional[str] = None, seconds: float = 10.0, procs: int = 4,
                 seed: object = None, progress_bound: float = 60.0, kill_interval: Optional[float] = None,
-                say: Callable[[str], None] = print) -> bool:
+                say: Callable[[str], None] = print, split_dir: Optional[str] = None) -> bool:
     """Run the torture in a fresh subdirectory of *directory* (default: the
     system's temporary directory) and print (*say*) one line per invariant.
+
+    With *split_dir* (*directory* seen through another mount, say a second
+    NFS client of the same export), every other worker uses the
+    coordination directory through it, and the evidence (journal, potato,
+    markers) is kept in the system's temporary directory, which every
+    worker sees coherently.
 
     *procs* workers (at least 2; a quarter of them, at least one, are never
     killed) run for *seconds*; one of the others is SIGKILLed every
@@ -977,7 +991,12 @@ def run_torture(directory: Optional[str] = None, seconds: float = 10.0, procs: i
         seed = random.randrange(1 << 32)
     killable = procs - max(1, procs // 4)
     kill_interval = kill_interval if kill_interval is not None else _LIFETIME / killable
-    layout = _Layout.make(tempfile.mkdtemp(prefix="toilcoord-torture-", dir=directory))
+    if split_dir is None:
+        layout = _Layout.make(tempfile.mkdtemp(prefix="toilcoord-torture-", dir=directory))
+    else:
+        root = tempfile.mkdtemp(prefix="toilcoord-torture-")
+        coord = os.path.join(directory or ".", os.path.basename(root) + "-coord")
+        layout = _Layout.make(root, coord, split_dir)
     say("torture: %g s, %d processes (%d never killed), seed %s, in %s"
         % (seconds, procs, procs - killable, seed, layout.root))
     DeferredFunction.create(_deferred_effect, "", "", 0)  # load the codec once, before forking
@@ -999,15 +1018,17 @@ def run_torture(directory: Optional[str] = None, seconds: float = 10.0, procs: i
     _Me.journal_fd = -1
     if held:
         shutil.rmtree(layout.root)
+        if not layout.coord.startswith(layout.root + os.sep):
+            os.rmdir(layout.coord)  # empty: checked by the invariants
         say("all %d invariants held" % len(invariants))
     else:
         say("FAILED; the journal, logs and stacks are kept in %s" % layout.records)
     return held
 
 
-def main(directory: Optional[str], seconds: float, procs: int, seed: object) -> int:
+def main(directory: Optional[str], seconds: float, procs: int, seed: object, split_dir: Optional[str] = None) -> int:
     """``python -m toilcoord torture``: exit status 0 iff every invariant held."""
     def say(line: str) -> None:
         print(line, flush=True)
 
-    return 0 if run_torture(directory, seconds, procs, seed, say=say) else 1
+    return 0 if run_torture(directory, seconds, procs, seed, say=say, split_dir=split_dir) else 1
