@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import re
 import socket
 import subprocess
@@ -65,6 +66,33 @@ def test_short_torture_run_holds_every_invariant(tmp_path):
     assert len(lines) == 8 and all(line.startswith("ok") for line in lines), done.stdout
     assert re.search(r"SIGKILLed [1-9]\d* workers", done.stdout), done.stdout
     assert os.listdir(tmp_path) == [], "a passing run removes its directory"
+
+
+@pytest.mark.timeout(240)
+def test_torture_split_across_two_mounts_of_one_directory(tmp_path):
+    # The NFS rig splits the workers over two NFS clients of one export;
+    # here a bind mount (in a private mount namespace) is the second view.
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare for a private bind mount")
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    script = 'mount --bind "$1" "$2" && exec "$3" -m toilcoord torture --seconds 4 --procs 4 --dir "$1" --split-dir "$2"'
+    done = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", str(first), str(second), sys.executable],
+                          env=child_env(), cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=200)
+    if "mount" in done.stderr and done.returncode != 0 and not invariant_lines(done.stdout):
+        pytest.skip(f"cannot bind-mount here: {done.stderr.strip()[:200]}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert all(line.startswith("ok") for line in invariant_lines(done.stdout)), done.stdout
+    assert os.listdir(first) == []
+
+
+def test_split_dir_needs_dir(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "toilcoord", "torture", "--split-dir", str(tmp_path)],
+                          env=child_env(), cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "--split-dir needs --dir" in done.stderr
 
 
 @pytest.mark.slow
