@@ -606,3 +606,43 @@ def test_idle_lock_files_kept_open_are_bounded(tmp_path):
     assert kept_lock_files() == mutex_module._KEEP_AT_MOST
     assert len(os.listdir(tmp_path)) == mutex_module._KEEP_AT_MOST, "those let go of are removed"
     assert left_after_exit(tmp_path) == []
+
+
+# ------------------------------------------------------------- fairness
+
+def test_on_a_network_filesystem_a_contended_holder_lets_others_in(tmp_path, monkeypatch, children):
+    # Another node's waiter asks the NFS server later than this node's next
+    # request would: after a contended release, a process pauses briefly.
+    monkeypatch.setattr(mutex_module, "names_may_be_stale", lambda device, path: True)
+    pauses = []
+    real_sleep = mutex_module.time.sleep
+    monkeypatch.setattr(mutex_module.time, "sleep", lambda seconds: pauses.append(seconds) or real_sleep(seconds))
+    with global_mutex(tmp_path, "m"):
+        pass
+    with global_mutex(tmp_path, "m"):
+        pass
+    assert pauses == [], "uncontended: no pause"
+    holder = start_holder(children, tmp_path)
+    release_later = threading.Timer(0.05, release, (holder,))
+    release_later.start()
+    with global_mutex(tmp_path, "m"):  # waits for the holder: contended
+        pass
+    with global_mutex(tmp_path, "m"):  # at once: first a pause
+        pass
+    release_later.join()
+    assert len(pauses) == 1 and 0 < pauses[0] <= mutex_module._HANDOFF
+    assert left_after_exit(tmp_path) == []
+
+
+def test_on_a_local_filesystem_nobody_pauses(tmp_path, monkeypatch, children):
+    pauses = []
+    monkeypatch.setattr(mutex_module.time, "sleep", pauses.append)
+    holder = start_holder(children, tmp_path)
+    release_later = threading.Timer(0.05, release, (holder,))
+    release_later.start()
+    with global_mutex(tmp_path, "m"):  # a blocking wait, not a polling one
+        pass
+    release_later.join()
+    with global_mutex(tmp_path, "m"):
+        pass
+    assert pauses == []

@@ -54,19 +54,28 @@ logger = logging.getLogger(__name__)
 _MUTEX_PREFIX = "toil-mutex-"
 #: Lock files kept open at most; the least recently used idle one is retired.
 _KEEP_AT_MOST = 128
+#: On a network filesystem, a process that had to wait for a mutex waits
+#: this long after releasing it before taking it again, so that waiters on
+#: other nodes (whose lock requests travel further) get their turn.
+_HANDOFF = 0.01
 
 
 class _Gate:
     """This process's state for one lock file: threads queue on ``lock``;
-    ``fd`` is the kept lock file (-1 when none), used only by the thread
-    that holds ``lock``."""
+    ``fd`` is the kept lock file (-1 when none). The rest is fairness
+    bookkeeping: whether the last lock had to wait, whether the file is on
+    a network filesystem, when it was last released. All but ``lock`` and
+    ``users`` are used only by the thread that holds ``lock``."""
 
-    __slots__ = ("lock", "users", "fd")
+    __slots__ = ("lock", "users", "fd", "waited", "network", "released")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.users = 0
         self.fd = -1
+        self.waited = False
+        self.network = False
+        self.released = 0.0
 
 
 _gates: "collections.OrderedDict[str, _Gate]" = collections.OrderedDict()
@@ -111,16 +120,32 @@ def _drop(gate: _Gate) -> None:
 
 def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared: bool) -> bool:
     """Lock the kept fd; False only if not *block* and someone holds it."""
+    try:
+        safe_lock(gate.fd, block=False, shared=shared)
+        return True
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+    if not block:
+        return False
+    gate.waited = True
     if deadline is not None:
         _lock_until(gate.fd, path, deadline, shared)
-        return True
-    try:
-        safe_lock(gate.fd, block=block, shared=shared)
-    except OSError as error:
-        if block or error.errno not in (errno.EAGAIN, errno.EACCES):
-            raise
-        return False
+    else:
+        safe_lock(gate.fd, shared=shared)
     return True
+
+
+def _let_others_in(gate: _Gate, deadline: Optional[float]) -> None:
+    """On a network filesystem, after a contended release, pause before
+    taking the lock again: the server grants it to whoever asks first, and
+    this node's next request would mostly beat another node's waiter."""
+    if gate.waited and gate.network:
+        pause = gate.released + _HANDOFF - time.monotonic()
+        if deadline is not None:
+            pause = min(pause, deadline - time.monotonic())
+        if pause > 0:
+            time.sleep(pause)
 
 
 def _acquire(gate: _Gate, path: str, deadline: Optional[float] = None, block: bool = True,
@@ -128,6 +153,7 @@ def _acquire(gate: _Gate, path: str, deadline: Optional[float] = None, block: bo
     """Lock the file at *path* through ``gate.fd`` (exclusively unless
     *shared*), opening or creating it as needed; False only if not *block*
     and another process holds it."""
+    gate.waited = False
     while True:
         if gate.fd < 0:
             gate.fd = _open_tracked(path, _OPEN_OR_CREATE)
@@ -148,7 +174,8 @@ def _still_linked(gate: _Gate, path: str) -> bool:
     opened = os.fstat(gate.fd)  # after the lock: fresh from an NFS server
     if opened.st_nlink == 0:
         return False
-    if names_may_be_stale(opened.st_dev, path):
+    gate.network = names_may_be_stale(opened.st_dev, path)
+    if gate.network:
         # An exclusive create makes the client look the name up at the
         # server. If it succeeds, our file was unlinked and the new one
         # is the lock file now: lock that instead.
@@ -306,6 +333,7 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
         try:
             deadline = self._pass_gate(gate)
             try:
+                _let_others_in(gate, deadline)
                 _acquire(gate, self.path, deadline)
             except BaseException:
                 gate.lock.release()
@@ -335,6 +363,8 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
             return  # entered in the parent of this forked child: not ours
         try:
             _unlock(gate)
+            if gate.network:
+                gate.released = time.monotonic()
         finally:
             gate.lock.release()
             _leave_gate(self.path, gate)
