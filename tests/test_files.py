@@ -1,20 +1,27 @@
-"""robust_rmtree on real trees: symlinks, odd names, depth, concurrent deleters."""
+"""robust_rmtree on real trees: symlinks, odd names, depth, concurrent
+deleters, and busy entries (real mounts; an emulated NFS silly rename)."""
 from __future__ import annotations
 
+import errno
+import inspect
+import json
 import os
 import pathlib
+import pickle
 import shutil
 import subprocess
+import sys
 import tempfile
+import textwrap
 import threading
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import pytest
 
 from toilcoord import files
 from toilcoord.files import robust_rmtree
 
-from conftest import run_python
+from conftest import ROOT, child_env, run_python
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -383,5 +390,257 @@ def test_permission_errors_propagate_and_leak_nothing() -> None:
         shutil.rmtree(scratch)
 
 
+# ------------------------------------------------------------ busy entries
+#
+# A real EBUSY comes from a mount point: unlink of a file something is bound
+# onto, rmdir of a directory something is mounted on. Each such test runs a
+# child in a private mount namespace of its own, so its mounts vanish with it
+# whatever happens. NFS's silly rename (unlinking a file some process holds
+# open renames it to .nfsXXXX instead, which gives EBUSY until the holder
+# closes it) cannot be made locally: those tests emulate it in os.unlink.
+
+SILLY = ".nfs000000000123abcd00000001"  # the shape of an NFS client's name
+
+MOUNTING = """
+    import errno, json, os, subprocess, sys, time
+    from toilcoord.files import BusyEntriesError, robust_rmtree
+
+    def make_busy(path):
+        # A file or directory bound onto itself: unlink or rmdir gives EBUSY.
+        if not os.path.isdir(path):
+            open(path, "w").close()
+        subprocess.run(["mount", "--bind", path, path], check=True)
+
+    def release(path):
+        subprocess.run(["umount", path], check=True)
+
+    def spy_on_unlinks_of(name, on_busy=lambda: None):
+        # Not a mock: every call is the real os.unlink, and counted.
+        real_unlink, calls = os.unlink, []
+        def unlink(path, *, dir_fd=None):
+            if os.path.basename(os.fsdecode(path)) == name:
+                calls.append(path)
+            try:
+                return real_unlink(path, dir_fd=dir_fd)
+            except OSError as error:
+                if error.errno == errno.EBUSY:
+                    on_busy()
+                raise
+        os.unlink = unlink
+        return calls
+
+    def fds():
+        return sorted(os.listdir("/proc/self/fd"))
+"""
+
+
+def run_unshared(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``python -c MOUNTING+CODE ARGS`` in a private mount namespace."""
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
+         textwrap.dedent(MOUNTING) + textwrap.dedent(code), *args],
+        env=child_env(**env), cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def mounts() -> None:
+    """Skip unless this process may mount in a mount namespace of its own."""
+    probe = tempfile.mkdtemp(prefix="toilcoord-unshare-")
+    try:
+        result = subprocess.run(["unshare", "--mount", "--propagation", "private", "mount", "--bind", probe, probe],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        refusal = result.stderr.strip() if result.returncode else ""
+    except FileNotFoundError as error:
+        refusal = str(error)
+    finally:
+        os.rmdir(probe)
+    if refusal:
+        pytest.skip("no private mount namespace, so no real EBUSY (unshare -m refused): " + refusal)
+
+
+def test_a_busy_file_is_retried_until_it_is_released(tmp_path, mounts) -> None:
+    top = str(tmp_path / "tree")
+    make_tree(top, depth=3)
+    result = run_unshared("""
+        busy = os.path.join(sys.argv[1], "d1", "d2", sys.argv[2])
+        make_busy(busy)
+        released = []  # its holder lets go right after the first EBUSY
+        calls = spy_on_unlinks_of(sys.argv[2], on_busy=lambda: released or released.append(release(busy)))
+        robust_rmtree(sys.argv[1])
+        print(len(calls), len(released), os.path.lexists(sys.argv[1]))
+    """, top, SILLY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "2 1 False\n"  # busy, released, removed on the retry
+    assert gone(top)
+
+
+@pytest.mark.parametrize("as_arg", [str, os.fsencode], ids=["str", "bytes"])
+def test_what_stays_busy_is_reported_in_one_error_after_all_else_is_removed(tmp_path, mounts, as_arg) -> None:
+    top = str(tmp_path / "tree")
+    make_tree(top, depth=2)
+    busy = [os.path.join(top, "d0", SILLY),  # as an NFS client would leave it
+            os.path.join(top, "d1", "d2", os.fsdecode(b"busy-\xff")),  # EBUSY, whatever the name
+            os.path.join(top, "d2", "mounted")]  # a directory: rmdir gives EBUSY
+    os.mkdir(busy[2])
+    result = run_unshared("""
+        top, busy = sys.argv[1], sys.argv[2:]
+        for path in busy:
+            make_busy(path)
+        calls = spy_on_unlinks_of(os.path.basename(busy[0]))
+        before, started = fds(), time.monotonic()
+        try:
+            robust_rmtree(os.fsencode(top) if os.environ["AS_BYTES"] else top, busy_timeout=0.3)
+        except BusyEntriesError as error:
+            print(json.dumps({
+                "elapsed": time.monotonic() - started, "errno": error.errno, "filename": os.fsdecode(error.filename),
+                "is_os_error": isinstance(error, OSError), "types": sorted({type(p).__name__ for p in error.left}),
+                "left": [os.fsdecode(path) for path in error.left],
+                "in_message": all(repr(path) in str(error) for path in error.left),
+                "remaining": sorted(os.path.join(d, name) for d, dirs, files in os.walk(top) for name in dirs + files),
+                "attempts": len(calls), "leaked": fds() != before,
+            }))
+    """, top, *busy, AS_BYTES="1" if as_arg is os.fsencode else "")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert sorted(report["left"]) == sorted(busy)
+    assert report["types"] == ["bytes" if as_arg is os.fsencode else "str"]
+    assert report["remaining"] == sorted(busy + [os.path.join(top, d) for d in ("d0", "d1", "d1/d2", "d2")])
+    assert (report["errno"], report["filename"], report["is_os_error"]) == (errno.EBUSY, top, True)
+    assert report["in_message"] and not report["leaked"]
+    assert 0.3 <= report["elapsed"] < 3
+    assert 4 <= report["attempts"] <= 12  # retried, the first within a few ms, then backing off
+    robust_rmtree(top)  # the child's mounts went with its namespace
+    assert gone(top)
+
+
+def test_a_busy_file_given_with_no_time_to_wait_is_tried_once(tmp_path, mounts) -> None:
+    path = str(tmp_path / SILLY)
+    result = run_unshared("""
+        make_busy(sys.argv[1])
+        calls = spy_on_unlinks_of(os.path.basename(sys.argv[1]))
+        try:
+            robust_rmtree(sys.argv[1], busy_timeout=0)
+        except BusyEntriesError as error:
+            print(len(calls), error.left == [sys.argv[1]], error.filename == sys.argv[1])
+    """, path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "1 True True\n"
+    robust_rmtree(path)
+    assert gone(path)
+
+
+class SillyRenamingUnlink:
+    """os.unlink as an NFS client does it for *held*, a file some process
+    holds open: the unlink succeeds by renaming it to SILLY in its directory;
+    unlinking SILLY gives EBUSY until the holder closes it, after which the
+    client removes it (here after *closes_after* EBUSY answers, or never).
+    Every other name is the real os.unlink."""
+
+    def __init__(self, monkeypatch, held: str, closes_after: Optional[int]) -> None:
+        self.held, self.closes_after, self.busy_answers = held, closes_after, 0
+        self.real_unlink = os.unlink
+        monkeypatch.setattr(os, "unlink", self)
+
+    def __call__(self, path, *, dir_fd: Optional[int] = None) -> None:
+        name = os.path.basename(os.fsdecode(path))
+        if name == self.held:
+            silly = os.path.join(os.path.dirname(path), SILLY)
+            os.rename(path, silly, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return
+        if name == SILLY:
+            if self.closes_after is None or self.busy_answers < self.closes_after:
+                self.busy_answers += 1
+                raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), path)
+            self.real_unlink(path, dir_fd=dir_fd)  # closed: the client removed it
+        self.real_unlink(path, dir_fd=dir_fd)
+
+
+def test_an_nfs_silly_rename_is_waited_out_until_its_holder_closes(tmp_path, monkeypatch) -> None:
+    top = tmp_path / "tree"
+    make_tree(str(top), depth=3)
+    silly_rename = SillyRenamingUnlink(monkeypatch, "f3", closes_after=2)
+    before = open_fds()
+    robust_rmtree(top)  # rmdir of every directory first gives ENOTEMPTY
+    assert gone(top) and open_fds() == before
+    assert silly_rename.busy_answers == 2
+
+
+def test_a_silly_renamed_file_still_held_is_reported_with_everything_else_removed(tmp_path, monkeypatch) -> None:
+    top = tmp_path / "tree"
+    make_tree(str(top), depth=2)
+    (top / "d2" / "d1" / "held").write_text("x")
+    SillyRenamingUnlink(monkeypatch, "held", closes_after=None)
+    with pytest.raises(files.BusyEntriesError) as raised:
+        robust_rmtree(top, busy_timeout=0.2)
+    silly = str(top / "d2" / "d1" / SILLY)
+    assert raised.value.left == [silly] and raised.value.errno == errno.EBUSY
+    assert sorted(map(str, top.rglob("*"))) == sorted([str(top / "d2"), str(top / "d2" / "d1"), silly])
+    monkeypatch.undo()
+    robust_rmtree(top)
+
+
+def appears_after_listing(monkeypatch, directory: pathlib.Path, name: str) -> None:
+    """*name* is created in *directory* just after robust_rmtree lists it
+    (on NFS: a file we then unlink while someone holds it open)."""
+    real_scandir = os.scandir
+    inode = os.stat(directory).st_ino
+
+    class Listing:
+        def __init__(self, fd: int) -> None:
+            with real_scandir(fd) as listing:
+                self.entries = list(listing)
+            if os.fstat(fd).st_ino == inode and not (directory / name).exists():
+                (directory / name).write_text("x")
+
+        def __enter__(self):
+            return iter(self.entries)
+
+        def __exit__(self, *exc_info: object) -> None:
+            pass
+
+    monkeypatch.setattr(os, "scandir", Listing)
+
+
+def test_a_dot_nfs_entry_appearing_after_the_listing_is_removed_on_a_later_pass(tmp_path, monkeypatch) -> None:
+    top = tmp_path / "tree"
+    make_tree(str(top), depth=2)
+    appears_after_listing(monkeypatch, top / "d1", SILLY)
+    robust_rmtree(top)
+    assert gone(top)
+
+
+def test_other_entries_appearing_after_the_listing_still_fail_with_enotempty(tmp_path, monkeypatch) -> None:
+    # Not retried: only busy entries and .nfs ones are.
+    top = tmp_path / "tree"
+    make_tree(str(top), depth=2)
+    appears_after_listing(monkeypatch, top / "d1", "newcomer")
+    with pytest.raises(OSError) as raised:
+        robust_rmtree(top)
+    assert raised.value.errno == errno.ENOTEMPTY
+    assert not isinstance(raised.value, files.BusyEntriesError)
+    monkeypatch.undo()
+    robust_rmtree(top)
+
+
+def test_busy_timeout_is_a_keyword_defaulting_to_10_seconds_and_not_negative(tmp_path) -> None:
+    parameter = inspect.signature(robust_rmtree).parameters["busy_timeout"]
+    assert (parameter.kind, parameter.default) == (parameter.KEYWORD_ONLY, 10.0)
+    (tmp_path / "file").write_text("x")
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError):
+            robust_rmtree(tmp_path / "file", busy_timeout=bad)
+    assert (tmp_path / "file").exists()
+
+
+def test_busy_entries_error_survives_pickling() -> None:
+    # As it must to cross from a multiprocessing worker.
+    error = files.BusyEntriesError(errno.EBUSY, "busy", "/scratch/job")
+    error.left = ["/scratch/job/" + SILLY]
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is files.BusyEntriesError and isinstance(copy, OSError)
+    assert (copy.errno, copy.strerror, copy.filename, copy.left) == (errno.EBUSY, "busy", "/scratch/job", error.left)
+
+
 def test_public_names() -> None:
-    assert files.__all__ == ["robust_rmtree"]
+    assert files.__all__ == ["BusyEntriesError", "robust_rmtree"]

@@ -4,16 +4,23 @@
 never follows a symbolic link, so nothing outside the tree can be reached
 through one, however the tree changes while it runs. It needs no recursion
 and keeps a bounded number of descriptors open, so depth is unlimited.
+
+Entries that cannot be removed yet because they are busy (EBUSY; on NFS,
+the ``.nfsXXXX`` names a client gives deleted files still held open) are
+retried for a bounded time while everything else is removed; what is still
+busy at the end is reported in one :class:`BusyEntriesError`.
 """
 from __future__ import annotations
 
 import errno
 import os
+import time
 from typing import List, Optional, Union
 
-__all__ = ["robust_rmtree"]
+__all__ = ["BusyEntriesError", "robust_rmtree"]
 
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+PathStr = Union[str, bytes]
 
 # O_NOFOLLOW with O_DIRECTORY opens only a real directory: a symlink (to a
 # directory or not) fails with ENOTDIR (or ELOOP, as POSIX allows) instead.
@@ -29,6 +36,42 @@ _OPEN_LEVELS = 24
 # over from the top; this many times at most, then give up.
 _RESTARTS = 8
 
+# Busy entries are retried after this long, then twice as long each time
+# (but no longer than this): quick for a holder about to close its file,
+# few system calls for one that takes seconds.
+_FIRST_PAUSE = 0.005
+_LONGEST_PAUSE = 0.5
+
+# An NFS client "silly renames" a file unlinked while some process holds it
+# open to .nfs followed by hex digits, in the same directory; the client
+# removes it on the last close. Until then, unlinking it gives EBUSY.
+_SILLY_PREFIX = ".nfs"
+
+# POSIX lets rmdir of a non-empty directory fail with EEXIST too.
+_NOT_EMPTY = frozenset((errno.ENOTEMPTY, errno.EEXIST))
+
+# How many of the busy paths the message names; all are in .left.
+_NAMED_IN_MESSAGE = 10
+
+
+class BusyEntriesError(OSError):
+    """Raised by :func:`robust_rmtree` when entries were still busy once its
+    *busy_timeout* ran out; everything else has been removed.
+
+    ``left`` lists the busy paths (``bytes`` if the path given was bytes,
+    else ``str``); ``filename`` is the path given. On NFS these are mostly
+    ``.nfsXXXX`` files: deleted files some process still holds open, gone
+    when it closes them, so calling :func:`robust_rmtree` again later (or
+    after that process exits) finishes the job. Others are mount points.
+
+    Its errno is EBUSY, not ENOTEMPTY: "in use, try again later" is what
+    happened, and it fits a single busy file as well as a tree, whereas
+    ENOTEMPTY would say that something was added to the tree meanwhile,
+    which is what a plain ``OSError(ENOTEMPTY)`` from it still means.
+    """
+
+    left: List[PathStr]
+
 
 class _TreeMoved(Exception):
     """A directory was renamed while its subtree was being removed."""
@@ -36,33 +79,93 @@ class _TreeMoved(Exception):
 
 class _Level:
     """A directory being emptied: its open fd (or -1 while closed to save
-    descriptors), its name in its parent, the identity it had when opened,
-    and the subdirectories still to remove."""
+    descriptors), its name in its parent (the path given, for the top), the
+    level it is in, the identity it had when opened, the subdirectories
+    still to remove, whether a busy entry was left in it, and the list of
+    busy paths left in the whole tree (one list, shared by all levels)."""
 
-    __slots__ = ("fd", "name", "identity", "subdirs")
+    __slots__ = ("fd", "name", "parent", "identity", "subdirs", "kept", "left")
 
-    def __init__(self, fd: int, name: str) -> None:
+    def __init__(self, fd: int, name: PathStr, parent: Optional[_Level] = None) -> None:
         self.fd = fd
         self.name = name
+        self.parent = parent
         self.identity: Optional[tuple] = None
         self.subdirs: List[str] = []
+        self.kept = False
+        self.left: List[PathStr] = parent.left if parent is not None else []
+
+    def path(self, name: Optional[str] = None) -> PathStr:
+        """The path of *name* in this directory (of the directory itself if
+        None), of the type the caller gave the top in."""
+        names = [] if name is None else [name]
+        level = self
+        while level.parent is not None:
+            names.append(level.name)
+            level = level.parent
+        if isinstance(level.name, bytes):
+            return os.path.join(level.name, *map(os.fsencode, reversed(names)))
+        return os.path.join(level.name, *reversed(names))
+
+    def keep(self, name: Optional[str] = None) -> None:
+        """Leave *name* in this directory (the directory itself if None)
+        for a later pass, because it is busy."""
+        self.left.append(self.path(name))
+        self.kept = True
 
 
-def robust_rmtree(path: PathArg) -> None:
+def robust_rmtree(path: PathArg, *, busy_timeout: float = 10.0) -> None:
     """Remove *path*: a file, a symlink (dangling or not; never its target)
     or a directory tree.
 
     Parts that vanish while it runs (other processes removing the same tree)
     are fine, and so is a *path* that does not exist. Symbolic links inside
     the tree are unlinked, never followed, even one to a directory inside the
-    tree. Undecodable names and trees of any depth are handled. Permission
-    and other errors propagate as OSError.
+    tree. Undecodable names and trees of any depth are handled.
+
+    Busy entries (unlink or rmdir says EBUSY: a mount point, or on NFS a
+    ``.nfsXXXX`` file that a process still holds open after it was deleted;
+    and ``.nfs*`` entries that appear in a directory as it is emptied) are
+    retried, first after 5 ms, then backing off, for up to *busy_timeout*
+    seconds in all, while everything else is removed. Still busy then, they
+    are reported in one :class:`BusyEntriesError` (errno EBUSY), with all
+    else gone. ``busy_timeout=0`` tries once. Permission and other errors
+    propagate at once as OSError; so does ENOTEMPTY for a directory that
+    something other than a ``.nfs*`` entry was added to meanwhile.
     """
     path = _checked(os.fspath(path))
+    if not busy_timeout >= 0:  # NaN too
+        raise ValueError("busy_timeout must be a number of seconds >= 0, not %r" % (busy_timeout,))
+    deadline = time.monotonic() + busy_timeout
+    pause = _FIRST_PAUSE
+    while True:
+        left = _remove_restarting(path)
+        remaining = deadline - time.monotonic()
+        if not left:
+            return
+        if remaining <= 0:
+            raise _busy_error(path, left, busy_timeout)
+        time.sleep(min(pause, remaining))  # the last pass comes at the deadline
+        pause = min(2 * pause, _LONGEST_PAUSE)
+
+
+def _busy_error(path: PathStr, left: List[PathStr], busy_timeout: float) -> BusyEntriesError:
+    named = ", ".join(map(repr, left[:_NAMED_IN_MESSAGE]))
+    if len(left) > _NAMED_IN_MESSAGE:
+        named += " and %d more" % (len(left) - _NAMED_IN_MESSAGE)
+    message = ("robust_rmtree removed all but %d entries, still busy after %g s "
+               "(on NFS: deleted files a process still holds open): %s" % (len(left), busy_timeout, named))
+    error = BusyEntriesError(errno.EBUSY, message, path)
+    error.left = left  # an attribute, not an argument: pickling passes only errno, strerror, filename
+    return error
+
+
+def _remove_restarting(path: PathStr) -> List[PathStr]:
+    """One pass over the tree (restarted if it is moved around meanwhile);
+    returns the busy paths left."""
     for _ in range(_RESTARTS):
         try:
-            _remove(path)
-            return
+            return _remove(path)
         except _TreeMoved:
             continue
     raise OSError(errno.EBUSY, "the tree kept being moved around while robust_rmtree removed it", path)
@@ -78,26 +181,36 @@ def _checked(path: Union[str, bytes]) -> Union[str, bytes]:
     return stripped
 
 
-def _remove(path: Union[str, bytes]) -> None:
+def _remove(path: PathStr) -> List[PathStr]:
+    """Remove what can be removed of *path*; return the busy paths left."""
     try:
-        top = os.open(path, _OPEN_DIR)
+        top = _Level(os.open(path, _OPEN_DIR), path)
     except FileNotFoundError:
-        return
+        return []
     except OSError as error:
         if error.errno not in _NOT_A_DIRECTORY:
             raise
-        try:
-            unlink_if_present(path)
-        except NotADirectoryError:
-            pass  # a path through a file ("file/x"): nothing there
-        return
+        return _remove_file(path)
     _empty_tree(top)
-    _rmdir_if_present(path)
+    _remove_dir(top, None)
+    return top.left
 
 
-def _empty_tree(top_fd: int) -> None:
-    """Remove everything in the directory open as *top_fd*, and close it."""
-    stack = [_Level(top_fd, "")]
+def _remove_file(path: PathStr) -> List[PathStr]:
+    try:
+        unlink_if_present(path)
+    except NotADirectoryError:
+        pass  # a path through a file ("file/x"): nothing there
+    except OSError as error:
+        if error.errno != errno.EBUSY:
+            raise
+        return [path]
+    return []
+
+
+def _empty_tree(top: _Level) -> None:
+    """Remove everything in the directory *top*, and close it."""
+    stack = [top]
     try:
         _list_and_unlink_files(stack[0])
         while stack:
@@ -133,20 +246,29 @@ def _list_and_unlink_files(level: _Level) -> None:
         if entry.is_dir(follow_symlinks=False):
             level.subdirs.append(entry.name)
         else:
-            unlink_if_present(entry.name, level.fd)
+            _unlink_entry(level, entry.name)
+
+
+def _unlink_entry(level: _Level, name: str) -> None:
+    try:
+        unlink_if_present(name, level.fd)
+    except OSError as error:
+        if error.errno != errno.EBUSY:
+            raise
+        level.keep(name)
 
 
 def _open_subdir(parent: _Level, name: str) -> Optional[_Level]:
     """Open *name* in *parent* as a new level; None if it is gone, and if it
     is now something other than a directory, unlink it instead."""
     try:
-        return _Level(os.open(name, _OPEN_DIR, dir_fd=parent.fd), name)
+        return _Level(os.open(name, _OPEN_DIR, dir_fd=parent.fd), name, parent)
     except FileNotFoundError:
         return None
     except OSError as error:
         if error.errno not in _NOT_A_DIRECTORY:
             raise
-    unlink_if_present(name, parent.fd)
+    _unlink_entry(parent, name)
     return None
 
 
@@ -170,7 +292,52 @@ def _leave(level: _Level, parent: _Level) -> None:
     finally:
         os.close(level.fd)
         level.fd = -1
-    _rmdir_if_present(level.name, parent.fd)
+    _remove_dir(level, parent)
+
+
+def _remove_dir(level: _Level, parent: Optional[_Level]) -> None:
+    """rmdir the emptied (and closed) *level*, from *parent* (None: the
+    top, by its path). What keeps it busy is kept for a later pass."""
+    if not level.kept:  # else something busy is still in it
+        try:
+            _rmdir_if_present(level.name, parent.fd if parent is not None else None)
+        except OSError as error:
+            if error.errno == errno.EBUSY:
+                level.keep()
+            elif error.errno in _NOT_EMPTY:
+                _keep_silly_renamed(level, parent, error)
+            else:
+                raise
+    if level.kept and parent is not None:
+        parent.kept = True
+
+
+def _keep_silly_renamed(level: _Level, parent: Optional[_Level], error: OSError) -> None:
+    """*level* was not empty after all. On NFS, unlinking a file that some
+    process holds open succeeds by renaming it to .nfsXXXX in the same
+    directory: keep those for a later pass. Anything else was added since
+    the listing, and *error* stands, as it always did."""
+    try:
+        names = _names_in(level.name, parent.fd if parent is not None else None)
+    except FileNotFoundError:
+        return  # removed meanwhile by someone else: nothing left
+    except OSError:
+        raise error from None
+    if not all(name.startswith(_SILLY_PREFIX) for name in names):
+        raise error
+    for name in names:
+        level.keep(name)
+    if not names:  # emptied by someone else since: rmdir it next pass
+        level.keep()
+
+
+def _names_in(name: PathStr, dir_fd: Optional[int]) -> List[str]:
+    fd = os.open(name, _OPEN_DIR, dir_fd=dir_fd)
+    try:
+        with os.scandir(fd) as listing:
+            return [entry.name for entry in listing]
+    finally:
+        os.close(fd)
 
 
 def _reopen_parent(child_fd: int, identity: Optional[tuple]) -> int:
@@ -198,7 +365,7 @@ def unlink_if_present(name: PathArg, dir_fd: Optional[int] = None) -> None:
         pass
 
 
-def _rmdir_if_present(name: Union[str, bytes], dir_fd: Optional[int] = None) -> None:
+def _rmdir_if_present(name: PathStr, dir_fd: Optional[int] = None) -> None:
     try:
         os.rmdir(name, dir_fd=dir_fd)
     except FileNotFoundError:
