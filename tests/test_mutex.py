@@ -39,7 +39,7 @@ def start_holder(children, directory, mutex="m"):
 
 def no_gate_in_use():
     """True when no thread of this process holds or waits for a mutex."""
-    return all(gate.users == 0 for gate in mutex_module._gates.values())
+    return not any(gate.lock.locked() for gate in mutex_module._gates.values())
 
 
 # ----------------------------------------------------------- the potato race

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from typing import Iterator, Optional, Tuple
 
 from .locks import PathArg, check_name, discard_taken, fork_epoch, safe_lock, take_over
-from .mutex import _acquire, _enter_gate, _Gate, _leave_gate, _unlock, global_mutex
+from .mutex import _acquire, _Gate, _hold_gate, _unlock, global_mutex
 
 __all__ = ["LastProcessStandingArena", "reap_dead_arenas"]
 
@@ -19,13 +20,13 @@ class LastProcessStandingArena:
     """Processes enter and leave (or die); the last to leave cleans up.
 
     Every member process holds a shared ``flock`` on one file,
-    ``base_dir/<name>-arena-live``; entering and leaving are serialised by
-    the mutex ``<name>-arena-lock``. A leaver tries to turn its shared lock
-    into an exclusive one: that succeeds only if no other live member holds
-    the file (the dead hold nothing), so entering and leaving cost the same
-    however many members there are or have died, and nothing is reaped.
-    ``leave()`` yields once to the last live member, while no process can
-    enter. Like the mutex's, the arena's two files stay while a process
+    ``base_dir/<name>-arena-live``; leaving is serialised by the mutex
+    ``<name>-arena-lock``. A leaver tries to turn its shared lock into an
+    exclusive one: that succeeds only if no other live member holds the file
+    (the dead hold nothing), so entering and leaving cost the same however
+    many members there are or have died, and nothing is reaped. ``leave()``
+    yields once to the last live member, holding the file exclusively, so
+    no process can enter meanwhile. Like the mutex's, the arena's two files stay while a process
     that used the arena lives, kept open for its next entry; once every
     such process has exited normally (or after ``python -m toilcoord
     cleanup``) nothing of the arena is left in *base_dir*. A forked child
@@ -60,17 +61,18 @@ class LastProcessStandingArena:
         """
         if self._member is not None and self._member.ours:
             raise RuntimeError(f"this process is already in arena {self.name!r}; leave it first")
-        with global_mutex(self.base_dir, self.mutex, timeout):
-            # One shared lock per process, through its kept fd, however
-            # many of its arena objects are in (the mutex queues threads).
-            gate = _enter_gate(self._live_path)
-            try:
-                if gate.users == 1:
-                    _acquire(gate, self._live_path, shared=True)
-            except BaseException:
-                _leave_gate(self._live_path, gate)
-                raise
-            self._member = _Member(gate)
+        # No mutex needed here: a last member cleaning up holds the file
+        # exclusively, so the shared lock waits for it. One shared lock per
+        # process, through its kept fd, however many of its arenas are in.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        gate = _hold_gate(self._live_path, timeout)
+        try:
+            if gate.members == 0:
+                _acquire(gate, self._live_path, deadline, shared=True)
+            gate.members += 1
+        finally:
+            gate.lock.release()
+        self._member = _Member(gate)
 
     def leave(self) -> Iterator[bool]:
         """Leave the arena; yields once (True) if this was the last live
@@ -87,15 +89,17 @@ class LastProcessStandingArena:
             if self._member is not member:
                 return  # left already, through another leave()
             self._member = None
-            gate = member.gate
+            gate = member.gate  # never retired while it has members
+            gate.lock.acquire()
             try:
-                if gate.users == 1 and _last_to_leave(gate):
+                gate.members -= 1
+                if gate.members == 0 and _last_to_leave(gate):
                     try:
                         yield True
                     finally:
                         _unlock(gate)  # the file stays, kept for our next entry
             finally:
-                _leave_gate(self._live_path, gate)
+                gate.lock.release()
 
 
 class _Member:

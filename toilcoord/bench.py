@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 from .arena import LastProcessStandingArena
 from .deferred import DeferredFunctionManager
 from .files import robust_rmtree
-from .mutex import global_mutex
+from .mutex import global_mutex, retire_mutex_files
 from .procnames import get_process_name, process_name_exists
 from .rtlog import RealtimeLogger
 from .smoke import Forked, import_root
@@ -420,8 +420,14 @@ def bench_rtlog(procs: int, settings: Settings) -> List[Row]:
 
 # ------------------------------------------------------------------- table
 
-def measure(directory: str, procs: int, quick: bool, progress: Callable[[str], None]) -> List[Row]:
-    """Run every benchmark in *directory* and return the rows."""
+STEPS = ("mutex", "contended mutex", "arena", "defer", "orphan scan", "process names", "rtlog burst",
+         "robust_rmtree", "import")
+
+
+def measure(directory: str, procs: int, quick: bool, progress: Callable[[str], None],
+            only: Optional[List[str]] = None) -> List[Row]:
+    """Run the benchmarks (those of *only*, a list of ``STEPS``, if given)
+    in *directory* and return the rows."""
     settings = QUICK if quick else FULL
     steps: List[Any] = [
         ("mutex", lambda: [bench_mutex(directory, settings)]),
@@ -434,6 +440,8 @@ def measure(directory: str, procs: int, quick: bool, progress: Callable[[str], N
         ("robust_rmtree", lambda: [bench_rmtree(directory, settings)]),
         ("import", lambda: [bench_import(directory, settings)]),
     ]
+    if only is not None:
+        steps = [(label, step) for label, step in steps if label in only]
     rows: List[Row] = []
     for number, (label, step) in enumerate(steps, 1):
         progress(f"[{number}/{len(steps)}] {label} ...")
@@ -462,13 +470,18 @@ def _number(value: float, unit: str) -> str:
     return f"{value:.1f} {unit}" if value >= 10 else f"{value:.2f} {unit}"
 
 
-def run_bench(directory: Optional[str], procs: int, quick: bool, as_json: bool) -> int:
+def run_bench(directory: Optional[str], procs: int, quick: bool, as_json: bool,
+              only: Optional[List[str]] = None) -> int:
     """The ``bench`` subcommand: 0 if every target is met, 1 otherwise."""
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="toilcoord-bench-", dir=directory) as workdir:
-        rows = measure(workdir, procs, quick, progress)
+    workdir = tempfile.mkdtemp(prefix="toilcoord-bench-", dir=directory)
+    try:
+        rows = measure(workdir, procs, quick, progress, only)
+    finally:
+        retire_mutex_files()  # its kept lock files: open files cannot go on NFS
+        robust_rmtree(workdir)
     if as_json:
         import json
         print(json.dumps({"python": sys.version.split()[0], "cpus": os.cpu_count(), "quick": quick,

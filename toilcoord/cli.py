@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--procs", type=int, default=4, help="processes for the contended rows (default 4)")
     bench.add_argument("--quick", action="store_true", help="fewer repetitions: a fast sanity run")
     bench.add_argument("--json", dest="sub_json", action="store_true", help="print the table as JSON")
+    bench.add_argument("--only", help="comma-separated benchmarks to run (say: mutex,contended mutex,arena)")
     cleanup = commands.add_parser("cleanup", help="run dead processes' deferred functions and remove their leftovers")
     cleanup.add_argument("--dir", dest="sub_dir", required=True, help="the coordination directory to clean")
     torture = commands.add_parser("torture", help="every primitive at once under random SIGKILLs, then check every guarantee")
@@ -68,8 +69,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "bench":
             if args.procs < 1:
                 raise UsageError(f"--procs must be at least 1, not {args.procs}")
-            from .bench import run_bench
-            return run_bench(directory, args.procs, args.quick, as_json)
+            from .bench import STEPS, run_bench
+            only = None if args.only is None else [label.strip() for label in args.only.split(",")]
+            unknown = sorted(set(only or ()) - set(STEPS))
+            if unknown:
+                raise UsageError(f"--only takes benchmarks of: {', '.join(STEPS)}; not {', '.join(unknown)}")
+            return run_bench(directory, args.procs, args.quick, as_json, only)
         if args.command == "cleanup":
             return _cleanup(directory)
         if args.command == "torture":

@@ -21,7 +21,6 @@ is per open file, and this process's one file is shared by its threads.
 from __future__ import annotations
 
 import atexit
-import collections
 import errno
 import fcntl
 import functools
@@ -29,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .locks import (
     LockTimeout,
@@ -61,52 +60,86 @@ _HANDOFF = 0.01
 
 
 class _Gate:
-    """This process's state for one lock file: threads queue on ``lock``;
-    ``fd`` is the kept lock file (-1 when none). The rest is fairness
-    bookkeeping: whether the last lock had to wait, whether the file is on
-    a network filesystem, when it was last released. All but ``lock`` and
-    ``users`` are used only by the thread that holds ``lock``."""
+    """This process's state for one lock file. Threads queue on ``lock``;
+    the thread that holds it owns the rest: ``fd``, the kept lock file (-1
+    when none); ``members``, the arena memberships held through it;
+    fairness bookkeeping (whether the last lock had to wait, whether the
+    file is on a network filesystem, when it was last released). A gate
+    taken out of the table (``retired``) is never used again."""
 
-    __slots__ = ("lock", "users", "fd", "waited", "network", "released")
+    __slots__ = ("lock", "fd", "retired", "members", "waited", "network", "released")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.users = 0
         self.fd = -1
+        self.retired = False
+        self.members = 0
         self.waited = False
-        self.network = False
+        self.network: Optional[bool] = None  # known once the fd has been checked
         self.released = 0.0
 
 
-_gates: "collections.OrderedDict[str, _Gate]" = collections.OrderedDict()
+# Lock-file path -> gate. Read without the guard (a dict lookup is atomic);
+# gates are added and taken out only under it.
+_gates: Dict[str, _Gate] = {}
 _gates_guard = threading.Lock()
 _epoch = 0  # changes in every forked child
 
 
-def _enter_gate(path: str) -> _Gate:
-    with _gates_guard:
+def _gate_for(path: str) -> _Gate:
+    gate = _gates.get(path)
+    if gate is None:
+        with _gates_guard:
+            gate = _gates.get(path)
+            if gate is None:
+                gate = _gates[path] = _Gate()
+                if len(_gates) > _KEEP_AT_MOST:
+                    _retire_idle(len(_gates) - _KEEP_AT_MOST)
+    return gate
+
+
+def _hold_gate(path: str, timeout: Optional[float] = None) -> _Gate:
+    """The current gate of *path*, its lock held (within *timeout* seconds,
+    else LockTimeout)."""
+    if timeout is None:
         gate = _gates.get(path)
-        if gate is None:
-            gate = _gates[path] = _Gate()
-            if len(_gates) > _KEEP_AT_MOST:
-                _retire_idle(len(_gates) - _KEEP_AT_MOST)
-        else:
-            _gates.move_to_end(path)
-        gate.users += 1
-        return gate
+        if gate is not None and gate.lock.acquire() and not gate.retired:
+            return gate  # the common case
+        if gate is not None:
+            gate.lock.release()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        gate = _gate_for(path)
+        if deadline is None:
+            gate.lock.acquire()
+        # Lock.acquire refuses timeouts beyond TIMEOUT_MAX (float("inf") too).
+        elif not gate.lock.acquire(timeout=min(max(deadline - time.monotonic(), 0), threading.TIMEOUT_MAX)):
+            raise LockTimeout(f"timed out after {timeout} s waiting for {path}")
+        if not gate.retired:
+            return gate
+        gate.lock.release()  # retired while we queued: take the new one
 
 
-def _leave_gate(path: str, gate: _Gate) -> None:
-    with _gates_guard:
-        gate.users -= 1
-        if gate.users == 0 and gate.fd < 0 and _gates.get(path) is gate:
-            del _gates[path]
+def _retire_gate(path: str, gate: _Gate) -> bool:
+    """Retire *gate* if no thread uses it and no membership holds it; the
+    guard is held. True if it was retired."""
+    if gate.members or not gate.lock.acquire(blocking=False):
+        return False
+    try:
+        del _gates[path]
+        gate.retired = True
+        _retire(path, gate)
+    finally:
+        gate.lock.release()
+    return True
 
 
 def _retire_idle(count: int) -> None:
-    """Retire *count* idle gates, least recently used first (guard held)."""
-    for path in [path for path, gate in _gates.items() if gate.users == 0][:count]:
-        _retire(path, _gates.pop(path))
+    """Retire *count* idle gates, oldest first (guard held)."""
+    for path, gate in list(_gates.items()):
+        if count <= 0:
+            return
+        count -= _retire_gate(path, gate)
 
 
 # ------------------------------------------------------------ the lock file
@@ -120,12 +153,13 @@ def _drop(gate: _Gate) -> None:
 
 def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared: bool) -> bool:
     """Lock the kept fd; False only if not *block* and someone holds it."""
-    try:
-        safe_lock(gate.fd, block=False, shared=shared)
+    try:  # the common case first, without safe_lock's retry machinery
+        fcntl.flock(gate.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         return True
     except OSError as error:
         if error.errno not in (errno.EAGAIN, errno.EACCES):
-            raise
+            safe_lock(gate.fd, block=block, shared=shared)  # retries EIO, ENOLCK; raises the rest
+            return True
     if not block:
         return False
     gate.waited = True
@@ -137,15 +171,15 @@ def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared
 
 
 def _let_others_in(gate: _Gate, deadline: Optional[float]) -> None:
-    """On a network filesystem, after a contended release, pause before
-    taking the lock again: the server grants it to whoever asks first, and
-    this node's next request would mostly beat another node's waiter."""
-    if gate.waited and gate.network:
-        pause = gate.released + _HANDOFF - time.monotonic()
-        if deadline is not None:
-            pause = min(pause, deadline - time.monotonic())
-        if pause > 0:
-            time.sleep(pause)
+    """Called when the last lock had to wait, on a network filesystem:
+    pause before taking the lock again, since the server grants it to
+    whoever asks first, and this node's next request would mostly beat
+    another node's waiter."""
+    pause = gate.released + _HANDOFF - time.monotonic()
+    if deadline is not None:
+        pause = min(pause, deadline - time.monotonic())
+    if pause > 0:
+        time.sleep(pause)
 
 
 def _acquire(gate: _Gate, path: str, deadline: Optional[float] = None, block: bool = True,
@@ -157,6 +191,7 @@ def _acquire(gate: _Gate, path: str, deadline: Optional[float] = None, block: bo
     while True:
         if gate.fd < 0:
             gate.fd = _open_tracked(path, _OPEN_OR_CREATE)
+            gate.network = None
         try:
             if not _lock(gate, path, deadline, block, shared):
                 return False
@@ -174,7 +209,8 @@ def _still_linked(gate: _Gate, path: str) -> bool:
     opened = os.fstat(gate.fd)  # after the lock: fresh from an NFS server
     if opened.st_nlink == 0:
         return False
-    gate.network = names_may_be_stale(opened.st_dev, path)
+    if gate.network is None:  # once per opened file
+        gate.network = names_may_be_stale(opened.st_dev, path)
     if gate.network:
         # An exclusive create makes the client look the name up at the
         # server. If it succeeds, our file was unlinked and the new one
@@ -185,7 +221,7 @@ def _still_linked(gate: _Gate, path: str) -> bool:
             pass
         else:
             _drop(gate)
-            gate.fd = fresh
+            gate.fd = fresh  # on the same device: gate.network stands
             return False
     try:
         linked = os.lstat(path)
@@ -226,16 +262,8 @@ def retire_mutex_files() -> None:
     process holds, and close them. Runs at interpreter exit; a mutex used
     afterwards makes its file again."""
     with _gates_guard:
-        idle = []
         for path, gate in list(_gates.items()):
-            if gate.users == 0 and gate.lock.acquire(blocking=False):  # no thread of ours uses it
-                idle.append((path, gate))
-                del _gates[path]
-    for path, gate in idle:
-        try:
-            _retire(path, gate)
-        finally:
-            gate.lock.release()
+            _retire_gate(path, gate)
 
 
 def kept_lock_files() -> int:
@@ -329,33 +357,20 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
         self._epoch = -1
 
     def __enter__(self) -> None:
-        gate = _enter_gate(self.path)
+        timeout = self.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        gate = _hold_gate(self.path, timeout)
         try:
-            deadline = self._pass_gate(gate)
-            try:
+            if gate.waited and gate.network:
                 _let_others_in(gate, deadline)
-                _acquire(gate, self.path, deadline)
-            except BaseException:
-                gate.lock.release()
-                raise
+            _acquire(gate, self.path, deadline)
         except BaseException as error:
-            _leave_gate(self.path, gate)
+            gate.lock.release()
             clearer = _clearer_error(error, self.path)
             if clearer is not None:
                 raise clearer from None
             raise
         self._gate, self._epoch = gate, _epoch
-
-    def _pass_gate(self, gate: _Gate) -> Optional[float]:
-        """Wait for the other threads; return the deadline for the file lock."""
-        if self.timeout is None:
-            gate.lock.acquire()
-            return None
-        deadline = time.monotonic() + self.timeout
-        # Lock.acquire refuses timeouts beyond TIMEOUT_MAX (float("inf") too).
-        if not gate.lock.acquire(timeout=min(self.timeout, threading.TIMEOUT_MAX)):
-            raise LockTimeout(f"timed out after {self.timeout} s waiting for {self.path}")
-        return deadline
 
     def __exit__(self, *exc_info: object) -> None:
         gate, self._gate = self._gate, None
@@ -367,7 +382,6 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
                 gate.released = time.monotonic()
         finally:
             gate.lock.release()
-            _leave_gate(self.path, gate)
 
 
 os.register_at_fork(after_in_child=_forget_parent_gates)
