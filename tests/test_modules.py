@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import urllib.request
 import zipfile
@@ -16,6 +17,7 @@ import zipfile
 import pytest
 from conftest import ROOT, child_env, join_or_kill, run_python
 
+from toilcoord import archives
 from toilcoord.modules import (
     DirectoryResource,
     FileResource,
@@ -75,7 +77,7 @@ def ship(directory, name, store):
 def run_worker(command, env, root, code=WORKER, extra_path=None):
     """Run *code* as a worker in a child that has only this checkout (and
     *extra_path*) on its path, with a fresh resource root."""
-    root.mkdir(exist_ok=True)
+    root.mkdir(mode=0o700, exist_ok=True)
     worker_env = child_env(JTRES_ROOT=str(root), **env)
     if extra_path:
         worker_env["PYTHONPATH"] += os.pathsep + str(extra_path)
@@ -379,7 +381,7 @@ def root(tmp_path, monkeypatch):
     for key in [key for key in os.environ if key.startswith(Resource.resourceEnvNamePrefix)]:
         monkeypatch.delenv(key)
     path = tmp_path / "root"
-    path.mkdir()
+    path.mkdir(mode=0o700)
     monkeypatch.setenv(Resource.rootDirPathEnvName, str(path))
     yield path
     for key in [key for key in os.environ if key.startswith(Resource.resourceEnvNamePrefix)]:
@@ -426,6 +428,89 @@ def test_malicious_zip_is_refused_before_anything_is_written(tmp_path, root, mem
     assert os.listdir(root) == []
     assert sorted(os.listdir(tmp_path)) == before
     assert not os.path.exists("/tmp/evil-absolute")
+
+
+def zip_with_name(raw_name):
+    """A real archive whose second member's stored name is the bytes
+    *raw_name* (zipfile cuts names it is given at a NUL, so the name is
+    patched into the archive's bytes)."""
+    placeholder = b"P" * len(raw_name)
+    data = zip_of(("fine.txt", "ok"), (placeholder.decode(), "x"))
+    assert data.count(placeholder) == 2  # the local header and the central directory
+    return data.replace(placeholder, raw_name)
+
+
+@pytest.mark.parametrize("raw_name", [b"evil.py\0.txt", b"red\x1b[31m.py", b"two\nlines.py", b"del\x7f.py"],
+                         ids=["nul", "escape", "newline", "del"])
+def test_member_name_with_a_control_character_is_refused(tmp_path, root, raw_name):
+    resource = store_bytes(LocalJobStore(tmp_path / "store"), "evil", zip_with_name(raw_name))
+    before = sorted(os.listdir(tmp_path))
+
+    with pytest.raises(ResourceException, match="refusing to unpack .* control character"):
+        resource.download()
+
+    assert os.listdir(root) == []
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def zeros_zip(size, declared=None):
+    """A real deflated archive of one member, *size* zero bytes (about a
+    thousandth of that on disk); *declared* overwrites the size its central
+    directory states, so the archive lies."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("zeros.bin", "w") as member:
+            for _ in range(size >> 20):
+                member.write(bytes(1 << 20))
+    data = buffer.getvalue()
+    if declared is not None:
+        entry = data.index(b"PK\x01\x02") + 24  # the uncompressed size in the central directory
+        data = data[:entry] + declared.to_bytes(4, "little") + data[entry + 4:]
+    return data
+
+
+@pytest.fixture
+def small_limit(monkeypatch):
+    """A 4 MiB unpacking limit, so bombs stay small and fast."""
+    monkeypatch.setattr(archives, "MAX_UNPACKED_BYTES", 4 << 20)
+    return 4 << 20
+
+
+@pytest.mark.parametrize("declared", [None, 1], ids=["honest", "lying"])
+def test_archive_unpacking_past_the_limit_is_refused(tmp_path, root, small_limit, declared):
+    bomb = zeros_zip(8 << 20, declared)
+    assert len(bomb) < 16 << 10
+    resource = store_bytes(LocalJobStore(tmp_path / "store"), "bomb", bomb)
+    before = sorted(os.listdir(tmp_path))
+
+    with pytest.raises(ResourceException, match="refusing to unpack") as refused:
+        resource.download()
+
+    if declared is None:  # refused from the declared sizes, before writing anything
+        assert str(small_limit) in str(refused.value) and "MAX_UNPACKED_BYTES" in str(refused.value)
+    assert os.listdir(root) == []
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_bytes_written_are_counted_whatever_the_archive_declares(tmp_path, small_limit):
+    with zipfile.ZipFile(io.BytesIO(zeros_zip(8 << 20))) as archive:
+        with pytest.raises(ResourceException, match=r"'zeros.bin', which unpacks past the limit.*4194304"):
+            archives.write_members(archive, archive.infolist(), str(tmp_path))  # the declared check skipped
+    assert os.path.getsize(tmp_path / "zeros.bin") <= small_limit
+
+
+def test_archive_with_too_many_members_is_refused(tmp_path, root, monkeypatch):
+    monkeypatch.setattr(archives, "MAX_MEMBERS", 10)
+    resource = store_bytes(LocalJobStore(tmp_path / "store"), "many",
+                           zip_of(*[(f"m{i}.py", "") for i in range(11)]))
+
+    with pytest.raises(ResourceException, match=r"11 members: the limit is toilcoord\.archives\.MAX_MEMBERS = 10"):
+        resource.download()
+    assert os.listdir(root) == []
+
+
+def test_default_limits_are_generous():
+    assert archives.MAX_UNPACKED_BYTES == 1 << 30 and archives.MAX_MEMBERS == 100_000
 
 
 def test_corrupted_resource_is_refused(tmp_path, root):
@@ -499,6 +584,27 @@ def test_directory_hash_is_stable_and_skips_bytecode(tmp_path):
         assert archive.namelist() == ["mod.py"]
 
 
+def test_symlinks_leading_out_of_a_shipped_directory_are_not_shipped(tmp_path, caplog):
+    secret = write(tmp_path / "someone" / ".ssh" / "id_ed25519", "PRIVATE KEY of someone else\n")
+    app = tmp_path / "app"
+    write(app / "mod.py", "X = 1\n")
+    write(app / "lib" / "real.py", "Y = 2\n")
+    os.symlink(secret, app / "absolute_key")
+    os.symlink(os.path.relpath(secret, app / "lib"), app / "lib" / "relative_key")
+    os.symlink("absolute_key", app / "chain_out")  # a link to a link that leaves
+    os.symlink("lib/real.py", app / "alias.py")  # inside: shipped as its content
+    os.symlink("alias.py", app / "chain_in.py")
+
+    resource = DirectoryResource.create(LocalJobStore(tmp_path / "store"), str(app))
+
+    with zipfile.ZipFile(os.path.join(tmp_path / "store", resource.pathHash)) as archive:
+        assert sorted(archive.namelist()) == ["alias.py", "chain_in.py", "lib/real.py", "mod.py"]
+        assert archive.read("alias.py") == archive.read("chain_in.py") == b"Y = 2\n"
+        assert not any(b"PRIVATE KEY" in archive.read(name) for name in archive.namelist())
+    skipped = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert len(skipped) == 3 and all(f"leads out of {app}" in message for message in skipped), skipped
+
+
 def test_virtualenv_resource_round_trip(tmp_path, root):
     site = tmp_path / "venv" / "lib" / "site-packages"
     write(site / "dep" / "__init__.py", "X = 1\n")
@@ -569,6 +675,129 @@ def test_download_without_prepare_system_says_so(monkeypatch):
 
     with pytest.raises(ResourceException, match=r"prepareSystem\(\)"):
         FileResource("n", "a" * 32, "file:///x", "b" * 32).download()
+
+
+
+# ----------------------------------------------------------------- whose copy
+
+def trust_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Not trusting")]
+
+
+def test_a_loose_copy_is_not_used_and_a_private_one_is(tmp_path, root, caplog):
+    write(tmp_path / "app" / "mod.py", "X = 'genuine'\n")
+    resource = DirectoryResource.create(LocalJobStore(tmp_path / "store"), str(tmp_path / "app"))
+    planted = root / resource.contentHash
+    write(planted / "mod.py", "X = 'planted'\n")
+    planted.chmod(0o777)
+
+    resource.download()
+    resource.download()  # finds its private copy again
+
+    local = resource.localPath
+    assert os.path.dirname(local) == str(root) and local != str(planted)
+    assert stat.S_IMODE(os.lstat(local).st_mode) == 0o700
+    assert open(os.path.join(local, "mod.py")).read() == "X = 'genuine'\n"
+    assert (planted / "mod.py").read_text() == "X = 'planted'\n", "not ours to delete"
+    (warning,) = trust_warnings(caplog)
+    assert str(planted) in warning and "group or others may write to it (mode 0777)" in warning
+
+
+def test_a_loose_or_symlinked_root_is_replaced_by_a_private_one(tmp_path, root, monkeypatch, caplog):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    root.chmod(0o777)
+    Resource.prepareSystem()
+    fresh = os.environ[Resource.rootDirPathEnvName]
+    os.symlink(fresh, tmp_path / "link")
+    monkeypatch.setenv(Resource.rootDirPathEnvName, str(tmp_path / "link") + "/")
+    Resource.prepareSystem()
+
+    fresher = os.environ[Resource.rootDirPathEnvName]
+    for made in (fresh, fresher):
+        assert os.path.dirname(made) == str(tmp_path) and stat.S_IMODE(os.lstat(made).st_mode) == 0o700
+    loose, link = trust_warnings(caplog)
+    assert f"{root}: group or others may write to it" in loose and f"{fresh}" in loose
+    assert "link/: it is a symlink" in link and fresher in link
+
+
+@pytest.fixture(scope="module")
+def other_user():
+    """A real second user, (uid, gid), created here and removed after."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second user")
+    import pwd
+
+    name = f"jtres{os.getpid()}"
+    made = subprocess.run(["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh", name],
+                          capture_output=True, text=True, timeout=30)
+    if made.returncode != 0:
+        pytest.skip(f"useradd failed: {made.stderr.strip()}")
+    try:
+        entry = pwd.getpwnam(name)
+        yield entry.pw_uid, entry.pw_gid
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=30)
+
+
+def run_as(user, script, **env):
+    """Run the shell *script* as *user*, with only *env* (and PATH) set."""
+    uid, gid = user
+
+    def become():
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    return subprocess.run(["/bin/sh", "-c", script], env=dict(env, PATH="/usr/bin:/bin"), cwd="/",
+                          preexec_fn=become, capture_output=True, text=True, timeout=30)
+
+
+# How the other user plants greet.py, as (shell script, JTRES_ROOT below
+# $S, what the warning says). $S is a sticky world-writable directory, $R
+# the victim's root (loose while the other user plants, 0700 afterwards),
+# $H the content hash, $E the planted module.
+PLANTS = {
+    "foreign-root": ('mkdir -m 777 "$S/theirs" "$S/theirs/$H" && printf %s "$E" > "$S/theirs/$H/greet.py"',
+                     "theirs", "it belongs to uid"),
+    "shared-root": ('mkdir "$S/$H" && printf %s "$E" > "$S/$H/greet.py"', "", "group or others may write"),
+    "foreign-copy": ('mkdir "$R/$H" && printf %s "$E" > "$R/$H/greet.py"', "root", "it belongs to uid"),
+    "symlinked-copy": ('mkdir "$S/theirs" && printf %s "$E" > "$S/theirs/greet.py" && ln -s "$S/theirs" "$R/$H"',
+                       "root", "it is a symlink"),
+    "loose-copy": ('printf %s "$E" > "$R/$H/greet.py"', "root", "group or others may write"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(PLANTS))
+def test_a_copy_planted_by_another_user_is_never_imported(tmp_path, other_user, attack):
+    script, jtres_root, why = PLANTS[attack]
+    write(tmp_path / "app" / "greet.py", "def answer():\n    return 'genuine'\n")
+    command, env = ship(tmp_path / "app", "greet", tmp_path / "store")
+    (encoded,) = env.values()
+    contentHash = Resource.unpickle(encoded).contentHash
+    shared = tempfile.mkdtemp(prefix="jtres-shared-")
+    try:
+        os.chmod(shared, 0o1777)  # like /tmp
+        root, marker = os.path.join(shared, "root"), os.path.join(shared, "imported")
+        os.mkdir(root)
+        os.chmod(root, 0o777)
+        if attack == "loose-copy":
+            os.mkdir(os.path.join(root, contentHash))
+            os.chmod(os.path.join(root, contentHash), 0o777)
+        evil = f"open({marker!r}, 'w').close()\n\ndef answer():\n    return 'planted'\n"
+        planted = run_as(other_user, script, S=shared, R=root, H=contentHash, E=evil)
+        assert planted.returncode == 0, planted.stderr
+        os.chmod(root, 0o700)
+        (tmp_path / "tmp").mkdir()
+
+        result = run_python(WORKER, *command, env=child_env(
+            JTRES_ROOT=os.path.join(shared, jtres_root) if jtres_root else shared, TMPDIR=str(tmp_path / "tmp"), **env))
+
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout.splitlines()[-1])["answer"] == "genuine"
+        assert not os.path.exists(marker), "the planted module was imported"
+        assert len([line for line in result.stderr.splitlines() if line.startswith("Not trusting") and why in line]) == 1, \
+            result.stderr
+    finally:
+        shutil.rmtree(shared)
 
 
 # ----------------------------------------------------------------- FIPS

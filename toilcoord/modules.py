@@ -26,7 +26,7 @@ import os
 import sys
 from contextlib import contextmanager
 from types import ModuleType
-from typing import IO, Any, BinaryIO, Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type
+from typing import IO, Any, BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 from .locks import check_name
 
@@ -59,6 +59,33 @@ _UNSHIPPABLE_DIRS = ("/", "/bin", "/dev", "/etc", "/home", "/proc", "/run", "/sb
 
 class ResourceException(RuntimeError):
     """A module or resource cannot be shipped, found or verified."""
+
+
+# Copies downloaded privately because the copy at "$JTRES_ROOT/<hash>" (the
+# key) was not trusted; localDirPath answers with these.
+_private_copies: Dict[str, str] = {}
+
+
+def _distrust(path: str) -> Optional[str]:
+    """Why this process must not import code from the directory *path*, or
+    None if it may: it must be a real directory (no symlink, even with a
+    trailing slash), owned by the effective uid, writable by neither group
+    nor others."""
+    import stat
+
+    try:
+        info = os.lstat(os.path.normpath(path))
+        if stat.S_ISLNK(info.st_mode) or not os.path.samestat(info, os.stat(path)):
+            return "it is a symlink"
+    except OSError as error:
+        return f"it cannot be examined ({error.strerror})"
+    if not stat.S_ISDIR(info.st_mode):
+        return "it is not a directory"
+    if info.st_uid != os.geteuid():
+        return f"it belongs to uid {info.st_uid}, not {os.geteuid()}"
+    if info.st_mode & 0o022:
+        return f"group or others may write to it (mode {stat.S_IMODE(info.st_mode):04o})"
+    return None
 
 
 # ------------------------------------------------------------------ hashing
@@ -198,16 +225,35 @@ class Resource(NamedTuple):
 
     @classmethod
     def prepareSystem(cls) -> None:
-        """Make sure ``JTRES_ROOT`` names a directory for local copies,
-        creating a temporary one (and exporting it to child processes) if it
-        is unset. Worker only; idempotent, not thread-safe."""
+        """Make sure ``JTRES_ROOT`` names a directory for local copies that
+        only this user can change, creating a private temporary one (and
+        exporting it to child processes) if it is unset. A set one that is
+        a symlink, belongs to another user or is writable by group or others
+        is replaced the same way, with a warning saying why (see
+        :meth:`download`). Worker only; idempotent, not thread-safe."""
         root = os.environ.get(cls.rootDirPathEnvName)
-        if root is None:
+        if root is not None and not os.path.isdir(root):
+            raise NotADirectoryError(f"{cls.rootDirPathEnvName} is {root!r}, which is not a directory")
+        cls._trusted_root(create=True)
+
+    @classmethod
+    def _trusted_root(cls, create: bool = False) -> str:
+        """``JTRES_ROOT``, first replaced (in this process's environment) by
+        a fresh private directory if it is untrusted, or unset and *create*."""
+        root = os.environ.get(cls.rootDirPathEnvName)
+        if root is None and not create:
+            raise ResourceException(
+                f"{cls.rootDirPathEnvName} is not set: call Resource.prepareSystem() on the worker first"
+            )
+        why = None if root is None else _distrust(root)
+        if root is None or why is not None:
             import tempfile
 
-            root = os.environ[cls.rootDirPathEnvName] = tempfile.mkdtemp(prefix="jtres-")
-        if not os.path.isdir(root):
-            raise NotADirectoryError(f"{cls.rootDirPathEnvName} is {root!r}, which is not a directory")
+            fresh = tempfile.mkdtemp(prefix="jtres-")
+            if why is not None:
+                logger.warning("Not trusting %s=%s: %s; using %s instead", cls.rootDirPathEnvName, root, why, fresh)
+            root = os.environ[cls.rootDirPathEnvName] = fresh
+        return root
 
     @classmethod
     def cleanSystem(cls) -> None:
@@ -246,15 +292,25 @@ class Resource(NamedTuple):
 
     def download(self, callback: Optional[Callable[[str], None]] = None) -> None:
         """Make :attr:`localPath` exist: fetch, verify and unpack this resource
-        unless a copy is already there. Needs :meth:`prepareSystem`.
+        unless a trusted copy is already there. Needs :meth:`prepareSystem`.
 
-        The copy is assembled in a temporary directory beside
-        :attr:`localDirPath`, handed to *callback* if given, then renamed into
-        place, so nobody ever sees a partial copy. Concurrent downloads of one
-        resource are safe: the first rename wins and the others discard their
-        copies. A corrupt download raises ResourceException."""
-        dirPath = self.localDirPath
-        if os.path.exists(dirPath):
+        The copy is assembled in a private (0700) temporary directory beside
+        ``$JTRES_ROOT/<contentHash>``, handed to *callback* if given, then
+        renamed into place, so nobody ever sees a partial copy. Concurrent
+        downloads of one resource are safe: the first rename wins and the
+        others discard their copies. A corrupt or refused download raises
+        ResourceException and leaves nothing behind.
+
+        Only this user's own directories are trusted: an untrusted
+        ``JTRES_ROOT`` is replaced as by :meth:`prepareSystem`, and an
+        existing copy that is a symlink, belongs to another user or is
+        writable by group or others is never used (nor removed): this
+        process downloads its own copy, keeps it in its temporary directory
+        and logs one warning saying why."""
+        dirPath = os.path.join(self._trusted_root(), self.contentHash)
+        exists = os.path.lexists(dirPath)
+        why = _distrust(dirPath) if exists else None
+        if (exists and why is None) or dirPath in _private_copies:
             return
         import shutil
         import tempfile
@@ -264,13 +320,19 @@ class Resource(NamedTuple):
             self._save(tempDirPath)
             if callback is not None:
                 callback(tempDirPath)
-            won = _rename_unless_present(tempDirPath, dirPath)
+            won = why is None and _rename_unless_present(tempDirPath, dirPath)
         except BaseException:
             shutil.rmtree(tempDirPath, ignore_errors=True)  # a half-made copy; the error says why
             raise
-        if not won:
+        if won:
+            return
+        why = why or _distrust(dirPath)  # someone published first: is theirs ours?
+        if why is None:
             logger.debug("Another process localized %s first; discarding this copy", self.name)
             shutil.rmtree(tempDirPath)
+        else:
+            logger.warning("Not trusting the copy of %s at %s: %s; using %s instead", self.name, dirPath, why, tempDirPath)
+            _private_copies[dirPath] = tempDirPath
 
     @property
     def localPath(self) -> str:
@@ -279,13 +341,15 @@ class Resource(NamedTuple):
 
     @property
     def localDirPath(self) -> str:
-        """The directory holding this resource's local copy on this node."""
+        """The directory holding this resource's local copy on this node
+        (this process's private copy if :meth:`download` made one)."""
         root = os.environ.get(self.rootDirPathEnvName)
         if root is None:
             raise ResourceException(
                 f"{self.rootDirPathEnvName} is not set: call Resource.prepareSystem() on the worker first"
             )
-        return os.path.join(root, self.contentHash)
+        dirPath = os.path.join(root, self.contentHash)
+        return _private_copies.get(dirPath, dirPath)
 
     def pickle(self) -> str:
         """This resource as ``"<module>.<class>:<JSON list of fields>"``."""
@@ -363,7 +427,7 @@ def _rename_unless_present(source: str, target: str) -> bool:
     try:
         os.rename(source, target)
     except OSError as error:
-        if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):  # ENOTDIR: a symlink is there
             return False
         raise
     return True
@@ -391,8 +455,12 @@ class DirectoryResource(Resource):
     directory (one with ``__init__.py``) is archived with its own name as the
     top folder, any other directory with its contents at the top.
 
-    Unpacking refuses archives with absolute member names, ``..``
-    components or symbolic links, so nothing lands outside the copy."""
+    Shipping skips, with a warning, symlinked directories and symlinks
+    that dangle or lead out of the directory; a symlinked file inside it
+    ships as its content. Unpacking goes through :mod:`.archives`: absolute
+    member names, ``..`` components, symbolic links, control characters in
+    names and archives past its size or member limits are refused with
+    ResourceException, so nothing lands outside the copy or fills the disk."""
 
     @classmethod
     def _load(cls, path: str) -> IO[bytes]:
@@ -406,13 +474,13 @@ class DirectoryResource(Resource):
 
     def _save(self, dirPath: str) -> None:
         import tempfile
-        import zipfile
+
+        from .archives import unpack
 
         with tempfile.TemporaryFile(dir=os.path.dirname(dirPath)) as archive:
             self._download(archive)
             archive.seek(0)
-            with zipfile.ZipFile(archive) as zipFile:
-                _extract_safely(zipFile, dirPath)
+            unpack(archive, dirPath)
 
     @property
     def localPath(self) -> str:
@@ -462,7 +530,8 @@ def _zip_tree(path: str, rootDir: str) -> IO[bytes]:
 def _files_to_ship(path: str) -> Iterator[str]:
     """Every file below *path*, sorted; skips ``__pycache__`` (workers
     compile their own), and with a warning symlinked directories (never
-    followed, to stay out of cycles) and dangling symlinks."""
+    followed, to stay out of cycles) and symlinks that dangle or lead out
+    of *path* (another user's key must not reach the job store)."""
     for dirName, dirNames, fileNames in os.walk(path):
         dirNames.sort()
         for name in list(dirNames):
@@ -475,22 +544,10 @@ def _files_to_ship(path: str) -> Iterator[str]:
             if os.path.islink(filePath) and not os.path.exists(filePath):
                 logger.warning("Not shipping dangling symlink %s", filePath)
                 continue
+            if os.path.islink(filePath) and not _is_within(filePath, path):
+                logger.warning("Not shipping symlink %s: it leads out of %s", filePath, path)
+                continue
             yield filePath
-
-
-def _extract_safely(zipFile: Any, dirPath: str) -> None:
-    """Unpack *zipFile* into *dirPath* after checking every member: an
-    absolute name, a ``..`` component or a symbolic link raises
-    ResourceException before anything is written."""
-    import stat
-
-    for member in zipFile.infolist():
-        parts = member.filename.replace("\\", "/").split("/")
-        if member.filename.startswith(("/", "\\")) or ".." in parts:
-            raise ResourceException(f"refusing to unpack {member.filename!r}: it points outside the copy")
-        if stat.S_ISLNK(member.external_attr >> 16):
-            raise ResourceException(f"refusing to unpack {member.filename!r}: archives may not hold symlinks")
-    zipFile.extractall(dirPath)
 
 
 def _init_file(dirPath: str) -> Optional[str]:
