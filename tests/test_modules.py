@@ -594,6 +594,7 @@ def test_symlinks_leading_out_of_a_shipped_directory_are_not_shipped(tmp_path, c
     os.symlink("absolute_key", app / "chain_out")  # a link to a link that leaves
     os.symlink("lib/real.py", app / "alias.py")  # inside: shipped as its content
     os.symlink("alias.py", app / "chain_in.py")
+    os.symlink(secret.parent, app / "keys")  # directories are never followed
 
     resource = DirectoryResource.create(LocalJobStore(tmp_path / "store"), str(app))
 
@@ -602,7 +603,7 @@ def test_symlinks_leading_out_of_a_shipped_directory_are_not_shipped(tmp_path, c
         assert archive.read("alias.py") == archive.read("chain_in.py") == b"Y = 2\n"
         assert not any(b"PRIVATE KEY" in archive.read(name) for name in archive.namelist())
     skipped = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
-    assert len(skipped) == 3 and all(f"leads out of {app}" in message for message in skipped), skipped
+    assert len(skipped) == 4 and sum(f"leads out of {app}" in message for message in skipped) == 3, skipped
 
 
 def test_virtualenv_resource_round_trip(tmp_path, root):
@@ -701,6 +702,19 @@ def test_a_loose_copy_is_not_used_and_a_private_one_is(tmp_path, root, caplog):
     assert (planted / "mod.py").read_text() == "X = 'planted'\n", "not ours to delete"
     (warning,) = trust_warnings(caplog)
     assert str(planted) in warning and "group or others may write to it (mode 0777)" in warning
+
+
+def test_a_copy_published_during_the_download_must_be_ours_too(tmp_path, root, caplog):
+    write(tmp_path / "app" / "mod.py", "X = 'genuine'\n")
+    resource = DirectoryResource.create(LocalJobStore(tmp_path / "store"), str(tmp_path / "app"))
+    theirs = write(tmp_path / "theirs" / "mod.py", "X = 'planted'\n").parent
+
+    resource.download(callback=lambda _: os.symlink(theirs, root / resource.contentHash))
+
+    assert open(os.path.join(resource.localPath, "mod.py")).read() == "X = 'genuine'\n"
+    assert os.path.islink(root / resource.contentHash), "not ours to delete"
+    (warning,) = trust_warnings(caplog)
+    assert "it is a symlink" in warning
 
 
 def test_a_loose_or_symlinked_root_is_replaced_by_a_private_one(tmp_path, root, monkeypatch, caplog):
