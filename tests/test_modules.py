@@ -733,6 +733,10 @@ def test_a_loose_or_symlinked_root_is_replaced_by_a_private_one(tmp_path, root, 
     assert f"{root}: group or others may write to it" in loose and f"{fresh}" in loose
     assert "link/: it is a symlink" in link and fresher in link
 
+    monkeypatch.setenv(Resource.rootDirPathEnvName, str(root))
+    Resource.cleanSystem()  # not ours to remove
+    assert root.is_dir() and "Not removing" in caplog.records[-1].getMessage()
+
 
 @pytest.fixture(scope="module")
 def other_user():
@@ -808,8 +812,8 @@ def test_a_copy_planted_by_another_user_is_never_imported(tmp_path, other_user, 
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout.splitlines()[-1])["answer"] == "genuine"
         assert not os.path.exists(marker), "the planted module was imported"
-        assert len([line for line in result.stderr.splitlines() if line.startswith("Not trusting") and why in line]) == 1, \
-            result.stderr
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("Not trusting")]
+        assert len(warnings) == 1 and why in warnings[0], result.stderr
     finally:
         shutil.rmtree(shared)
 

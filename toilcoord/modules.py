@@ -258,15 +258,21 @@ class Resource(NamedTuple):
     @classmethod
     def cleanSystem(cls) -> None:
         """Remove the resource root with every local copy and unset all
-        ``JTRES_`` variables of this process."""
+        ``JTRES_`` variables of this process. A root that is not trusted
+        (as :meth:`prepareSystem` judges) is not ours to remove: it is left
+        alone, with a warning."""
         import shutil
 
         root = os.environ.pop(cls.rootDirPathEnvName, None)
-        if root is not None:
+        why = None if root is None or not os.path.lexists(root) else _distrust(root)
+        if why is not None:
+            logger.warning("Not removing %s=%s: %s", cls.rootDirPathEnvName, root, why)
+        elif root is not None:
             try:
                 shutil.rmtree(root)
             except FileNotFoundError:
                 pass
+        _private_copies.clear()
         for key in [key for key in os.environ if key.startswith(cls.resourceEnvNamePrefix)]:
             del os.environ[key]
 
@@ -331,7 +337,8 @@ class Resource(NamedTuple):
             logger.debug("Another process localized %s first; discarding this copy", self.name)
             shutil.rmtree(tempDirPath)
         else:
-            logger.warning("Not trusting the copy of %s at %s: %s; using %s instead", self.name, dirPath, why, tempDirPath)
+            logger.warning("Not trusting the copy of %s at %s: %s; using %s instead",
+                           self.name, dirPath, why, tempDirPath)
             _private_copies[dirPath] = tempDirPath
 
     @property
