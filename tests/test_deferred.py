@@ -287,12 +287,11 @@ def test_a_torn_tail_is_logged_and_skipped_and_the_records_before_it_run(base, o
     assert state_files(base) == []  # not left to poison later workers
 
 
-@pytest.mark.parametrize("where", ["payload", "header", "length"])
-def test_a_corrupt_record_is_logged_and_skipped_and_the_records_around_it_run(
-        base, out, env, children, caplog, dfhelpers, where):
+def test_a_corrupt_payload_is_logged_and_skipped_and_the_records_around_it_run(
+        base, out, env, children, caplog, dfhelpers):
+    # Its header is intact, so the next record's frame is known.
     path, record_size = orphan_with_records(children, env, base, out, 3)
-    offset = {"payload": record_size // 2, "header": 0, "length": 5}[where]
-    flip(path, record_size + offset)
+    flip(path, record_size + record_size // 2)
     caplog.set_level(logging.INFO)
     run_orphans_here(base)
     assert lines(out) == ["record 0", "record 2"]
@@ -301,16 +300,30 @@ def test_a_corrupt_record_is_logged_and_skipped_and_the_records_around_it_run(
     assert state_files(base) == []
 
 
-def test_a_file_of_garbage_runs_nothing_and_is_removed(base, caplog):
+@pytest.mark.parametrize("where", ["header", "length"])
+def test_after_a_corrupt_header_nothing_more_is_read(base, out, env, children, caplog, dfhelpers, where):
+    # Records are read only at frame boundaries from offset 0: no search for
+    # a record marker further on, where a planted payload could wait.
+    path, record_size = orphan_with_records(children, env, base, out, 3)
+    flip(path, record_size + {"header": 0, "length": 5}[where])
+    caplog.set_level(logging.INFO)
+    run_orphans_here(base)
+    assert lines(out) == ["record 0"]
+    (error,) = errors(caplog)
+    assert "unreadable" in error.getMessage() and path in error.getMessage()
+    assert state_files(base) == [], "it began with a record: ours, done with"
+
+
+def test_a_file_of_garbage_runs_nothing_and_is_left_alone(base, caplog):
     DeferredFunctionManager(base).close()  # makes the state directory
     path = os.path.join(state_dir(base), DeferredFunctionManager.PREFIX + "garbage")
     with open(path, "wb") as stream:
-        stream.write(os.urandom(5000))
+        stream.write(b"\x00" + os.urandom(4999))
     os.chmod(path, 0o600)
     caplog.set_level(logging.INFO)
     run_orphans_here(base)
-    assert errors(caplog)
-    assert state_files(base) == []
+    assert any("does not begin with a record" in error.getMessage() for error in errors(caplog))
+    assert state_files(base) == [os.path.basename(path)], "not provably ours: never deleted"
 
 
 # ---------------------------------------------------- kinds of callables
@@ -916,3 +929,57 @@ print("pickle" in sys.modules)
 """, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+# ------------------------------------------- planted files and directories
+
+def test_a_symlinked_state_directory_is_refused_and_its_target_untouched(tmp_path):
+    # The attack: <dir>/deferred -> a directory of someone else's (root's
+    # python library, say); cleanup used to unlink every func* file there.
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    (victim / "functools.py").write_text("precious")
+    (victim / "func-precious").write_bytes(b"precious")
+    os.chmod(victim / "func-precious", 0o600)
+    base = tmp_path / "work"
+    base.mkdir()
+    os.symlink(victim, base / "deferred")
+    with pytest.raises(PermissionError, match="not a directory"):
+        DeferredFunctionManager.cleanupWorker(base)
+    with pytest.raises(PermissionError, match="not a directory"):
+        DeferredFunctionManager(base)
+    assert sorted(os.listdir(victim)) == ["func-precious", "functools.py"]
+    assert (victim / "func-precious").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
+def test_a_state_directory_others_can_write_is_refused(base, mode):
+    os.mkdir(state_dir(base))
+    os.chmod(state_dir(base), mode)
+    with pytest.raises(PermissionError, match="writable by nobody else"):
+        DeferredFunctionManager.cleanupWorker(base)
+    with pytest.raises(PermissionError, match="writable by nobody else"):
+        DeferredFunctionManager(base)
+    assert stat.S_IMODE(os.stat(state_dir(base)).st_mode) == mode, "left as it was"
+
+
+def test_a_hard_linked_state_file_is_neither_run_nor_deleted(base, out, env, children, caplog, dfhelpers):
+    # A file of someone else's (root's, in an epilog) hard-linked into the
+    # directory looks like ours by owner and mode: its link count gives it away.
+    path, _ = orphan_with_records(children, env, base, out, 1)
+    elsewhere = os.path.join(os.path.dirname(base), "elsewhere")
+    os.link(path, elsewhere)
+    caplog.set_level(logging.INFO)
+    run_orphans_here(base)
+    assert lines(out) == []
+    assert os.path.exists(path) and os.path.exists(elsewhere)
+    assert any("2 links" in error.getMessage() for error in errors(caplog))
+
+
+def test_a_fifo_named_like_a_state_file_never_hangs_the_scan(base):
+    DeferredFunctionManager(base).close()
+    fifo = os.path.join(state_dir(base), DeferredFunctionManager.PREFIX + "fifo")
+    os.mkfifo(fifo, 0o600)
+    run_orphans_here(base)  # the test's timeout is the hang detector
+    DeferredFunctionManager.cleanupWorker(base)
+    assert state_files(base) == [os.path.basename(fifo)], "skipped, left alone"

@@ -191,9 +191,9 @@ def test_locked_file_is_false_on_estale(tmp_path, monkeypatch, code, expected):
     path = str(tmp_path / "f")
     fd = os.open(path, os.O_RDONLY | os.O_CREAT)
     try:
-        def stale(_path):
+        def stale(_path, **_):
             raise OSError(code, os.strerror(code))
-        monkeypatch.setattr(locks.os, "lstat", stale)
+        monkeypatch.setattr(locks.os, "stat", stale)
         assert locked_file_is(fd, path) is expected
     finally:
         os.close(fd)

@@ -417,38 +417,45 @@ def _frame(fields: tuple) -> bytes:
     return _header.pack(_MAGIC, _PENDING, _FORMAT, len(payload), _crc32(payload)) + payload
 
 
-def _record_end(data: bytes, pos: int) -> int:
-    """End of the intact record at *pos*, or -1 if there is none."""
+def _record_end(data: bytes, pos: int) -> Tuple[int, bool]:
+    """``(end, intact)`` of the record at *pos*: *end* is -1 where no
+    header can be trusted there (nothing after it can be framed either);
+    *intact* is False for a record whose payload fails its checksum."""
     if len(data) - pos < _HEADER_SIZE:
-        return -1
+        return -1, False
     magic, state, version, length, crc = _header.unpack_from(data, pos)
     end = pos + _HEADER_SIZE + length
-    if (magic != _MAGIC or version != _FORMAT or state not in (_PENDING, _DONE)
-            or end > len(data) or _crc32(memoryview(data)[pos + _HEADER_SIZE:end]) != crc):
-        return -1
-    return end
+    if magic != _MAGIC or version != _FORMAT or state not in (_PENDING, _DONE) or end > len(data):
+        return -1, False
+    return end, _crc32(memoryview(data)[pos + _HEADER_SIZE:end]) == crc
 
 
 def _pending_records(data: bytes, where: str) -> Iterator[Tuple[int, bytes]]:
     """Yield ``(offset, payload)`` of each intact record not yet done, in
-    file order; each unreadable stretch is logged once and skipped."""
-    pos, bad_from, size = 0, -1, len(data)
+    file order. Records are read only at frame boundaries from offset 0: a
+    record whose payload is corrupt is skipped (its header says where the
+    next one starts); after a header that cannot be trusted (a torn tail)
+    nothing more is read. Each skip is logged."""
+    pos, size = 0, len(data)
     while pos < size:  # every pass moves pos forward
-        end = _record_end(data, pos)
+        end, intact = _record_end(data, pos)
         if end < 0:
-            if bad_from < 0:
-                bad_from = pos
-            pos = data.find(_MAGIC, pos + 1)
-            pos = size if pos < 0 else pos
-            continue
-        if bad_from >= 0:
-            _log_skipped(where, bad_from, pos, size)
-            bad_from = -1
-        if data[pos + _STATE_OFFSET] == _PENDING:
+            _log_skipped(where, pos, size, size)
+            return
+        if not intact:
+            _log_skipped(where, pos, end, size)
+        elif data[pos + _STATE_OFFSET] == _PENDING:
             yield pos, data[pos + _HEADER_SIZE:end]
         pos = end
-    if bad_from >= 0:
-        _log_skipped(where, bad_from, size, size)
+
+
+def _starts_with_a_record(data: bytes) -> bool:
+    """True for a state file of ours: empty (no function deferred yet), or
+    beginning with a record header, whole or torn by a crash."""
+    if len(data) < _HEADER_SIZE:
+        return _MAGIC.startswith(data[:len(_MAGIC)])
+    magic, state, version, _, _ = _header.unpack_from(data, 0)
+    return magic == _MAGIC and version == _FORMAT and state in (_PENDING, _DONE)
 
 
 def _log_skipped(where: str, start: int, stop: int, size: int) -> None:
@@ -456,8 +463,8 @@ def _log_skipped(where: str, start: int, stop: int, size: int) -> None:
         logger.error("deferred-function file %s ends in %d unreadable bytes at offset %d "
                      "(a record torn by a crash, or corrupt); skipped them", where, stop - start, start)
     else:
-        logger.error("deferred-function file %s has %d corrupt bytes at offset %d; skipped "
-                     "them, the records after them still run", where, stop - start, start)
+        logger.error("deferred-function file %s has a corrupt record of %d bytes at offset %d; skipped "
+                     "it, the records after it still run", where, stop - start, start)
 
 
 def _read_all(fd: int) -> bytes:
@@ -473,15 +480,18 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _run_file(read_fd: int, write_fd: int, where: str) -> None:
+def _run_file(read_fd: int, write_fd: int, where: str) -> bool:
     """Run the pending records of a state file in order, marking each done
-    as soon as it has returned or raised. A BaseException (KeyboardInterrupt,
+    as soon as it has returned or raised; return whether the file is one of
+    ours (see _starts_with_a_record). A BaseException (KeyboardInterrupt,
     SystemExit) from a function propagates and leaves it pending."""
     if _header is None:
         _load_codec()
-    for offset, payload in _pending_records(_read_all(read_fd), where):
+    data = _read_all(read_fd)
+    for offset, payload in _pending_records(data, where):
         _run_record(payload, offset, where)
         os.pwrite(write_fd, _DONE_BYTE, offset + _STATE_OFFSET)
+    return _starts_with_a_record(data)
 
 
 def _run_record(payload: bytes, offset: int, where: str) -> None:
@@ -525,8 +535,8 @@ _held_here: set = set()
 
 
 def _make_state_dir(path: str) -> None:
-    """Create the state directory mode 0700, or check that the existing one
-    is a real directory (no symlink) of ours and make it 0700.
+    """Create the state directory mode 0700, or check the existing one (see
+    _open_state_dir), taking away read and search bits of others.
 
     Returns quietly if it vanished meanwhile (the caller retries)."""
     try:
@@ -537,31 +547,41 @@ def _make_state_dir(path: str) -> None:
         raise FileNotFoundError(errno.ENOENT, "the base directory for deferred functions does not exist",
                                 os.path.dirname(path)) from None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = _open_state_dir(path)
     except FileNotFoundError:
         return
-    except OSError as error:
-        if error.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise PermissionError(errno.EPERM, "refusing to keep deferred functions in something that "
-                                  "is not a directory (a symlink?)", path) from None
-        raise
     try:
-        # fstat/fchmod on the opened directory: nobody can swap it meanwhile.
-        info = os.fstat(fd)
-        if info.st_uid != os.geteuid():
-            raise PermissionError(errno.EPERM, f"refusing to keep deferred functions in a directory owned by "
-                                  f"uid {info.st_uid}, not by this user (uid {os.geteuid()})", path)
-        if stat.S_IMODE(info.st_mode) != _STATE_DIR_MODE:
-            logger.info("making deferred-function directory %s mode 0700 (it was %o)",
-                        path, stat.S_IMODE(info.st_mode))
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode != _STATE_DIR_MODE:  # on the opened directory: nobody can swap it meanwhile
+            logger.info("making deferred-function directory %s mode 0700 (it was %o)", path, mode)
             os.fchmod(fd, _STATE_DIR_MODE)
     finally:
         os.close(fd)
 
 
-def _open_for_writing(path: str, locked_fd: int) -> int:
+def _open_state_dir(path: str) -> int:
+    """An fd on the state directory: a real directory (never a symlink) of
+    this user that nobody else can write, or PermissionError; everything
+    in it is then opened relative to this fd. FileNotFoundError if missing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise PermissionError(errno.EPERM, "refusing to use a deferred-function directory that is not "
+                                  "a directory (a symlink?)", path) from None
+        raise
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        os.close(fd)
+        raise PermissionError(errno.EPERM, f"refusing to use a deferred-function directory owned by uid "
+                              f"{info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}: it must belong to this "
+                              f"user (uid {os.geteuid()}) and be writable by nobody else", path)
+    return fd
+
+
+def _open_for_writing(path: str, locked_fd: int, dir_fd: Optional[int] = None) -> int:
     """Open the file we hold locked through *locked_fd* for writing too."""
-    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
     written, locked = os.fstat(fd), os.fstat(locked_fd)
     if (written.st_dev, written.st_ino) != (locked.st_dev, locked.st_ino):
         os.close(fd)
@@ -571,61 +591,67 @@ def _open_for_writing(path: str, locked_fd: int) -> int:
 
 def _trusted(fd: int, path: str) -> bool:
     """True if the file may be unpickled: a regular file of this user that
-    nobody else can write. Refusals are logged once per file."""
+    nobody else can write, with no other link (a hard link to someone's
+    file is not theirs to run). Refusals are logged once per file."""
     info = os.fstat(fd)
-    if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022:
+    if (stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
+            and info.st_nlink == 1):
         return True
     if (info.st_dev, info.st_ino) not in _reported_untrusted:
         _reported_untrusted.add((info.st_dev, info.st_ino))
-        logger.error("refusing to read deferred functions from %s: it is owned by uid %d with mode %o, "
-                     "but only files of this user (uid %d) that nobody else can write are read; "
-                     "leaving it alone", path, info.st_uid, stat.S_IMODE(info.st_mode), os.geteuid())
+        logger.error("refusing to read deferred functions from %s: it is owned by uid %d with mode %o and "
+                     "%d links, but only files of this user (uid %d) that nobody else can write, with one "
+                     "link, are read; leaving it alone", path, info.st_uid, stat.S_IMODE(info.st_mode),
+                     info.st_nlink, os.geteuid())
     return False
 
 
-def _run_orphan(path: str) -> None:
-    """Run the pending functions in *path* if its owner is dead, then remove it."""
+def _run_orphan(dir_fd: int, name: str, where: str) -> None:
+    """Run the pending functions in the state file *name* (in the directory
+    *dir_fd*, at *where*) if its owner is dead, then remove it."""
     try:
-        fd = take_over(path)
+        fd = take_over(name, dir_fd=dir_fd)
     except FileNotFoundError:
         return  # another process got there first
     except OSError as error:
-        logger.error("cannot take over deferred-function file %s: %s; leaving it", path, error)
+        logger.error("cannot take over deferred-function file %s: %s; leaving it", where, error)
         return
     if fd is None:
         return  # its owner lives
-    name = os.path.basename(path)
     _held_here.add(name)
     try:
-        _run_and_release(fd, path)
+        _run_and_release(fd, name, dir_fd, where)
     finally:
         _held_here.discard(name)
 
 
-def _run_and_release(fd: int, path: str) -> None:
+def _run_and_release(fd: int, name: str, dir_fd: int, where: str) -> None:
     try:
-        finished = _run_taken(fd, path)
+        finished = _run_taken(fd, name, dir_fd, where)
     except OSError as error:
-        logger.error("cannot run the deferred functions in %s: %s; leaving it for another process", path, error)
+        logger.error("cannot run the deferred functions in %s: %s; leaving it for another process", where, error)
         finished = False
     except BaseException:
         release_taken(fd)  # the rest stays for the next process
         raise
     if finished:
-        discard_taken(fd, path)
+        discard_taken(fd, name, dir_fd)
     else:
         release_taken(fd)
 
 
-def _run_taken(fd: int, path: str) -> bool:
-    if not _trusted(fd, path):
+def _run_taken(fd: int, name: str, dir_fd: int, where: str) -> bool:
+    """Run a taken-over file; True if it is done with and ours to remove."""
+    if not _trusted(fd, where):
         return False
-    write_fd = _open_for_writing(path, fd)
+    write_fd = _open_for_writing(name, fd, dir_fd)
     try:
-        _run_file(fd, write_fd, path)
+        ours = _run_file(fd, write_fd, where)
     finally:
         os.close(write_fd)
-    return True
+    if not ours:
+        logger.error("deferred-function file %s does not begin with a record; leaving it", where)
+    return ours
 
 
 def _remove_if_empty(path: str) -> None:
@@ -806,16 +832,22 @@ class DeferredFunctionManager:
 
     @classmethod
     def _run_orphans_in(cls, state_dir: str) -> None:
+        """Run dead owners' files, everything relative to the state
+        directory opened once and checked (a swapped-in symlink cannot
+        redirect us)."""
         try:
-            entries = os.scandir(state_dir)
+            dir_fd = _open_state_dir(state_dir)
         except FileNotFoundError:
             return
-        with entries:
-            paths = [entry.path for entry in entries
-                     if entry.name.startswith(cls.PREFIX) and not entry.name.endswith(cls.WIP_SUFFIX)
-                     and entry.name not in _held_here and entry.is_file(follow_symlinks=False)]
-        for path in paths:
-            _run_orphan(path)
+        try:
+            with os.scandir(dir_fd) as entries:
+                names = [entry.name for entry in entries
+                         if entry.name.startswith(cls.PREFIX) and not entry.name.endswith(cls.WIP_SUFFIX)
+                         and entry.name not in _held_here and entry.is_file(follow_symlinks=False)]
+            for name in names:
+                _run_orphan(dir_fd, name, os.path.join(state_dir, name))
+        finally:
+            os.close(dir_fd)
 
     def close(self) -> None:
         """Run what is left of this manager's functions and dead processes',

@@ -135,8 +135,9 @@ def safe_unlock_and_close(fd: int) -> None:
         os.close(fd)
 
 
-def locked_file_is(fd: int, path: PathArg) -> bool:
-    """True iff the open *fd* is the file now linked at *path*.
+def locked_file_is(fd: int, path: PathArg, dir_fd: Optional[int] = None) -> bool:
+    """True iff the open *fd* is the file now linked at *path* (relative to
+    *dir_fd*, a directory fd, if given).
 
     A missing path, a path through a missing directory, a file whose last
     link is gone and a stale NFS handle (ESTALE) all give False. On NFS,
@@ -146,7 +147,7 @@ def locked_file_is(fd: int, path: PathArg) -> bool:
     """
     try:
         opened = os.fstat(fd)
-        linked = os.lstat(path)
+        linked = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     except OSError as error:
         if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
             return False
@@ -194,9 +195,10 @@ _CREATE_NEW = _OPEN_OR_CREATE | os.O_EXCL
 _FILE_MODE = 0o600
 
 
-def _open_tracked(path: str, flags: int) -> int:
-    """Open *path* and track the fd for forks; raise unless it is a regular file."""
-    fd = os.open(path, flags, _FILE_MODE)
+def _open_tracked(path: str, flags: int, dir_fd: Optional[int] = None) -> int:
+    """Open *path* (relative to *dir_fd* if given) and track the fd for
+    forks; raise unless it is a regular file."""
+    fd = os.open(path, flags, _FILE_MODE, dir_fd=dir_fd)
     _held_fds.add(fd)
     try:
         mode = os.fstat(fd).st_mode
@@ -337,8 +339,9 @@ def _lock_until(fd: int, path: str, deadline: float, shared: bool = False) -> No
         delay = min(delay * 2, _POLL_MAX)
 
 
-def take_over(path: PathArg, shared: bool = False) -> Optional[int]:
-    """Lock the file at *path* if the process that held it is dead.
+def take_over(path: PathArg, shared: bool = False, dir_fd: Optional[int] = None) -> Optional[int]:
+    """Lock the file at *path* (relative to *dir_fd*, a directory fd, if
+    given) if the process that held it is dead.
 
     Returns an fd holding a lock on the file (the caller reads what it
     needs, then calls :func:`discard_taken`), or None if a live process
@@ -349,7 +352,8 @@ def take_over(path: PathArg, shared: bool = False) -> Optional[int]:
     *shared*: for a mere liveness probe, which must not mistake another
     prober's brief lock for the owner's (only owners lock exclusively).
     """
-    fd = _open_tracked(os.fspath(path), _OPEN_EXISTING)  # a child forked while we hold it must not keep it
+    # Tracked: a child forked while we hold it must not keep it.
+    fd = _open_tracked(os.fspath(path), _OPEN_EXISTING, dir_fd)
     try:
         safe_lock(fd, block=False, shared=shared)
     except OSError as error:
@@ -357,7 +361,7 @@ def take_over(path: PathArg, shared: bool = False) -> Optional[int]:
         if error.errno in (errno.EAGAIN, errno.EACCES):
             return None
         raise
-    if locked_file_is(fd, path):
+    if locked_file_is(fd, path, dir_fd):
         return fd
     _close_tracked(fd)
     raise FileNotFoundError(errno.ENOENT, "file vanished while being taken over", os.fspath(path))
@@ -370,10 +374,10 @@ def release_taken(fd: int) -> None:
     safe_unlock_and_close(fd)
 
 
-def discard_taken(fd: int, path: PathArg) -> None:
+def discard_taken(fd: int, path: PathArg, dir_fd: Optional[int] = None) -> None:
     """Unlink a file taken over with :func:`take_over`, then unlock it."""
     try:
-        unlink_if_present(path)
+        unlink_if_present(path, dir_fd)
     finally:
         release_taken(fd)
 
