@@ -5,6 +5,7 @@ import logging
 import os
 import pathlib
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -103,9 +104,9 @@ def raw_sender(server, transport):
     return sock
 
 
-def toil_datagram(message, *args, name="toil.worker", level=logging.INFO, **extra):
+def toil_datagram(text, *args, name="toil.worker", level=logging.INFO, **extra):
     """Exactly what Toil's JSONDatagramHandler sends for such a record."""
-    record = logging.LogRecord(name, level, "/w/job.py", 7, message, args, None, "run")
+    record = logging.LogRecord(name, level, "/w/job.py", 7, text, args, None, "run")
     record.__dict__.update(extra)
     return json.dumps(record.__dict__).encode("utf-8")
 
@@ -195,14 +196,17 @@ def test_last_exit_restores_an_outer_leaders_variables(monkeypatch):
     assert PREFIX + "LOCAL_ADDRESS" not in os.environ
 
 
+class BatchSystem:
+    """Records the names a leader hands to Toil's ``setEnv``."""
+
+    def __init__(self):
+        self.names = []
+
+    def setEnv(self, name, value=None):  # noqa: N802 - Toil's name
+        self.names.append(name)
+
+
 def test_batch_system_gets_every_variable(received):
-    class BatchSystem:
-        def __init__(self):
-            self.names = []
-
-        def setEnv(self, name, value=None):  # noqa: N802 - Toil's name
-            self.names.append(name)
-
     batch = BatchSystem()
     with RealtimeLogger(batch, host="127.0.0.1", secret="shh"):
         assert batch.names == VARIABLES
@@ -411,7 +415,7 @@ def test_udp_is_drained_into_memory_while_handlers_are_slow(received, monkeypatc
     rt_logger = logging.getLogger("toil-rt")
     rt_logger.addFilter(hold_the_first)
     try:
-        with RealtimeLogger(host="127.0.0.1"):
+        with RealtimeLogger(host="127.0.0.1", secret=False):  # unsigned datagrams
             server = leader_server()
             sender = raw_sender(server, "udp")
             datagrams = [toil_datagram("record %d", number) for number in range(300)]
@@ -474,7 +478,7 @@ def junk_datagrams(transport):
 @pytest.mark.parametrize("transport", ["udp", "unix"])
 def test_malformed_datagrams_are_counted_and_the_server_keeps_serving(received, transport):
     junk = junk_datagrams(transport)
-    with RealtimeLogger(host="127.0.0.1"):
+    with RealtimeLogger(host="127.0.0.1", secret=False):  # unsigned datagrams
         server = leader_server()
         sender = raw_sender(server, transport)
         try:
@@ -500,7 +504,7 @@ def test_hostile_arguments_and_times_neither_stop_the_server_nor_break_formatter
     bad_times = [{"created": float("inf")}, {"created": 1e300}, {"created": float("nan")},
                  {"msecs": float("-inf")}, {"relativeCreated": float("nan")}]
     formatter = logging.Formatter("%(asctime)s %(msecs)03d %(relativeCreated)d %(levelname)s %(message)s")
-    with RealtimeLogger(host="127.0.0.1"):
+    with RealtimeLogger(host="127.0.0.1", secret=False):  # unsigned datagrams
         server = leader_server()
         sender = raw_sender(server, "udp")
         try:
@@ -531,7 +535,7 @@ def test_a_failing_handler_does_not_stop_the_server(received, capfd):
     rt_logger = logging.getLogger("toil-rt")
     rt_logger.addFilter(explode)
     try:
-        with RealtimeLogger(host="127.0.0.1"):
+        with RealtimeLogger(host="127.0.0.1", secret=False):  # unsigned datagrams
             sender = raw_sender(leader_server(), "udp")
             sender.send(toil_datagram("first"))
             sender.send(toil_datagram("second"))
@@ -577,7 +581,7 @@ def test_summary_counts_losses_per_sender(received, caplog):
                            "rt_sender": sender, "rt_seq": seq}).encode()
 
     caplog.set_level(logging.INFO, logger="toilcoord.rtlog")
-    with RealtimeLogger(host="127.0.0.1"):
+    with RealtimeLogger(host="127.0.0.1", secret=False):  # unsigned datagrams
         server = leader_server()
         sender = raw_sender(server, "unix")
         for name, seq in [("s1", 0), ("s1", 1), ("s1", 5), ("s2", 0)]:
@@ -589,7 +593,7 @@ def test_summary_counts_losses_per_sender(received, caplog):
     assert stats["lost"] == 3
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Real-time logging received")]
     assert summary == ["Real-time logging received 4 records; dropped 0 malformed, 0 unsigned or forged, "
-                       "0 over the backlog limit; lost 3 in transit (s1 lost 3)"]
+                       "0 replayed, 0 over the backlog limit; lost 3 in transit (s1 lost 3)"]
 
 
 # ------------------------------------------------------------ sender failures
@@ -640,6 +644,9 @@ def test_stuck_leader_costs_one_send_timeout_then_drops_fast():
     name = "rtlog-test-stuck-%d" % os.getpid()
     stuck = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     stuck.bind("\0" + name)  # bound, never read: the queue fills
+    owner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    owner.bind("\0" + name + ".owner")  # the leader's owner check: this user
+    owner.listen(1)
     handler = RealtimeLogHandler("127.0.0.1:9", local_address="@" + name)
     logger = logging.getLogger("test.stuck")
     logger.propagate = False
@@ -665,6 +672,7 @@ def test_stuck_leader_costs_one_send_timeout_then_drops_fast():
         logger.removeHandler(handler)
         handler.close()
         stuck.close()
+        owner.close()
     assert queued > 0 and handler.dropped == 60 - queued
     # Blocking on each of the dropped records would take dropped x 1 s.
     assert elapsed < handler.local_send_timeout * handler.dropped / 2
@@ -675,7 +683,7 @@ def test_stuck_leader_costs_one_send_timeout_then_drops_fast():
 
 
 def test_toil_worker_datagrams_are_understood(received):
-    with RealtimeLogger(host="127.0.0.1"):
+    with RealtimeLogger(host="127.0.0.1", secret=False):  # unsigned datagrams
         sender = raw_sender(leader_server(), "udp")
         sender.send(toil_datagram("x=%s n=%d", "a", 3, level=logging.WARNING))
         sender.send(toil_datagram("mapping %(key)s", {"key": "v"}))
@@ -754,15 +762,12 @@ def test_binding_and_advertising_need_no_network(received, monkeypatch):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind((host, 0))  # only addresses of this host can be bound
     with RealtimeLogger():
-        assert leader_server().server_address[0] == "0.0.0.0"
+        assert leader_server().server_address[0] == host  # what it advertises, not 0.0.0.0
         assert os.environ[PREFIX + "ADDRESS"].startswith(host + ":")
     monkeypatch.undo()
     with RealtimeLogger(host="localhost"):
         assert leader_server().server_address[0] == "127.0.0.1"
         assert os.environ[PREFIX + "ADDRESS"].startswith("127.0.0.1:")
-    with RealtimeLogger(host="leader.example.org", port=0):
-        assert leader_server().server_address[0] == "0.0.0.0"
-        assert os.environ[PREFIX + "ADDRESS"].startswith("leader.example.org:")
 
 
 def test_import_is_light():
@@ -824,7 +829,7 @@ class Wait(logging.Handler):
             arrived.set()
 logging.getLogger("toil-rt").addHandler(Wait())
 with RealtimeLogger(host=sys.argv[1] or None):
-    for name in ("ADDRESS", "LOCAL_ADDRESS"):
+    for name in ("ADDRESS", "LOCAL_ADDRESS", "SECRET"):
         print(os.environ["TOIL_RT_LOGGING_" + name], flush=True)
     arrived.wait(60)
 """
@@ -847,10 +852,12 @@ def test_worker_on_another_host_reaches_the_leader(two_hosts, children, host):
     children.started.append(leader)
     address = leader.stdout.readline().strip()
     local_address = leader.stdout.readline().strip()
+    secret = leader.stdout.readline().strip()
     assert address.startswith("10.231.0.1:")  # its own choice finds the veth address
     worker = subprocess.run(
         ["ip", "netns", "exec", worker_ns, sys.executable, "-c", WORKER_IN_NAMESPACE],
-        env=child_env(**{PREFIX + "ADDRESS": address, PREFIX + "LOCAL_ADDRESS": local_address}),
+        env=child_env(**{PREFIX + "ADDRESS": address, PREFIX + "LOCAL_ADDRESS": local_address,
+                         PREFIX + "SECRET": secret}),
         cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     assert worker.returncode == 0, worker.stderr
     assert worker.stdout.strip() == "udp"  # the leader's local socket is out of reach
@@ -877,3 +884,330 @@ def test_a_worker_forked_by_a_worker_is_another_sender(received):
         stats = server.statistics()
     assert len(stats["senders"]) == 2 and stats["lost"] == 0
     assert sorted(entry["received"] for entry in stats["senders"].values()) == [1, 2]
+
+
+# ------------------------------------- a shared node: hostile senders (issue 10)
+
+# What must never reach a log line: C0/C1 controls (ESC, CSI, OSC, BEL, CR,
+# LF...), DEL, Unicode line separators, bidi overrides, lone surrogates.
+UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+HOSTILE_TEXT = ("ok\n2030-01-01 00:00:00,000 CRITICAL root: fake line\r\x1b[2J\x1b]0;owned\x07"
+                "\x9b31m\u2028\u202eevil\ud800\x00end")
+
+
+def plain_leader(**options):
+    """A leader that opted out of the secret, as it must for Toil workers."""
+    return RealtimeLogger(host="127.0.0.1", secret=False, **options)
+
+
+def numbered(sender, seq, message=None):
+    return json.dumps({"name": "w", "levelno": 20, "msg": message or "%s %d" % (sender, seq),
+                       "rt_sender": sender, "rt_seq": seq}).encode()
+
+
+def worker_record(message):
+    return logging.LogRecord("test.worker", logging.INFO, "/w/job.py", 3, message, None, None)
+
+
+def test_leader_binds_the_advertised_address_and_nothing_else(received):
+    host = advertised_host()
+    with RealtimeLogger(secret=False):
+        server = leader_server()
+        port = server.server_address[1]
+        assert server.server_address[0] == host
+        assert os.environ[PREFIX + "ADDRESS"] == "%s:%d" % (host, port)
+        if host != "127.0.0.1":  # another address of this host reaches nothing
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as elsewhere:
+                elsewhere.settimeout(10)
+                elsewhere.connect(("127.0.0.1", port))
+                elsewhere.send(toil_datagram("via loopback"))
+                with pytest.raises(ConnectionRefusedError):
+                    elsewhere.recv(1)  # ICMP port unreachable
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as advertised:
+            advertised.sendto(toil_datagram("via the advertised address"), (host, port))
+            received.wait_for("via the advertised address")
+    assert received.messages() == ["via the advertised address"]
+    with RealtimeLogger(host="127.0.0.1"):
+        assert leader_server().server_address[0] == "127.0.0.1"
+    with pytest.raises(OSError, match="198.51.100.7"):  # not an address of this host
+        with RealtimeLogger(host="198.51.100.7"):
+            pass
+    assert RealtimeLogger.initialized == 0 and PREFIX + "ADDRESS" not in os.environ
+
+
+def test_leader_signs_by_default_and_hands_workers_its_secret(received):
+    batch = BatchSystem()
+    with RealtimeLogger(batch, "INFO", "127.0.0.1", 0):  # Toil's positional signature
+        secret = os.environ[PREFIX + "SECRET"]
+        assert re.fullmatch("[0-9a-f]{64}", secret), secret
+        assert batch.names == VARIABLES
+        server = leader_server()
+        sender = raw_sender(server, "unix")  # the worker's transport: one queue, in order
+        sender.send(toil_datagram("unsigned"))
+        sender.close()
+        worker = run_python("from toilcoord.rtlog import RealtimeLogger; RealtimeLogger.info('signed by the worker')")
+        assert worker.returncode == 0, worker.stderr
+        received.wait_for("signed by the worker")
+        stats = server.statistics()
+    assert stats["forged"] == 1 and received.messages() == ["signed by the worker"]
+    assert PREFIX + "SECRET" not in os.environ
+    with RealtimeLogger(host="127.0.0.1"):
+        assert os.environ[PREFIX + "SECRET"] != secret  # a new one for every leader
+
+
+@pytest.mark.parametrize("opt_out", [False, ""])
+def test_opting_out_of_the_secret_admits_toil_workers(received, monkeypatch, opt_out):
+    monkeypatch.setenv(PREFIX + "SECRET", "an outer leader's secret")
+    batch = BatchSystem()
+    with RealtimeLogger(batch, host="127.0.0.1", secret=opt_out):
+        assert PREFIX + "SECRET" not in os.environ and PREFIX + "SECRET" not in batch.names
+        sender = raw_sender(leader_server(), "udp")
+        sender.send(toil_datagram("from a Toil worker %s", "unsigned"))
+        sender.close()
+        received.wait_for("from a Toil worker unsigned")
+    assert os.environ[PREFIX + "SECRET"] == "an outer leader's secret"
+
+
+def test_received_text_cannot_fake_lines_or_drive_a_terminal(received):
+    fields = {key: HOSTILE_TEXT for key in ("threadName", "processName", "funcName", "filename", "module",
+                                             "exc_text", "stack_info", "message", "asctime", "custom")}
+    with plain_leader():
+        sender = raw_sender(leader_server(), "udp")
+        sender.send(toil_datagram("msg " + HOSTILE_TEXT + " arg %s", HOSTILE_TEXT, name="w\n" + HOSTILE_TEXT,
+                                  **fields))
+        sender.send(toil_datagram("last"))
+        sender.close()
+        received.wait_for("last")
+    record = received.records[0]
+    for key, value in record.__dict__.items():
+        assert not isinstance(value, str) or not UNSAFE.search(value), (key, value)
+    message = record.getMessage()
+    assert message.startswith("msg ok\\n2030-01-01") and "\\r\\x1b[2J\\x1b]0;owned\\x07\\x9b31m" in message
+    assert message.count("\\u2028\\u202eevil\\ud800\\x00end") == 2  # the format and its argument
+    shown = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(threadName)s %(message)s").format(record)
+    # The formatter itself puts the traceback and the stack on lines of their own; nothing else does.
+    assert len(shown.splitlines()) == 3 and "\x1b" not in shown
+
+
+def test_own_workers_multi_line_messages_arrive_escaped(received):
+    with RealtimeLogger(host="127.0.0.1"):
+        worker = run_python(r"""
+            from toilcoord.rtlog import RealtimeLogger
+            RealtimeLogger.warning("two\nlines \x1b[31mred")
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                RealtimeLogger.getLogger().exception("failed")
+        """)
+        assert worker.returncode == 0, worker.stderr
+        received.wait_for("failed")
+    assert received.messages() == ["two\\nlines \\x1b[31mred", "failed"]
+    traceback_text = received.records[1].exc_text
+    assert traceback_text.startswith("Traceback (most recent call last):\\n") and "\n" not in traceback_text
+    assert traceback_text.endswith("ValueError: boom")
+
+
+def test_a_levelname_contradicting_the_level_is_dropped(received):
+    with plain_leader():
+        server = leader_server()
+        sender = raw_sender(server, "udp")
+        sender.send(toil_datagram("lying", level=logging.DEBUG, levelname="CRITICAL"))
+        sender.send(toil_datagram("lying too", level=logging.ERROR, levelname="error"))
+        sender.send(json.dumps({"name": "w", "levelno": 40, "msg": "no levelname"}).encode())
+        sender.send(toil_datagram("custom level", level=25))
+        sender.send(toil_datagram("last"))
+        sender.close()
+        received.wait_for("last")
+        stats = server.statistics()
+    assert stats["malformed"] == 2
+    assert received.messages() == ["no levelname", "custom level", "last"]
+    assert [record.levelname for record in received.records] == ["ERROR", "Level 25", "INFO"]
+
+
+def test_a_widening_format_string_cannot_make_a_huge_message(received):
+    cap = getattr(RealtimeLogger.serverClass, "max_message_size", 65536)
+    hostile = [("%(a)9999s" * 7000, {"a": "x"}, " " * 9998 + "x"),          # 70 MB if formatted
+               ("%(a)s" * 6000, {"a": "y" * 20000}, "y" * 20000),          # 120 MB
+               ("%9999s" * 3000, ["z"] * 3000, " " * 9998 + "z"),          # 30 MB
+               ("%-9999.9999f|" * 3000, [1e300] * 3000, "%f" % 1e300)]  # 60 MB of digits
+    started = time.monotonic()
+    with plain_leader():
+        sender = raw_sender(leader_server(), "udp")
+        for message, args, _ in hostile:
+            datagram = json.dumps({"name": "w", "levelno": 20, "msg": message, "args": args}).encode()
+            assert len(datagram) < 65000
+            sender.send(datagram)
+        sender.send(toil_datagram("last"))
+        sender.close()
+        received.wait_for("last")
+    assert time.monotonic() - started < 20
+    assert len(received.records) == len(hostile) + 1
+    for record, (_, _, head) in zip(received.records, hostile):
+        message = record.getMessage()
+        assert len(message) <= cap + 100 and message.startswith(head), (len(message), message[:50])
+        assert message.endswith("]") and "[rtlog: message cut" in message[-100:]
+
+
+def test_replayed_signed_datagrams_are_dropped(received):
+    with RealtimeLogger(host="127.0.0.1", secret="shared"):
+        server = leader_server()
+        signer = RealtimeLogHandler(os.environ[PREFIX + "ADDRESS"], secret="shared")
+        udp, local = raw_sender(server, "udp"), raw_sender(server, "unix")
+        try:
+            first, second, third = (signer.encode(worker_record("signed %d" % n)) for n in range(3))
+            for datagram in (first, third, second, first):  # reordered: kept; then a replay
+                udp.send(datagram)
+            udp.send(signer.encode(worker_record("last over udp")))
+            received.wait_for("last over udp")
+            local.send(third)  # a replay through the other transport
+            local.send(signer.encode(worker_record("last over the local socket")))
+            received.wait_for("last over the local socket")
+            stats = server.statistics()
+        finally:
+            for closable in (signer, udp, local):
+                closable.close()
+    assert received.messages() == ["signed 0", "signed 2", "signed 1", "last over udp", "last over the local socket"]
+    assert stats["replayed"] == 2 and stats["lost"] == 0 and stats["forged"] == 0
+
+
+def test_forged_senders_cannot_inflate_the_loss_count(received, monkeypatch):
+    class FewSenders(RealtimeLogger.serverClass):
+        max_senders = 4
+
+    monkeypatch.setattr(RealtimeLogger, "serverClass", FewSenders)
+    with plain_leader():
+        server = leader_server()
+        sender = raw_sender(server, "unix")
+        for datagram in (numbered("liar", 0), numbered("liar", 10 ** 9), numbered("honest", 0),
+                         numbered("honest", 2)):
+            sender.send(datagram)
+        sender.send(numbered("liar", 10 ** 9 + 1, "last"))
+        received.wait_for("last")
+        lied = server.statistics()
+        for number in range(10):
+            sender.send(numbered("crowd%d" % number, 0))
+        sender.send(numbered("newest", 0, "newest"))
+        sender.close()
+        received.wait_for("newest")
+        crowded = server.statistics()
+    assert lied["lost"] == 1 and lied["senders"]["liar"] == {"received": 3, "lost": 0}
+    assert len(crowded["senders"]) == 4 and "newest" in crowded["senders"] and "liar" not in crowded["senders"]
+    assert crowded["lost"] == 1  # the honest sender's loss is remembered after it is forgotten
+    with RealtimeLogger(host="127.0.0.1"):  # with a secret, unsigned senders count for nothing
+        server = leader_server()
+        sender = raw_sender(server, "unix")
+        sender.send(numbered("forger", 10 ** 9))
+        sender.close()
+        worker = run_python("from toilcoord.rtlog import RealtimeLogger; RealtimeLogger.info('signed')")
+        assert worker.returncode == 0, worker.stderr
+        received.wait_for("signed")
+        stats = server.statistics()
+    assert stats["lost"] == 0 and stats["forged"] == 1 and "forger" not in stats["senders"]
+
+
+# ------------------------------------------------------- another user on this node
+
+
+@pytest.fixture
+def other_user():
+    """A new unprivileged user (uid, gid), deleted after the test."""
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("a second user needs root and useradd")
+    import pwd
+
+    name = "rtsq%s" % os.urandom(4).hex()
+    pause = threading.Event()
+    for _ in range(50):  # /etc/passwd may be locked by a concurrent useradd
+        done = subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", name],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        if done.returncode != 10:  # 10: cannot lock the password file
+            break
+        pause.wait(0.1)
+    if done.returncode:
+        pytest.skip("useradd failed: " + done.stderr.strip())
+    try:
+        entry = pwd.getpwnam(name)
+        yield entry.pw_uid, entry.pw_gid
+    finally:
+        subprocess.run(["userdel", name], stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+
+
+def squat(name, uid, gid):
+    """Fork a process of another user that binds the abstract name ``name``
+    (and its owner check, in case) and counts what arrives. Returns (pid,
+    read end reporting, write end to say "count now")."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            dgram.bind("\0" + name)
+            listeners = []
+            for stream_name in (name, name + ".owner"):
+                listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listener.bind("\0" + stream_name)
+                listener.listen(64)
+                listeners.append(listener)
+            os.write(ready_w, b"ready\n")
+            os.read(go_r, 1)  # "count now", or EOF if the test died
+            dgram.setblocking(False)
+            count = 0
+            while True:
+                try:
+                    dgram.recv(65536)
+                except BlockingIOError:
+                    break
+                count += 1
+            os.write(ready_w, b"%d\n" % count)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(go_r)
+    return pid, ready_r, go_w
+
+
+def test_workers_never_send_to_another_users_socket_under_the_leaders_name(received, other_user, children):
+    with RealtimeLogger(host="127.0.0.1"):
+        worker_env = child_env()
+        name = os.environ[PREFIX + "LOCAL_ADDRESS"][1:]
+        early = children.python("""
+            import sys
+            from toilcoord.rtlog import RealtimeLogger
+            RealtimeLogger.info("early worker")
+            print(RealtimeLogger._handler.transport, flush=True)
+            sys.stdin.readline()
+            for number in range(5):
+                RealtimeLogger.info("early worker, leader gone %d", number)
+            print("done", flush=True)
+        """, env=worker_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert early.stdout.readline().strip() == "unix"
+        received.wait_for("early worker")
+    pid, report, go = squat(name, *other_user)
+    try:
+        with os.fdopen(report, "rb") as reports:
+            assert reports.readline() == b"ready\n"
+            late = run_python("""
+                from toilcoord.rtlog import RealtimeLogger
+                for number in range(5):
+                    RealtimeLogger.info("late worker %d", number)
+                print(RealtimeLogger._handler.transport)
+            """, env=worker_env)
+            early.stdin.write("go\n")
+            early.stdin.flush()
+            assert early.stdout.readline().strip() == "done"
+            os.write(go, b"g")
+            count = int(reports.readline())
+    finally:
+        os.close(go)  # EOF lets the squatter finish whatever happened
+        os.waitpid(pid, 0)
+    assert late.returncode == 0, late.stderr
+    assert late.stdout.strip() == "udp", late.stderr  # the squatter's socket was refused
+    assert count == 0  # neither worker gave the other user a record

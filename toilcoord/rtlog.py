@@ -34,13 +34,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import sys
 import threading
 from collections import deque
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from . import rtwire
 from .locks import fork_epoch
+from .rtwire import MAC as _MAC, SENDER as _SENDER, SEQ as _SEQ
 
 __all__ = ["RealtimeLogHandler", "RealtimeLogServer", "RealtimeLogger"]
 
@@ -48,47 +49,19 @@ log = logging.getLogger(__name__)
 
 LevelArg = Union[str, int, None, bool]
 
-# Extra fields this package puts on the wire. Both a Toil leader and this one
-# keep them as harmless record attributes (handlers may show the sender).
-_SEQ, _SENDER, _MAC = "rt_seq", "rt_sender", "rt_hmac"
 # Set on every record this leader re-logs, so that no sending handler of
 # ours ever forwards it again (no feedback loop, whatever handlers exist).
 RECEIVED_MARK = "rt_received"
-
-# A signed datagram is the JSON object with the MAC as its first member:
-# b'{"rt_hmac":"<64 hex>",' + body[1:], the MAC being over body[1:]. It stays
-# one valid JSON object, so a Toil leader still reads it.
-_MAC_HEAD = b'{"rt_hmac":"'
-_MAC_END = len(_MAC_HEAD) + 64
-_MAC_BODY = _MAC_END + 2
-_SIGNED_OVERHEAD = _MAC_BODY - 1
+# The leader's owner check: a listening stream socket at the local socket's
+# name plus this suffix (see RealtimeLogServer.make_owner_socket).
+OWNER_SUFFIX = ".owner"
 
 _TRUNCATED = "[rtlog: %d characters cut to fit one datagram]"
 _TRUNCATION_ROOM = len(_TRUNCATED) + 20
 # Text fields that may be long, in the order they are cut; msg keeps its head,
 # tracebacks keep their tail (the exception itself is at the end).
 _LONG_TEXT = ("msg", "exc_text", "stack_info")
-
-_NONE = type(None)
-_NUMBER = (int, float)
-_OPTIONAL_STR = (str, _NONE)
-# Types a received field must have, where handlers or formatters rely on them.
-_FIELD_TYPES: Dict[str, Any] = {
-    "name": str, "levelno": int, "levelname": str, "pathname": str, "filename": str,
-    "module": str, "lineno": int, "funcName": _OPTIONAL_STR, "created": _NUMBER,
-    "msecs": _NUMBER, "relativeCreated": _NUMBER, "thread": (int, _NONE),
-    "threadName": _OPTIONAL_STR, "process": (int, _NONE), "processName": _OPTIONAL_STR,
-    "exc_text": _OPTIONAL_STR, "stack_info": _OPTIONAL_STR, "taskName": _OPTIONAL_STR,
-    _SEQ: int, _SENDER: str,
-}
-# Times that formatters turn into dates or integers: JSON's NaN and
-# Infinity, and dates past the year 5000, make every logging.Formatter raise
-# (time.localtime overflows), so records carrying them are malformed.
-_TIME_LIMITS = {"created": 1e11, "msecs": 1e15, "relativeCreated": 1e15}
-# Keys that would shadow LogRecord methods (getMessage...) if accepted.
-_SHADOWING = frozenset(name for name in dir(logging.LogRecord) if not name.startswith("__")) | {
-    "__class__", "__dict__", "__init__", "__repr__", "__getattr__", "__getattribute__",
-}
+_FIELD_TYPES = rtwire.FIELD_TYPES
 
 _SO_RCVBUFFORCE = 33  # Linux; the socket module does not name it
 
@@ -125,7 +98,8 @@ class RealtimeLogHandler(logging.Handler):
     ``address`` is the leader's ``host:port`` (UDP). ``local_address`` is the
     leader's AF_UNIX datagram socket ("@name" for the abstract namespace); it is
     used when reachable, that is when this process shares the leader's network
-    namespace, and UDP otherwise. ``secret`` signs every datagram.
+    namespace and its owner check shows a process of this user, and UDP
+    otherwise. ``secret`` signs every datagram.
 
     The record is formatted here: the message with its arguments, the
     traceback of ``exc_info``, the stack; extra attributes JSON cannot encode
@@ -146,12 +120,10 @@ class RealtimeLogHandler(logging.Handler):
     def __init__(self, address: str, local_address: Optional[str] = None,
                  secret: Optional[str] = None, level: Union[int, str] = logging.NOTSET) -> None:
         super().__init__(level)
-        import hmac
         import json
         import socket
 
         self._key = secret.encode("utf-8") if secret else None
-        self._digest = hmac.digest
         self._encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
         self._exception_formatter = logging.Formatter()
         self.dropped = 0
@@ -180,7 +152,9 @@ class RealtimeLogHandler(logging.Handler):
 
     def make_local_socket(self, local_address: str) -> Optional[Any]:
         """The AF_UNIX socket connected to the leader, or None if it cannot be
-        reached from here (another host or network namespace)."""
+        reached from here (another host or network namespace) or is not
+        provably this user's leader (:meth:`local_leader_uid`): another user
+        may have bound the name after the leader exited."""
         import socket
         import struct
 
@@ -195,10 +169,35 @@ class RealtimeLogHandler(logging.Handler):
             seconds = int(self.local_send_timeout)
             micros = int((self.local_send_timeout - seconds) * 1e6)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros))
+            owner = self.local_leader_uid(name)  # after connecting: see make_owner_socket
         except OSError:
             sock.close()
             return None
+        if owner != os.geteuid():
+            log.warning("Real-time logging over UDP: %s is not this user's leader (owner uid %s)",
+                        local_address, owner)
+            sock.close()
+            return None
         return sock
+
+    def local_leader_uid(self, name: str) -> Optional[int]:
+        """The uid of the process listening at ``name`` + ".owner" (SO_PEERCRED
+        of a stream connection; datagram sockets carry no peer credentials),
+        or None if nobody listens there."""
+        import socket
+        import struct
+
+        if not hasattr(socket, "SO_PEERCRED"):
+            return None
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(self.local_send_timeout)
+            probe.connect(name + OWNER_SUFFIX)
+            return struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+        except OSError:
+            return None
+        finally:
+            probe.close()
 
     def make_udp_socket(self, address: str) -> Any:
         """A UDP socket connected to ``host:port`` (IPv6 as ``[addr]:port``)."""
@@ -233,7 +232,7 @@ class RealtimeLogHandler(logging.Handler):
         fields = self.record_fields(record)
         fields[_SEQ] = self._next_seq()
         fields[_SENDER] = self.sender_id
-        limit = self.max_datagram_size - (_SIGNED_OVERHEAD if self._key else 0)
+        limit = self.max_datagram_size - (rtwire.SIGNED_OVERHEAD if self._key else 0)
         try:
             body = self._encode(fields)
         except (TypeError, ValueError):  # e.g. an extra dict with tuple keys
@@ -242,11 +241,7 @@ class RealtimeLogHandler(logging.Handler):
         if len(body) > limit:
             body = self._fit(fields, body, limit)
         data = body.encode("ascii")  # JSONEncoder escapes all non-ASCII
-        if self._key is None:
-            return data
-        tail = memoryview(data)[1:]
-        mac = self._digest(self._key, tail, "sha256").hex().encode("ascii")
-        return b"".join((_MAC_HEAD, mac, b'",', tail))
+        return data if self._key is None else rtwire.sign(self._key, data)
 
     def record_fields(self, record: logging.LogRecord) -> Dict[str, Any]:
         """The record's attributes as sent: message formatted (args dropped),
@@ -337,25 +332,26 @@ def split_address(address: str) -> Tuple[str, int]:
 class _Tally:
     """Counters kept by one receiving thread (so no locking is needed)."""
 
-    __slots__ = ("received", "malformed", "forged", "overflow", "untracked", "senders")
+    __slots__ = ("received", "malformed", "forged", "replayed", "overflow")
 
     def __init__(self) -> None:
-        self.received = self.malformed = self.forged = self.overflow = self.untracked = 0
-        # sender id -> [records received, highest sequence number seen]
-        self.senders: Dict[str, List[int]] = {}
+        self.received = self.malformed = self.forged = self.replayed = self.overflow = 0
 
 
 class RealtimeLogServer:
-    """The leader's receiver: a UDP socket (all interfaces, or loopback) and,
-    on Linux, an abstract AF_UNIX datagram socket for workers on this node.
+    """The leader's receiver: a UDP socket bound to ``bind_host`` and, on
+    Linux, an abstract AF_UNIX datagram socket for workers on this node, with
+    the owner check they verify before using it (:meth:`make_owner_socket`).
 
     No thread per datagram: one thread only drains the UDP socket into memory
     (bounded by :attr:`backlog_limit` bytes), :meth:`serve_forever` decodes and
     re-logs from there, and one more thread reads and re-logs the local
     socket, whose senders wait when it is full. Bad datagrams (not JSON, wrong
-    shape, too large, unsigned or wrongly signed when a secret is set) are
-    counted and dropped; they never stop the server. Records are handed to the
-    ``toil-rt`` logger (:meth:`handle_record`) with their own level and name.
+    shape, too large, unsigned or wrongly signed when a secret is set,
+    replayed) are counted and dropped; they never stop the server. Records are
+    handed to the ``toil-rt`` logger (:meth:`handle_record`) with their own
+    level and name, their text escaped (:func:`rtwire.sanitize`) and their
+    message at most :attr:`max_message_size` characters.
     Settings are class attributes; the socket and record factories are
     methods to override, as in ``socketserver``.
     """
@@ -368,27 +364,36 @@ class RealtimeLogServer:
     backlog_limit = 64 << 20
     #: After shutdown(), how long to keep draining datagrams already queued.
     shutdown_drain_seconds = 2.0
-    #: Senders tracked for loss counting (more are counted as "untracked").
-    max_senders = 10000
+    #: Senders tracked for losses and replays; the least recently heard go first.
+    max_senders = 4096
+    #: Late datagrams of a sender still accepted (and replays recognised) behind its newest.
+    replay_window = 128
+    #: A larger jump in a sender's numbering is not counted as lost.
+    max_sequence_gap = 1 << 16
+    #: Longest received message after formatting; longer ones are cut, with a marker.
+    max_message_size = 1 << 16
     logger_name = "toil-rt"
 
     def __init__(self, bind_host: str = "0.0.0.0", port: int = 0, secret: Optional[str] = None,
                  local_socket: bool = True) -> None:
-        import hmac
         import json
 
-        self._loads, self._digest, self._compare = json.loads, hmac.digest, hmac.compare_digest
+        self._loads = json.loads
         self.logger = logging.getLogger(self.logger_name)
         self._key = secret.encode("utf-8") if secret else None
         self.socket = self.make_udp_socket(bind_host, port)
         self.server_address: Tuple[Any, ...] = self.socket.getsockname()
-        self.local_socket = None
+        self.local_socket = self.owner_socket = None
         self.local_address: Optional[str] = None
         if local_socket and sys.platform.startswith("linux"):
             try:
                 self.local_socket, self.local_address = self.make_local_socket()
+                self.owner_socket = self.make_owner_socket(self.local_address)
             except OSError as error:  # an optimisation only: UDP serves everyone
                 log.warning("Real-time logging over UDP only: no local socket: %s", error)
+                if self.local_socket is not None:
+                    self.local_socket.close()
+                self.local_socket = self.local_address = None
         self._template = self._record_template()
         self._backlog: deque = deque()
         self._queued = self._dequeued = 0  # bytes; each written by one thread only
@@ -399,20 +404,30 @@ class RealtimeLogServer:
         self._finished = threading.Event()
         self._started = False
         self._udp_tally, self._local_tally = _Tally(), _Tally()
+        # Shared by both receiving threads: a replay may come in by either.
+        self._senders = rtwire.SenderTable(self.max_senders, self.replay_window, self.max_sequence_gap)
+        self._senders_lock = threading.Lock()
 
     # -- factories
 
     def make_udp_socket(self, bind_host: str, port: int) -> Any:
-        """The bound UDP socket, with the largest receive buffer allowed."""
+        """The UDP socket bound to ``bind_host`` (an address of this host, or
+        a name resolving to one) with the largest receive buffer allowed;
+        OSError naming the host if it cannot be bound."""
         import socket
 
-        family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock = None
         try:
+            family, kind, proto, _, address = socket.getaddrinfo(bind_host, port, 0, socket.SOCK_DGRAM)[0]
+            sock = socket.socket(family, kind, proto)
             self.enlarge_receive_buffer(sock)
-            sock.bind((bind_host, port))
-        except BaseException:
-            sock.close()
+            sock.bind(address)
+        except BaseException as error:
+            if sock is not None:
+                sock.close()
+            if isinstance(error, OSError):
+                raise OSError(error.errno, "real-time logging cannot listen on %s port %d: %s"
+                              % (bind_host, port, error.strerror or error)) from error
             raise
         return sock
 
@@ -447,6 +462,32 @@ class RealtimeLogServer:
             raise
         return sock, "@" + name
 
+    def make_owner_socket(self, local_address: str) -> Any:
+        """The owner check: a stream socket listening at ``local_address`` +
+        ".owner", whose SO_PEERCRED tells a worker this leader's uid. A worker
+        connects its datagram socket first, then checks; the leader holds both
+        names for its whole life and shuts this one first, so a worker that
+        sees its own uid here reached this leader, not another user who bound
+        the name after the leader exited."""
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind("\0" + local_address[1:] + OWNER_SUFFIX)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _answer_owner_checks(self) -> None:
+        while True:
+            try:
+                connection, _ = self.owner_socket.accept()
+            except OSError:  # shut down; if anything else, workers use UDP
+                return
+            connection.close()
+
     def _record_template(self) -> Dict[str, Any]:
         # Every attribute a formatter may name exists on a re-logged record,
         # whatever the sender omitted (taskName on 3.12+, for instance).
@@ -465,6 +506,8 @@ class RealtimeLogServer:
         if self.local_socket is not None:
             threads.append(threading.Thread(target=self._receive, name="toil-rt-local", daemon=True,
                                             args=(self.local_socket, self.handle_datagram, self._local_tally)))
+        if self.owner_socket is not None:
+            threads.append(threading.Thread(target=self._answer_owner_checks, name="toil-rt-owner", daemon=True))
         try:
             for thread in threads:
                 thread.start()
@@ -538,21 +581,21 @@ class RealtimeLogServer:
 
         self._deadline = time.monotonic() + self.shutdown_drain_seconds
         self._stopping = True
-        for sock in (self.socket, self.local_socket):
+        for sock in (self.owner_socket, self.socket, self.local_socket):  # the owner check first
             if sock is not None:
                 try:
-                    # Wakes the blocked recv(), which returns b"" once the
-                    # queue is empty; unconnected sockets report ENOTCONN
-                    # but are shut down all the same (Linux).
-                    sock.shutdown(socket.SHUT_RD)
+                    # Wakes the blocked recv() (or accept()), which returns
+                    # b"" once the queue is empty; unconnected sockets report
+                    # ENOTCONN but are shut down all the same (Linux).
+                    sock.shutdown(socket.SHUT_RDWR if sock is self.owner_socket else socket.SHUT_RD)
                 except OSError:
                     pass
         if self._started:
             self._finished.wait()
 
     def server_close(self) -> None:
-        """Close the sockets."""
-        for sock in (self.socket, self.local_socket):
+        """Close the sockets, the owner check first."""
+        for sock in (self.owner_socket, self.socket, self.local_socket):
             if sock is not None:
                 sock.close()
 
@@ -575,7 +618,10 @@ class RealtimeLogServer:
         if record is None:
             tally.malformed += 1
             return
-        self._note(tally, fields)
+        if not self._note(fields):
+            tally.replayed += 1
+            return
+        tally.received += 1
         try:
             self.handle_record(record)
         except Exception:
@@ -583,32 +629,17 @@ class RealtimeLogServer:
 
     def verify(self, data: bytes) -> bool:
         """True if no secret is set, or ``data`` carries its valid HMAC."""
-        if self._key is None:
-            return True
-        if not data.startswith(_MAC_HEAD) or data[_MAC_END:_MAC_BODY] != b'",':
-            return False
-        expected = self._digest(self._key, memoryview(data)[_MAC_BODY:], "sha256").hex().encode("ascii")
-        return self._compare(expected, data[len(_MAC_HEAD):_MAC_END])
+        return self._key is None or rtwire.verify(self._key, data)
 
     def make_record(self, fields: Any) -> Optional[logging.LogRecord]:
-        """The LogRecord for decoded JSON, or None if it is not shaped like
-        one (needs str ``name``, int ``levelno``, a ``msg``; known fields of
-        the right types; nothing shadowing a LogRecord method). Arguments are
-        applied here (a Toil worker sends them as a list); exc_info is
-        dropped, its text having travelled as ``exc_text``."""
-        if type(fields) is not dict or "msg" not in fields or not _SHADOWING.isdisjoint(fields):
+        """The LogRecord for decoded JSON, or None if :func:`rtwire.validate`
+        refuses it (signed datagrams must be numbered). Text fields are
+        escaped; arguments are applied here (a Toil worker sends them as a
+        list) within :attr:`max_message_size`; exc_info is dropped, its text
+        having travelled as ``exc_text``."""
+        if not rtwire.validate(fields, numbered=self._key is not None):
             return None
-        types = _FIELD_TYPES
-        for key, value in fields.items():
-            expected = types.get(key)
-            if expected is not None and not isinstance(value, expected):
-                return None
-        if "levelno" not in fields or "name" not in fields:
-            return None
-        for key, limit in _TIME_LIMITS.items():
-            value = fields.get(key)
-            if value is not None and not -limit < value < limit:  # False for NaN too
-                return None
+        rtwire.sanitize_fields(fields)
         fields.pop(_MAC, None)
         record = logging.LogRecord.__new__(logging.LogRecord)
         attributes = record.__dict__
@@ -621,27 +652,18 @@ class RealtimeLogServer:
         if "levelname" not in fields:
             record.levelname = logging.getLevelName(record.levelno)
         record.exc_info = None
-        if record.args:
-            record.msg = _apply_args(record.msg, record.args)
+        record.msg = rtwire.format_message(record.msg, record.args, self.max_message_size)
         record.args = None
         attributes[RECEIVED_MARK] = True
         return record
 
-    def _note(self, tally: _Tally, fields: Dict[str, Any]) -> None:
-        tally.received += 1
-        sender = fields.get(_SENDER)
-        if sender is None:
-            return  # a Toil worker: no numbering to count losses with
-        entry = tally.senders.get(sender)
-        if entry is None:
-            if len(tally.senders) >= self.max_senders:
-                tally.untracked += 1
-                return
-            entry = tally.senders[sender] = [0, -1]
-        entry[0] += 1
-        seq = fields.get(_SEQ, -1)
-        if seq > entry[1]:
-            entry[1] = seq
+    def _note(self, fields: Dict[str, Any]) -> bool:
+        """Number the datagram in its sender's sequence; False for a replay."""
+        sender, seq = fields.get(_SENDER), fields.get(_SEQ)
+        if sender is None or seq is None:
+            return True  # a Toil worker: no numbering to count losses with
+        with self._senders_lock:
+            return self._senders.accept(sender, seq, signed=self._key is not None)
 
     def handle_record(self, record: logging.LogRecord) -> None:
         """Re-log a received record through the ``toil-rt`` logger (its
@@ -660,25 +682,25 @@ class RealtimeLogServer:
 
     def statistics(self) -> Dict[str, Any]:
         """Counts so far: ``received``, ``malformed``, ``forged`` (unsigned or
-        wrongly signed), ``overflow`` (dropped, backlog full), ``lost`` (gaps in
-        senders' numbering; losses after a sender's last received record
-        cannot be seen), and ``senders``: {id: {"received", "lost"}}."""
+        wrongly signed), ``replayed`` (signed datagrams seen before),
+        ``overflow`` (dropped, backlog full), ``lost`` (gaps in senders'
+        numbering; losses after a sender's last received record cannot be
+        seen), ``senders``: {id: {"received", "lost"}} for the senders kept,
+        and ``forgotten``: senders dropped from that table (their losses
+        still count)."""
         tallies = (self._udp_tally, self._local_tally)
-        senders = {}
-        for tally in tallies:
-            for sender, (received, highest) in list(tally.senders.items()):
-                senders[sender] = {"received": received, "lost": max(0, highest + 1 - received)}
         stats: Dict[str, Any] = {key: sum(getattr(tally, key) for tally in tallies)
-                                 for key in ("received", "malformed", "forged", "overflow", "untracked")}
-        stats["lost"] = sum(entry["lost"] for entry in senders.values())
-        stats["senders"] = senders
+                                 for key in ("received", "malformed", "forged", "replayed", "overflow")}
+        with self._senders_lock:
+            stats.update(lost=self._senders.lost(), senders=self._senders.senders(),
+                         forgotten=self._senders.forgotten)
         return stats
 
     def summary(self) -> str:
         """One line: what was received, dropped and lost, losses per sender."""
         stats = self.statistics()
         line = ("Real-time logging received %(received)d records; dropped %(malformed)d malformed, "
-                "%(forged)d unsigned or forged, %(overflow)d over the backlog limit; "
+                "%(forged)d unsigned or forged, %(replayed)d replayed, %(overflow)d over the backlog limit; "
                 "lost %(lost)d in transit" % stats)
         losers = sorted(((entry["lost"], sender) for sender, entry in stats["senders"].items()
                          if entry["lost"]), reverse=True)
@@ -686,26 +708,6 @@ class RealtimeLogServer:
             shown = ", ".join("%s lost %d" % (sender, lost) for lost, sender in losers[:5])
             line += " (%s%s)" % (shown, ", and %d more senders" % (len(losers) - 5) if len(losers) > 5 else "")
         return line
-
-
-# A conversion whose width or precision is "*" (taken from the arguments)
-# or 10000 and more: "%0999999999d" would make the leader build a gigabyte.
-_HUGE_CONVERSION = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(?:\*|\d{5}|\d{0,4}\.(?:\*|\d{5}))")
-
-
-def _apply_args(msg: Any, args: Any) -> str:
-    """``msg % args`` for a received record; what cannot be applied safely
-    (bad or hostile formats, "%c" of a huge number, "%d" of Infinity) gives
-    the message and the arguments side by side instead."""
-    if type(args) is list:
-        args = tuple(args)
-    text = str(msg)
-    if _HUGE_CONVERSION.search(text) is None:
-        try:
-            return text % args
-        except (TypeError, ValueError, KeyError, OverflowError):
-            pass
-    return "%s %r" % (text, args)
 
 
 # ------------------------------------------------------- address to advertise
@@ -766,10 +768,6 @@ def _interface_ipv4(name: str) -> Optional[str]:
             return None
 
 
-def _is_loopback(host: str) -> bool:
-    return host == "localhost" or host.startswith("127.") or host == "::1"
-
-
 # ------------------------------------------------------------ Toil's facade
 
 
@@ -791,13 +789,22 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
     (:class:`RealtimeLogServer`) and exports ``TOIL_RT_LOGGING_ADDRESS``,
     ``TOIL_RT_LOGGING_LEVEL``, ``TOIL_RT_LOGGING_LOCAL_ADDRESS`` (Linux) and,
     with a secret, ``TOIL_RT_LOGGING_SECRET`` -- in ``os.environ``, and through
-    ``batchSystem.setEnv(name)`` when a batch system is given. ``host`` is the
-    address advertised to workers (default: this host's address on its
-    default-route interface, found without network traffic); the socket binds
-    all interfaces, or loopback when ``host`` is a loopback address. ``level``
-    None, False or "" disables real-time logging. Entries nest; the last exit
-    stops the receiver, closes its sockets, restores the variables as they
-    were before the first entry, and logs a one-line summary.
+    ``batchSystem.setEnv(name)`` when a batch system is given; variables an
+    outer leader had set are replaced meanwhile. ``host`` is the address
+    advertised to workers and the only one the UDP socket binds (default:
+    this host's address on its default-route interface, found without
+    network traffic); a name is bound as it resolves here, and an address
+    that is not this host's raises OSError. ``level`` None, False or ""
+    disables real-time logging. Entries nest; the last exit stops the
+    receiver, closes its sockets, restores the variables as they were before
+    the first entry, and logs a one-line summary.
+
+    ``secret`` None (the default) signs with ``TOIL_RT_LOGGING_SECRET`` if
+    set, else with a new random secret (``secrets.token_hex(32)``) for this
+    leader; the leader drops unsigned, wrongly signed and replayed datagrams.
+    A str is the secret itself. ``False`` (or "") opts out: no secret, so
+    Toil's own workers, which cannot sign, are heard -- and so is anyone
+    who can reach the socket.
 
     Everywhere, ``RealtimeLogger.getLogger()`` is the ``toil-rt`` logger,
     configured from the environment when first used: with an address it
@@ -823,7 +830,7 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
     _savedEnvironment: Dict[str, str] = {}
 
     def __init__(self, batchSystem: Any = None, level: LevelArg = defaultLevel,
-                 host: Optional[str] = None, port: int = 0, secret: Optional[str] = None,
+                 host: Optional[str] = None, port: int = 0, secret: Union[str, bool, None] = None,
                  localSocket: bool = True) -> None:
         if level not in (None, False, ""):
             parse_level(level)  # type: ignore[arg-type]
@@ -831,8 +838,8 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
             raise ValueError("host must be a non-empty host name or address, not %r" % (host,))
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
             raise ValueError("port must be an int from 0 to 65535, not %r" % (port,))
-        if secret is not None and not isinstance(secret, str):
-            raise TypeError("secret must be a str, not %s" % type(secret).__name__)
+        if secret is not None and secret is not False and not isinstance(secret, str):
+            raise TypeError("secret must be a str, None or False, not %s" % type(secret).__name__)
         self._batchSystem = batchSystem
         self._level = level
         self._host = host
@@ -855,7 +862,7 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
 
     @classmethod
     def _startLeader(cls, batchSystem: Any = None, level: LevelArg = defaultLevel,
-                     host: Optional[str] = None, port: int = 0, secret: Optional[str] = None,
+                     host: Optional[str] = None, port: int = 0, secret: Union[str, bool, None] = None,
                      localSocket: bool = True) -> None:
         with cls.lock:
             if cls.initialized == 0:
@@ -873,14 +880,12 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
 
     @classmethod
     def _startServer(cls, batchSystem: Any, level: int, host: Optional[str], port: int,
-                     secret: Optional[str], localSocket: bool) -> None:
-        secret = secret or os.environ.get(cls.envPrefix + "SECRET") or None
+                     secret: Union[str, bool, None], localSocket: bool) -> None:
+        secret = cls._leaderSecret(secret)
         if host == "localhost":
             host = "127.0.0.1"  # "localhost" may resolve to ::1 on the workers
         advertised = host or advertised_host()
-        bind = ("::1" if ":" in advertised else "127.0.0.1") if _is_loopback(advertised) else (
-            "::" if ":" in advertised else "0.0.0.0")
-        server = cls.serverClass(bind, port, secret=secret, local_socket=localSocket)
+        server = cls.serverClass(advertised, port, secret=secret, local_socket=localSocket)
         thread = threading.Thread(target=server.serve_forever, name="toil-rt-server", daemon=True)
         cls.loggingServer, cls.serverThread, cls._leaderLevel = server, thread, level
         try:
@@ -891,6 +896,8 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
                 variables["LOCAL_ADDRESS"] = server.local_address
             if secret:
                 variables["SECRET"] = secret
+            for key in [key for key in os.environ if key.startswith(cls.envPrefix)]:
+                del os.environ[key]  # an outer leader's: none may reach this one's workers
             for name, value in variables.items():
                 os.environ[cls.envPrefix + name] = value
                 if batchSystem is not None:
@@ -900,6 +907,14 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
             raise
         cls._resetLogger()  # from now on this process logs locally
         log.info("Real-time logging listening on %s", variables["ADDRESS"])
+
+    @classmethod
+    def _leaderSecret(cls, secret: Union[str, bool, None]) -> Optional[str]:
+        if secret is None:
+            import secrets
+
+            return os.environ.get(cls.envPrefix + "SECRET") or secrets.token_hex(32)
+        return secret or None  # False or "": opted out
 
     @classmethod
     def _stopLeader(cls) -> None:
