@@ -119,6 +119,36 @@ def no_kept_lock_files():
     yield
 
 
+@pytest.fixture(scope="module")
+def other_user():
+    """A real second user, (uid, gid), created here and removed after."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second user")
+    import pwd
+
+    name = f"tc{os.getpid()}{os.urandom(2).hex()}"
+    made = subprocess.run(["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh", name],
+                          capture_output=True, text=True, timeout=30)
+    if made.returncode != 0:
+        pytest.skip(f"useradd failed: {made.stderr.strip()}")
+    try:
+        entry = pwd.getpwnam(name)
+        yield entry.pw_uid, entry.pw_gid
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=30)
+
+
+def becoming(user):
+    """A preexec_fn that makes a child *user*, a (uid, gid) pair."""
+    uid, gid = user
+
+    def become():
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    return become
+
+
 def left_after_exit(directory):
     """What this process leaves in *directory* once it exits normally (the
     mutex and arena files it keeps open for its next use are removed)."""

@@ -5,13 +5,16 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 from toilcoord import LastProcessStandingArena, LockTimeout, global_mutex, locks, mounts
 from toilcoord.cli import main
 
-from conftest import ROOT, child_env, run_python
+from toilcoord.files import robust_rmtree
+
+from conftest import ROOT, becoming, child_env, run_python
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -181,7 +184,7 @@ def test_cleanup_tolerates_files_removed_under_it_by_others(tmp_path, monkeypatc
     # concurrent cleanup, made cleanup raise FileNotFoundError. The
     # interleaving is forced here by removing them at those moments.
     import toilcoord.arena
-    from toilcoord.cli import cleanup_directory
+    from toilcoord.cleanup import cleanup_directory
     from toilcoord.deferred import DeferredFunctionManager
 
     dead_arena = tmp_path / "gone-arena-live"
@@ -240,3 +243,105 @@ def test_bench_quick_prints_every_row(tmp_path):
     table = toilcoord("bench", "--quick", "--procs", "1", "--dir", str(tmp_path), timeout=300)
     assert table.stdout.splitlines()[1].split()[:2] == ["benchmark", "median"]
     assert len(table.stdout.splitlines()) == 2 + len(names)
+
+
+# --------------------------------------------------------- a root epilog
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+# As the other user: makes a deferred os.mkdir of argv[2], says so, waits to
+# be SIGKILLed.
+USER_JOB = """
+import os, sys
+from toilcoord import DeferredFunctionManager, get_process_name
+get_process_name(sys.argv[1])
+manager = DeferredFunctionManager(sys.argv[1])
+with manager.open() as defer:
+    defer(os.mkdir, sys.argv[2])
+    print("in", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def users_directory(other_user):
+    """A coordination directory of the other user's, in a fresh directory
+    they can reach (pytest's own is private to root); removed after."""
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"no {SYSTEM_PYTHON} that another user can run")
+    top = tempfile.mkdtemp(prefix="toilcoord-test-")
+    try:
+        os.chmod(top, 0o755)
+        directory = os.path.join(top, "coord")
+        os.mkdir(directory, 0o700)
+        os.chown(directory, *other_user)
+        yield directory
+    finally:
+        robust_rmtree(top)
+
+
+def system_python(*args, user=None, **popen):
+    """The system's Python, which every user can run, on this checkout."""
+    return subprocess.run([SYSTEM_PYTHON, *args], env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT}, cwd="/",
+                          preexec_fn=becoming(user) if user else None, capture_output=True, text=True,
+                          timeout=90, **popen)
+
+
+def killed_user_job(children, directory, marker, user):
+    job = subprocess.Popen([SYSTEM_PYTHON, "-c", USER_JOB, directory, marker], env={"PYTHONPATH": ROOT},
+                           cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                           preexec_fn=becoming(user))
+    children.started.append(job)
+    assert job.stdout.readline().strip() == "in"
+    job.kill()
+    job.wait()
+
+
+def test_root_cleanup_runs_a_users_deferred_functions_as_that_user(children, users_directory, other_user):
+    marker = os.path.join(users_directory, "ran")
+    killed_user_job(children, users_directory, marker, other_user)
+    done = system_python("-m", "toilcoord", "cleanup", "--dir", users_directory)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "removed 1 of dead processes" in done.stdout
+    assert os.stat(marker).st_uid == other_user[0], "the function ran as its user, not as root"
+    assert sorted(os.listdir(users_directory)) == ["ran"]
+
+
+def test_root_cleanup_with_the_wrong_user_touches_nothing(children, users_directory, other_user):
+    marker = os.path.join(users_directory, "ran")
+    killed_user_job(children, users_directory, marker, other_user)
+    before = sorted(os.listdir(users_directory))
+    done = system_python("-m", "toilcoord", "cleanup", "--dir", users_directory, "--user", "root")
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "belongs to uid" in done.stderr
+    assert sorted(os.listdir(users_directory)) == before and not os.path.exists(marker)
+
+
+def test_root_cleanup_refuses_a_symlinked_directory(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "toil-proc-0123456789abcdef").write_text("")
+    os.symlink(victim, tmp_path / "coord")
+    done = toilcoord("cleanup", "--dir", str(tmp_path / "coord"))
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "symlink" in done.stderr
+    assert os.listdir(victim) == ["toil-proc-0123456789abcdef"]
+
+
+def test_the_readme_epilog_line_works_as_written(tmp_path, children, users_directory, other_user):
+    # An isolated interpreter (-I) from / with an absolute path: what a Slurm
+    # epilog runs as root. The package is found through a .pth file in a
+    # venv of the system's Python (-I ignores PYTHONPATH and the current
+    # directory).
+    marker = os.path.join(users_directory, "ran")
+    killed_user_job(children, users_directory, marker, other_user)
+    venv = os.path.join(os.path.dirname(users_directory), "venv")
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+    site = subprocess.run([venv + "/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    with open(os.path.join(site, "toilcoord-checkout.pth"), "w") as pth:
+        pth.write(ROOT + "\n")
+    line = f'cd / && {venv}/bin/python -I -m toilcoord cleanup --dir "$COORD" || true'
+    done = subprocess.run(["/bin/sh", "-c", line], env={"PATH": "/usr/bin:/bin", "COORD": users_directory},
+                          capture_output=True, text=True, timeout=120)
+    assert "removed 1 of dead processes" in done.stdout, done.stdout + done.stderr
+    assert os.stat(marker).st_uid == other_user[0]

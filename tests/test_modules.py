@@ -15,7 +15,7 @@ import urllib.request
 import zipfile
 
 import pytest
-from conftest import ROOT, child_env, join_or_kill, run_python
+from conftest import ROOT, becoming, child_env, join_or_kill, run_python
 
 from toilcoord import archives
 from toilcoord.modules import (
@@ -738,35 +738,10 @@ def test_a_loose_or_symlinked_root_is_replaced_by_a_private_one(tmp_path, root, 
     assert root.is_dir() and "Not removing" in caplog.records[-1].getMessage()
 
 
-@pytest.fixture(scope="module")
-def other_user():
-    """A real second user, (uid, gid), created here and removed after."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to create a second user")
-    import pwd
-
-    name = f"jtres{os.getpid()}"
-    made = subprocess.run(["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh", name],
-                          capture_output=True, text=True, timeout=30)
-    if made.returncode != 0:
-        pytest.skip(f"useradd failed: {made.stderr.strip()}")
-    try:
-        entry = pwd.getpwnam(name)
-        yield entry.pw_uid, entry.pw_gid
-    finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=30)
-
-
 def run_as(user, script, **env):
     """Run the shell *script* as *user*, with only *env* (and PATH) set."""
-    uid, gid = user
-
-    def become():
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
     return subprocess.run(["/bin/sh", "-c", script], env=dict(env, PATH="/usr/bin:/bin"), cwd="/",
-                          preexec_fn=become, capture_output=True, text=True, timeout=30)
+                          preexec_fn=becoming(user), capture_output=True, text=True, timeout=30)
 
 
 # How the other user plants greet.py, as (shell script, JTRES_ROOT below

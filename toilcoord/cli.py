@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 import tempfile
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 from . import __version__
 from .files import robust_rmtree
@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", help="comma-separated benchmarks to run (say: mutex,contended mutex,arena)")
     cleanup = commands.add_parser("cleanup", help="run dead processes' deferred functions and remove their leftovers")
     cleanup.add_argument("--dir", dest="sub_dir", required=True, help="the coordination directory to clean")
+    cleanup.add_argument("--user", help="refuse unless this user owns the directory (as root, the cleanup "
+                         "always runs as the directory's owner)")
     torture = commands.add_parser("torture", help="every primitive at once under random SIGKILLs, then check every guarantee")
     torture.add_argument("--seconds", type=float, default=60.0, help="how long to torture (default 60)")
     torture.add_argument("--procs", type=int, default=4, help="worker processes, at least 2 (default 4)")
@@ -76,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise UsageError(f"--only takes benchmarks of: {', '.join(STEPS)}; not {', '.join(unknown)}")
             return run_bench(directory, args.procs, args.quick, as_json, only)
         if args.command == "cleanup":
-            return _cleanup(directory)
+            return _cleanup(directory, args.user)
         if args.command == "torture":
             if args.procs < 2 or not args.seconds > 0:
                 raise UsageError(f"torture needs --procs of at least 2 and --seconds above 0, not {args.procs} and {args.seconds}")
@@ -139,38 +141,16 @@ def _print_result(result: object) -> None:
     print(f"{result.status:<4}  {result.name:<{_NAME_WIDTH}} {result.seconds:6.2f} s  {result.detail}", flush=True)
 
 
-def _cleanup(directory: str) -> int:
-    for line in cleanup_directory(directory):
-        print(line)
-    return 0
+def _cleanup(directory: str, user: Optional[str]) -> int:
+    from .cleanup import cleanup_directory, run_as_owner
 
+    def work() -> int:
+        for line in cleanup_directory(directory):
+            print(line, flush=True)
+        return 0
 
-def cleanup_directory(directory: str) -> Iterator[str]:
-    """Remove what dead processes left in *directory*, saying what was done.
-
-    Never touches a live process's files: every removal is of a file whose
-    lock could be taken, and arena members are reaped under the arena's
-    own mutex. Safe while other processes use the directory, another
-    cleanup included: whatever vanishes meanwhile was removed by someone
-    else.
-    """
-    from .arena import reap_dead_arenas
-    from .deferred import DeferredFunctionManager
-    from .mutex import reap_unheld_mutex_files
-    from .procnames import reap_dead_process_names
-
-    state = os.path.join(directory, DeferredFunctionManager.STATE_DIR_STEM)
-    if os.path.isdir(state):
-        DeferredFunctionManager.cleanupWorker(directory)
-        yield f"deferred functions: ran those of dead processes; {_count_entries(state)} live state files left"
-    yield f"process names: removed {len(reap_dead_process_names(directory))} of dead processes"
-    for arena, live in reap_dead_arenas(directory):
-        yield f"arena {arena}: " + ("live members remain" if live else "no live members; removed")
-    yield f"mutexes: removed {len(reap_unheld_mutex_files(directory))} lock files left by dead holders"
-
-
-def _count_entries(path: str) -> int:
     try:
-        return len(os.listdir(path))
-    except FileNotFoundError:
-        return 0  # removed meanwhile by another cleanup
+        return run_as_owner(directory, work, user)
+    except OSError as error:  # refused (not the owner, a symlink) or unusable
+        print(f"cleanup refused: {error}", file=sys.stderr)
+        return 1

@@ -435,7 +435,7 @@ class _Worker:
     def _cleanup(self) -> None:
         """What a batch system's epilog runs, while every other worker
         still uses the directory."""
-        from .cli import cleanup_directory
+        from .cleanup import cleanup_directory
 
         _set_phase(_CLEANUP)
         for _ in cleanup_directory(self.coord):
@@ -918,7 +918,7 @@ def _final_checks(layout: _Layout) -> Tuple[bool, List[str], List[str], List[str
     """As the last process standing: take the mutex and the arena once
     more, then ``cleanup``. Returns (elected, markers left, what cleanup
     said, what is left in the coordination directory)."""
-    from .cli import cleanup_directory
+    from .cleanup import cleanup_directory
 
     _become("final", layout.journal)
     identity = _make_identity(layout, "final")
