@@ -340,8 +340,10 @@ def test_the_readme_epilog_line_works_as_written(tmp_path, children, users_direc
                           capture_output=True, text=True, check=True, timeout=60).stdout.strip()
     with open(os.path.join(site, "toilcoord-checkout.pth"), "w") as pth:
         pth.write(ROOT + "\n")
-    line = f'cd / && {venv}/bin/python -I -m toilcoord cleanup --dir "$COORD" || true'
-    done = subprocess.run(["/bin/sh", "-c", line], env={"PATH": "/usr/bin:/bin", "COORD": users_directory},
+    import pwd
+    line = f'cd / && {venv}/bin/python -I -m toilcoord cleanup --dir "$COORD" --user "$JOB_USER" || true'
+    env = {"PATH": "/usr/bin:/bin", "COORD": users_directory, "JOB_USER": pwd.getpwuid(other_user[0]).pw_name}
+    done = subprocess.run(["/bin/sh", "-c", line], env=env,
                           capture_output=True, text=True, timeout=120)
     assert "removed 1 of dead processes" in done.stdout, done.stdout + done.stderr
     assert os.stat(marker).st_uid == other_user[0]
