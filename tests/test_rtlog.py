@@ -1211,3 +1211,32 @@ def test_workers_never_send_to_another_users_socket_under_the_leaders_name(recei
     assert late.returncode == 0, late.stderr
     assert late.stdout.strip() == "udp", late.stderr  # the squatter's socket was refused
     assert count == 0  # neither worker gave the other user a record
+
+
+def test_wire_functions_sanitize_format_and_number():
+    from toilcoord.rtwire import MESSAGE_CUT, SenderTable, format_message, sanitize, sign, validate, verify
+
+    assert sanitize("plain é 名") == "plain é 名"
+    assert sanitize("a\tb\r\n\x1b\x9b\x7f\u2028\u202e\ud800") == "a\\tb\\r\\n\\x1b\\x9b\\x7f\\u2028\\u202e\\ud800"
+    assert format_message("x=%s n=%d", ["a", 3], 100) == "x=a n=3"
+    assert format_message("%(k)s is 100%%", {"k": "v"}, 100) == "v is 100%"
+    assert format_message("%s", {"k": "v"}, 100) == "{'k': 'v'}"
+    assert format_message("line\n%s", ["\x1b"], 100) == "line\\n\\x1b"
+    assert format_message("mismatch %s %s", ["one"], 100) == "mismatch %s %s ('one',)"
+    assert format_message("%c", [10 ** 10], 1000) == "%c (10000000000,)"
+    cut = format_message("%s|" * 10 + "%s", ["x" * 30] * 11, 100)  # stops before the conversion that might pass
+    assert cut == "|".join(["x" * 30] * 2) + "|" + MESSAGE_CUT % 100
+    assert format_message("y" * 150, None, 100) == "y" * 100 + MESSAGE_CUT % 100
+    signed = sign(b"k", b'{"msg":"m","rt_seq":0}')
+    assert json.loads(signed)["msg"] == "m" and verify(b"k", signed) and not verify(b"other", signed)
+    record = {"name": "w", "levelno": 20, "msg": "m"}
+    assert validate(record) and not validate(record, numbered=True)
+    assert not validate(dict(record, rt_seq=-1)) and not validate(dict(record, rt_sender="s" * 1000))
+    table = SenderTable(limit=2, window=4, max_gap=10)
+    verdicts = [table.accept("a", seq, True) for seq in (0, 2, 1, 1, 7, 3, 4, 20)]
+    assert verdicts == [True, True, True, False, True, False, True, True]  # 3 is older than the window
+    assert table.senders() == {"a": {"received": 6, "lost": 3}}  # 5, 6 and 3; the jump to 20 not counted
+    assert table.accept("a", 1, False)  # unsigned: counted, never refused
+    table.accept("b", 0, True)
+    table.accept("c", 0, True)  # "a" was heard least recently: forgotten, its losses kept
+    assert set(table.senders()) == {"b", "c"} and table.forgotten == 1 and table.lost() == 3

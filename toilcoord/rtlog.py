@@ -7,8 +7,9 @@ On the leader::
 
 starts a receiver on a background thread and exports
 ``TOIL_RT_LOGGING_ADDRESS`` / ``TOIL_RT_LOGGING_LEVEL`` (plus
-``TOIL_RT_LOGGING_LOCAL_ADDRESS`` and, with a secret,
-``TOIL_RT_LOGGING_SECRET``) for the workers. In a worker::
+``TOIL_RT_LOGGING_LOCAL_ADDRESS`` and, unless the leader opted out with
+``secret=False``, a random ``TOIL_RT_LOGGING_SECRET``) for the workers. In
+a worker::
 
     RealtimeLogger.info("step %d of %d", i, n)
 
@@ -20,7 +21,9 @@ The wire is Toil's: one JSON object per datagram holding a
 leader reads a Toil worker's. The sender formats the message itself (any
 argument works, tracebacks travel as ``exc_text``), truncates what does not fit
 in one datagram, numbers its datagrams (``rt_seq``, ``rt_sender``) so the
-leader can count losses, and with a secret signs them (``rt_hmac``).
+leader can count losses and drop replays, and with a secret signs them
+(``rt_hmac``). What the leader accepts, and how it cleans and bounds it, is
+in :mod:`toilcoord.rtwire`.
 
 Two transports, chosen by the worker: an abstract AF_UNIX datagram socket
 (Linux) for workers that share the leader's network namespace -- a full queue

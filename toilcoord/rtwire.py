@@ -133,10 +133,10 @@ MESSAGE_CUT = " [rtlog: message cut to at most %d characters]"
 # in a way the bound below does not follow).
 _HOSTILE_CONVERSION = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(?:\*|\d{5}|\d{0,4}\.(?:\*|\d{5}))|%\([^)]*\(")
 _CONVERSION = re.compile(r"%(?:\(([^()]*)\))?[-#0 +]*(\d*)(?:\.(\d*))?[hlL]?(.?)", re.S)
-# What a numeric conversion adds beyond its value's repr: "%f" of 1e308 has
-# 309 digits. "%s", "%r" and "%a" make at most ascii()'s length.
-_NUMBER_ROOM = 320
-_NUMERIC = frozenset("diouxXeEfFgGc")
+# What a conversion may add to its value's ascii() length: a float's digits
+# ("%f" or "%d" of 1e308 has 309), or a sign and "0x" for an int.
+_FLOAT_ROOM, _INT_ROOM = 320, 3
+_FLOAT_KINDS = frozenset("eEfFgG")
 
 
 def format_message(msg: Any, args: Any, limit: int) -> str:
@@ -176,8 +176,8 @@ def _affordable(text: str, args: Any, limit: int) -> Tuple[Optional[int], int]:
     """Where to stop formatting ``text`` so the result stays within
     ``limit`` -- (None, n) if it all fits -- and how many positional
     arguments precede that point. Each conversion is bounded by its width
-    and precision plus the ``ascii()`` length of its value (plus a number's
-    room); each value's length is measured once."""
+    and precision plus the ``ascii()`` length of its value and room for
+    what a numeric conversion adds; each value is measured once."""
     sizes: Dict[Any, int] = {}
     total = position = used = 0
     for match in _CONVERSION.finditer(text):
@@ -186,7 +186,7 @@ def _affordable(text: str, args: Any, limit: int) -> Tuple[Optional[int], int]:
         if kind != "%":
             if key is None and type(args) is tuple:
                 key, used = used, used + 1
-            cost += _size(args, key, sizes) + (_NUMBER_ROOM if kind in _NUMERIC else 0)
+            cost += _size(args, key, sizes) + (_FLOAT_ROOM if kind in _FLOAT_KINDS else 0)
         total += match.start() - position
         if total + cost > limit:
             return match.start(), before
@@ -195,14 +195,15 @@ def _affordable(text: str, args: Any, limit: int) -> Tuple[Optional[int], int]:
 
 
 def _size(args: Any, key: Any, sizes: Dict[Any, int]) -> int:
-    """The ascii() length of the value conversion ``key`` takes (an index
-    into a tuple, a mapping key, or None for the mapping itself)."""
+    """The most a conversion can make of the value ``key`` names (an index
+    into a tuple, a mapping key, or None for the mapping itself) beyond its
+    width and precision."""
     if key not in sizes:
         if type(args) is tuple:
             value = args[key] if isinstance(key, int) and key < len(args) else None
         else:
             value = args if key is None else args.get(key)
-        sizes[key] = len(ascii(value))
+        sizes[key] = len(ascii(value)) + (_FLOAT_ROOM if isinstance(value, float) else _INT_ROOM)
     return sizes[key]
 
 
