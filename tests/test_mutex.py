@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from toilcoord import mutex as mutex_module
-from toilcoord.locks import LockTimeout, check_name, safe_unlock_and_close, take_over
+from toilcoord.locks import ForeignFileError, LockTimeout, check_name, safe_unlock_and_close, take_over
 from toilcoord.mutex import global_mutex, retire_mutex_files
 
 from conftest import alive, blocked_on_flock, kill_orphan, left_after_exit, open_fds, release, wait_until
@@ -646,3 +646,72 @@ def test_on_a_local_filesystem_nobody_pauses(tmp_path, monkeypatch, children):
     with global_mutex(tmp_path, "m"):
         pass
     assert pauses == []
+
+
+# ---------------------------------------------------- shared directories
+
+@pytest.fixture
+def fresh_directory_checks(monkeypatch):
+    monkeypatch.setattr(mutex_module, "_checked_directories", {})
+
+
+@pytest.mark.usefixtures("fresh_directory_checks")
+def test_a_lock_file_of_another_user_is_refused_and_left_alone(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another uid")
+    planted = tmp_path / MUTEX_FILE
+    planted.write_text("theirs")
+    os.chown(planted, 4242, 4242)
+    with pytest.raises(ForeignFileError, match="owned by uid 4242") as raised:
+        with global_mutex(tmp_path, "m", timeout=1):
+            pytest.fail("entered through another user's file")
+    assert isinstance(raised.value, PermissionError)
+    assert planted.read_text() == "theirs" and os.stat(planted).st_uid == 4242
+    assert no_gate_in_use()
+
+
+@pytest.mark.usefixtures("fresh_directory_checks")
+def test_a_hard_linked_lock_file_is_refused(tmp_path):
+    # Someone links our future lock file to a file of their choosing.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("")
+    base = tmp_path / "base"
+    base.mkdir()
+    os.link(elsewhere, base / MUTEX_FILE)
+    with pytest.raises(ForeignFileError, match="2 links"):
+        with global_mutex(base, "m"):
+            pass
+    assert sorted(os.listdir(base)) == [MUTEX_FILE]
+
+
+@pytest.mark.usefixtures("fresh_directory_checks")
+def test_a_directory_anyone_can_empty_is_refused(tmp_path):
+    os.chmod(tmp_path, 0o777)
+    with pytest.raises(ForeignFileError, match="writable by all, not sticky"):
+        with global_mutex(tmp_path, "m"):
+            pass
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.usefixtures("fresh_directory_checks")
+def test_a_sticky_shared_directory_is_used_with_one_warning(tmp_path, caplog):
+    os.chmod(tmp_path, 0o1777)
+    for name in ("a", "b", "a"):
+        with global_mutex(tmp_path, name):
+            pass
+    warnings = [record for record in caplog.records if "writable by other users" in record.getMessage()]
+    assert len(warnings) == 1
+    assert left_after_exit(tmp_path) == []
+
+
+@pytest.mark.usefixtures("fresh_directory_checks")
+def test_a_directory_of_another_user_is_refused(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another uid")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 4242, 4242)
+    with pytest.raises(ForeignFileError, match="belongs to uid 4242"):
+        with global_mutex(theirs, "m"):
+            pass
+    assert os.listdir(theirs) == []

@@ -35,6 +35,7 @@ from .mounts import FilesystemInfo, filesystem_info
 
 __all__ = [
     "FilesystemInfo",
+    "ForeignFileError",
     "HeldFile",
     "LockTimeout",
     "UnsafeFilesystemError",
@@ -61,6 +62,11 @@ class LockTimeout(TimeoutError):
 
 class UnsafeFilesystemError(RuntimeError):
     """The filesystem's locks are known to hang or to be unreliable."""
+
+
+class ForeignFileError(PermissionError):
+    """A file where toilcoord keeps one of its own is not this user's (or
+    is not a plain file of one link): it is never used, nor removed."""
 
 
 # ---------------------------------------------------------------- flock
@@ -195,20 +201,26 @@ _CREATE_NEW = _OPEN_OR_CREATE | os.O_EXCL
 _FILE_MODE = 0o600
 
 
-def _open_tracked(path: str, flags: int, dir_fd: Optional[int] = None) -> int:
+def _open_tracked(path: str, flags: int, dir_fd: Optional[int] = None, owned: bool = False) -> int:
     """Open *path* (relative to *dir_fd* if given) and track the fd for
-    forks; raise unless it is a regular file."""
+    forks; raise unless it is a regular file, and (if *owned*) one of this
+    user's with a single link."""
     fd = os.open(path, flags, _FILE_MODE, dir_fd=dir_fd)
     _held_fds.add(fd)
     try:
-        mode = os.fstat(fd).st_mode
+        info = os.fstat(fd)
     except BaseException:
         _close_tracked(fd)
         raise
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(info.st_mode):
         _close_tracked(fd)
         raise OSError(errno.EINVAL, "not a regular file, so never used as a lock file "
                       "(something else was put at this path)", path)
+    if owned and (info.st_uid != os.geteuid() or info.st_nlink > 1):
+        _close_tracked(fd)
+        raise ForeignFileError(errno.EPERM, f"a lock file owned by uid {info.st_uid} with {info.st_nlink} links, "
+                               f"not by this user (uid {os.geteuid()}) with one: never used; a coordination "
+                               "directory must belong to one user", path)
     return fd
 
 

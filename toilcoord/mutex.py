@@ -26,11 +26,13 @@ import fcntl
 import functools
 import logging
 import os
+import stat
 import threading
 import time
 from typing import Dict, List, Optional
 
 from .locks import (
+    ForeignFileError,
     LockTimeout,
     PathArg,
     _CREATE_NEW,
@@ -190,7 +192,8 @@ def _acquire(gate: _Gate, path: str, deadline: Optional[float] = None, block: bo
     gate.waited = False
     while True:
         if gate.fd < 0:
-            gate.fd = _open_tracked(path, _OPEN_OR_CREATE)
+            _check_directory(os.path.dirname(path))
+            gate.fd = _open_tracked(path, _OPEN_OR_CREATE, owned=True)
             gate.network = None
         try:
             if not _lock(gate, path, deadline, block, shared):
@@ -201,6 +204,33 @@ def _acquire(gate: _Gate, path: str, deadline: Optional[float] = None, block: bo
             if error.errno != errno.ESTALE:  # its file is gone from the server
                 raise
         _drop(gate)
+
+
+# Directories checked by _check_directory: each is refused or warned about once.
+_checked_directories: Dict[str, bool] = {}
+
+
+def _check_directory(directory: str) -> None:
+    """Refuse a lock directory anyone can write without the sticky bit
+    (they could unlink a held lock file: two holders), or one of another
+    user's; warn once about one others can write (a sticky /tmp): they can
+    plant files where ours go, which are then refused."""
+    if _checked_directories.get(directory):
+        return
+    info = os.stat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", directory)
+    euid = os.geteuid()
+    if info.st_uid not in (euid, 0):
+        raise ForeignFileError(errno.EPERM, f"the directory belongs to uid {info.st_uid}, not to this user "
+                               f"(uid {euid}): a coordination directory must belong to one user", directory)
+    if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
+        raise ForeignFileError(errno.EPERM, "anyone may remove files in this directory (writable by all, "
+                               "not sticky): use a directory of your own for coordination", directory)
+    if info.st_mode & 0o022:
+        logger.warning("%s is writable by other users, who can put files where toilcoord keeps its own "
+                       "(those are refused, never used); a directory of your own is safer", directory)
+    _checked_directories[directory] = True
 
 
 def _still_linked(gate: _Gate, path: str) -> bool:
