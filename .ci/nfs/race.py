@@ -14,8 +14,12 @@ the node), and does R rounds of `with global_mutex(dir, "race")`. Inside:
   coherently (the guest's tmpfs in one VM, the host's directory over 9p
   across VMs) and removes it on the way out: EEXIST is an overlap, two
   holders at once;
-- it adds one to DIR/counter on NFS by read-modify-write: the rounds that
-  did not show up in the counter are lost updates.
+- it adds one to DIR/counter on NFS by read-modify-write, with O_DIRECT
+  (straight to the server): the rounds that did not show up in the counter
+  are lost updates. It also reads the counter through the client's cache
+  first: a value older than the server's is a stale read, reported only (NFS
+  close-to-open caching can miss another client's write made in the same
+  clock tick; a mutex cannot help that for files it does not lock).
 
 Every exception out of the `with` is an error, counted by errno name.
 Starvation: the first worker to finish its rounds creates ORACLE/stop; each
@@ -48,22 +52,46 @@ def errname(exc: BaseException) -> str:
 
 
 def read_counter(directory: str) -> int | None:
-    """The counter's value (0 when absent), None when it is not a number."""
+    """The counter's value at the server (0 when absent), None when it is not a number."""
     try:
-        with open(os.path.join(directory, "counter"), "rb") as f:
-            text = f.read().strip()
+        fd = open_counter(directory, os.O_RDONLY)
     except FileNotFoundError:
         return 0
+    try:
+        text = os.read(fd, 64).strip()
+    finally:
+        os.close(fd)
     return int(text) if text.isdigit() else None
 
 
-def bump_counter(directory: str) -> None:
-    fd = os.open(os.path.join(directory, "counter"), os.O_RDWR | os.O_CREAT, 0o600)
+def open_counter(directory: str, flags: int) -> int:
+    """O_DIRECT: read from and write to the server itself, past the client's cache."""
+    path = os.path.join(directory, "counter")
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: no direct I/O here (not NFS): cached will do
+            raise
+        return os.open(path, flags, 0o600)
+
+
+def bump_counter(directory: str, tally: dict) -> None:
+    # First what the client's cache says: after another mount's write in the
+    # same clock tick (coarse timestamps), close-to-open revalidation can miss
+    # it. Counted as stale reads, not as a failure of the mutex.
+    try:
+        with open(os.path.join(directory, "counter"), "rb") as f:
+            cached = f.read().strip()
+    except FileNotFoundError:
+        cached = b"0"
+    fd = open_counter(directory, os.O_RDWR | os.O_CREAT)
     try:
         value = int(os.read(fd, 64).strip() or b"0")  # ValueError on garbage: an error, counted
         os.pwrite(fd, b"%020d\n" % (value + 1), 0)    # fixed width: no truncation needed
     finally:
         os.close(fd)
+    if cached.isdigit() and int(cached) < value:
+        tally["stale_reads"] += 1
 
 
 def hold(directory: str, oracle: str, me: str, tally: dict, seconds: float) -> None:
@@ -85,7 +113,7 @@ def hold(directory: str, oracle: str, me: str, tally: dict, seconds: float) -> N
         if fd is not None:
             os.write(fd, me.encode())
             os.close(fd)
-        bump_counter(directory)
+        bump_counter(directory, tally)
         tally["bumps"] += 1
         time.sleep(seconds)
     finally:
@@ -100,7 +128,7 @@ def worker(index: int, args: argparse.Namespace) -> dict:
     group = args.groups[index % len(args.groups)]
     stop = os.path.join(args.oracle, "stop")
     me = f"pid {os.getpid()} ({group})"
-    tally = dict(group=group, acquired=0, contended=None, bumps=0, overlaps=0, errors={},
+    tally = dict(group=group, acquired=0, contended=None, bumps=0, overlaps=0, stale_reads=0, errors={},
                  first_error=None, example=None, longest_wait_s=0.0)
     rng = random.Random(os.getpid())
     deadline = time.monotonic() + args.seconds
@@ -178,6 +206,7 @@ def verdict(args: argparse.Namespace, tallies: list, counted: int | None, elapse
     return dict(
         kind="race", label=args.label, version=args.version, variant=args.variant, ok=ok,
         acquired=acquired, overlaps=sum(t["overlaps"] for t in live), lost=lost, errors=errors,
+        stale_reads=sum(t["stale_reads"] for t in live),
         per_worker=[f"{t['group']}: {t.get('acquired', 0)}" for t in tallies],
         contended=shares, starved=starved,
         longest_wait_s=round(max([t["longest_wait_s"] for t in live] or [0]), 2),

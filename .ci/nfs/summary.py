@@ -34,9 +34,11 @@ def race_line(r: dict) -> list:
     kinds = ", ".join(f"{name} x{n}" for name, n in sorted(r["errors"].items(), key=lambda kv: -kv[1]))
     lost = "unreadable counter:" if r["lost"] is None else r["lost"]
     total = sum(r["contended"].values()) or 1
+    stale = r.get("stale_reads")
     shares = ", ".join(f"{g} {100 * n // total}%" for g, n in sorted(r["contended"].items()))
     lines = [f"{'ok  ' if r['ok'] else 'FAIL'}  {r['label']} ({r['elapsed_s']:.0f} s): {r['overlaps']} overlaps, "
-             f"{lost} lost updates, {errors} errors{f' ({kinds})' if kinds else ''} in {r['acquired']} acquisitions",
+             f"{lost} lost updates, {errors} errors{f' ({kinds})' if kinds else ''} in {r['acquired']} acquisitions"
+             f"{f'; {stale} stale cached reads of the counter (not counted against the mutex)' if stale else ''}",
              f"        per worker {', '.join(r['per_worker'])}; contended share {shares}"
              f"{' STARVED: ' + ', '.join(r['starved']) if r['starved'] else ''}; longest wait {r['longest_wait_s']} s"]
     if r["first_error"]:
