@@ -295,8 +295,16 @@ def test_descriptor_of_this_package_belongs_to_it():
 
     assert descriptor == (os.path.dirname(os.path.dirname(own.__file__)), own.__name__, False)
     assert descriptor.belongsToToil
-    assert not ModuleDescriptor("/x", "toil.resource", False).belongsToToil
     assert not ModuleDescriptor("/x", own.__name__.rpartition(".")[0] + "x.modules", False).belongsToToil
+
+
+def test_toils_own_modules_belong_to_toil_as_in_toil():
+    # Toil ships neither its own modules nor, standing in for them, ours.
+    assert ModuleDescriptor("/x", "toil.job", False).belongsToToil
+    assert ModuleDescriptor("/x", "toil.resource", False).belongsToToil
+    assert not ModuleDescriptor("/x", "toil", False).belongsToToil, "Toil's test is startswith('toil.')"
+    assert not ModuleDescriptor("/x", "toilx.job", False).belongsToToil
+    assert not ModuleDescriptor("/x", "mytoil.job", False).belongsToToil
 
 
 def test_vendored_copy_knows_its_own_modules(tmp_path):
@@ -671,6 +679,18 @@ def test_prepare_and_clean_system(tmp_path, monkeypatch):
         Resource.prepareSystem()
 
 
+def test_a_bad_resource_root_is_also_the_runtime_error_toil_raises(tmp_path, monkeypatch):
+    monkeypatch.setenv("JTRES_ROOT", str(write(tmp_path / "file")))
+    for caught in (RuntimeError, NotADirectoryError, OSError):
+        with pytest.raises(caught) as raised:
+            Resource.prepareSystem()
+        assert isinstance(raised.value, RuntimeError) and isinstance(raised.value, NotADirectoryError)
+        assert raised.value.filename == str(tmp_path / "file")
+    monkeypatch.setenv("JTRES_ROOT", str(tmp_path / "missing"))
+    with pytest.raises(RuntimeError, match="not a directory"):
+        Resource.prepareSystem()
+
+
 def test_download_without_prepare_system_says_so(monkeypatch):
     monkeypatch.delenv("JTRES_ROOT", raising=False)
 
@@ -859,6 +879,36 @@ def test_local_job_store_rejects_bad_input(tmp_path):
     with pytest.raises(TypeError):
         LocalJobStore(42)
     assert os.listdir(store.path) == []
+
+
+class ToilStyleJobStore:
+    """Shaped like Toil's FileJobStore: the URL method's parameter is
+    called sharedFileName, the stream's shared_file_name."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        os.makedirs(self.path, exist_ok=True)
+        self.calls = []
+
+    def write_shared_file_stream(self, shared_file_name, encrypted=None, encoding=None, errors=None):
+        self.calls.append(("write", shared_file_name, encrypted))
+        return open(os.path.join(self.path, shared_file_name), "wb")
+
+    def get_shared_public_url(self, sharedFileName):
+        self.calls.append(("url", sharedFileName))
+        return "file:" + os.path.join(self.path, sharedFileName)
+
+
+def test_save_as_resource_to_a_toil_style_job_store(tmp_path):
+    write(tmp_path / "app" / "mod.py", "X = 1\n")
+    store = ToilStyleJobStore(tmp_path / "store")
+
+    resource = ModuleDescriptor(str(tmp_path / "app"), "mod", False).saveAsResourceTo(store)
+
+    assert store.calls == [("write", resource.pathHash, False), ("url", resource.pathHash)]
+    assert resource.url == "file:" + str(tmp_path / "store" / resource.pathHash)
+    assert resource.refresh(store) == resource
+    assert store.calls[-1] == ("url", resource.pathHash)
 
 
 def test_refresh_asks_the_job_store_for_the_url_again(tmp_path):

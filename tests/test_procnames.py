@@ -159,13 +159,46 @@ def test_destroy_all_process_names_removes_our_files(tmp_path):
     assert get_process_name(tmp_path) != name
 
 
-@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "nul\0", None, b"toil-proc-x", 3, "not-ours", "x" * 300])
-def test_bad_names_are_refused_and_nothing_is_touched(tmp_path, bad):
+@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "nul\0", None, b"toil-proc-x", 3, "not-ours", "x" * 300,
+                                 "../not-ours", "link", "fifo", "dir"])
+def test_names_that_cannot_be_ours_do_not_exist_and_nothing_is_touched(tmp_path, bad):
     victim = tmp_path / "not-ours"
     victim.write_text("precious")
-    with pytest.raises(ValueError):
-        process_name_exists(tmp_path, bad)
+    os.symlink("not-ours", str(tmp_path / "link"))
+    os.mkfifo(str(tmp_path / "fifo"))
+    (tmp_path / "dir").mkdir()
+    before = sorted(os.listdir(tmp_path))
+
+    assert process_name_exists(tmp_path / "dir", bad) is False
+
+    assert process_name_exists(tmp_path, bad) is False
     assert victim.read_text() == "precious"
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+# A child that holds a name the way Toil's get_process_name makes one (a
+# mkstemp file locked exclusively), prints it, and lives until stdin closes.
+HOLD_TOIL_STYLE_NAME = """
+import fcntl, os, sys, tempfile
+fd, path = tempfile.mkstemp(dir=sys.argv[1])
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print(os.path.basename(path), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_name_toil_made_is_alive_while_held_and_its_file_never_removed(tmp_path, children):
+    child = children.python(HOLD_TOIL_STYLE_NAME, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    name = child.stdout.readline().strip()
+    assert name and not name.startswith(NAME_PREFIX)
+
+    assert process_name_exists(tmp_path, name) is True
+    assert process_name_exists(str(tmp_path), name) is True
+    child.kill()
+    child.wait()
+    assert process_name_exists(tmp_path, name) is False
+    assert (tmp_path / name).exists(), "not ours to remove (Toil removes its own dead names)"
 
 
 def test_missing_directory_means_no_such_process(tmp_path):

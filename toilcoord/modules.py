@@ -11,8 +11,10 @@ the shipped copy, ahead of any installed module of the same name.
 
 A job store is any object with ``write_shared_file_stream(shared_file_name,
 encrypted=False)`` (a context manager yielding a binary writer) and
-``get_shared_public_url(shared_file_name)``; Toil's job stores qualify and
-:class:`LocalJobStore` is a directory-backed one with ``file:`` URLs.
+``get_shared_public_url(shared_file_name)``; the file name is passed
+positionally, since Toil's job stores call that parameter ``sharedFileName``
+in some places and ``shared_file_name`` in others. Toil's job stores qualify
+and :class:`LocalJobStore` is a directory-backed one with ``file:`` URLs.
 
 Everything heavy (hashlib, json, zipfile, urllib, importlib.util, tempfile,
 shutil) is imported inside the function that needs it: this module is
@@ -37,6 +39,7 @@ __all__ = [
     "ModuleDescriptor",
     "Resource",
     "ResourceException",
+    "ResourceRootError",
     "VirtualEnvResource",
 ]
 
@@ -59,6 +62,12 @@ _UNSHIPPABLE_DIRS = ("/", "/bin", "/dev", "/etc", "/home", "/proc", "/run", "/sb
 
 class ResourceException(RuntimeError):
     """A module or resource cannot be shipped, found or verified."""
+
+
+class ResourceRootError(NotADirectoryError, RuntimeError):
+    """``JTRES_ROOT`` names something that is not a directory. Both a
+    NotADirectoryError and the RuntimeError Toil raises there, so either
+    ``except`` clause catches it."""
 
 
 # Copies downloaded privately because the copy at "$JTRES_ROOT/<hash>" (the
@@ -210,18 +219,19 @@ class Resource(NamedTuple):
         pathHash = _path_hash(leaderPath)
         digest = _new_hash()
         with cls._load(leaderPath) as src:
-            with jobStore.write_shared_file_stream(shared_file_name=pathHash, encrypted=False) as dst:
+            # The name positionally: Toil's FileJobStore calls it sharedFileName.
+            with jobStore.write_shared_file_stream(pathHash, encrypted=False) as dst:
                 _copy_hashing(src, dst, digest)
         return cls(
             name=os.path.basename(leaderPath),
             pathHash=pathHash,
-            url=jobStore.get_shared_public_url(shared_file_name=pathHash),
+            url=jobStore.get_shared_public_url(pathHash),
             contentHash=digest.hexdigest(),
         )
 
     def refresh(self, jobStore: Any) -> "Resource":
         """This resource with its URL asked afresh of *jobStore* (signed URLs expire)."""
-        return self._replace(url=jobStore.get_shared_public_url(shared_file_name=self.pathHash))
+        return self._replace(url=jobStore.get_shared_public_url(self.pathHash))
 
     @classmethod
     def prepareSystem(cls) -> None:
@@ -230,10 +240,13 @@ class Resource(NamedTuple):
         exporting it to child processes) if it is unset. A set one that is
         a symlink, belongs to another user or is writable by group or others
         is replaced the same way, with a warning saying why (see
-        :meth:`download`). Worker only; idempotent, not thread-safe."""
+        :meth:`download`). A set one that is not a directory raises
+        :class:`ResourceRootError` (a NotADirectoryError and a RuntimeError,
+        as Toil raises). Worker only; idempotent, not thread-safe."""
         root = os.environ.get(cls.rootDirPathEnvName)
         if root is not None and not os.path.isdir(root):
-            raise NotADirectoryError(f"{cls.rootDirPathEnvName} is {root!r}, which is not a directory")
+            raise ResourceRootError(errno.ENOTDIR, f"{cls.rootDirPathEnvName} is {root!r}, which is not a directory "
+                                    "(Resource root path is not a directory)", root)
         cls._trusted_root(create=True)
 
     @classmethod
@@ -599,7 +612,8 @@ class ModuleDescriptor(NamedTuple):
             )
         stem, extension = os.path.splitext(os.path.abspath(fileName))
         if extension not in (".py", ".pyc"):
-            raise ResourceException(f"module {name!r} is {fileName}; only .py and .pyc modules can be shipped")
+            raise ResourceException(f"module {name!r} is {fileName}; only .py and .pyc modules can be shipped "
+                                    "(The name of a user script/module must end in .py or .pyc.)")
         if name == "__main__":
             name, dirPath = _main_module_location(module, stem)
         else:
@@ -614,8 +628,10 @@ class ModuleDescriptor(NamedTuple):
     @property
     def belongsToToil(self) -> bool:
         """True for the modules of this coordination package itself (under
-        whatever name it is installed or vendored), which are never shipped."""
-        return self.name == _OWN_PACKAGE or self.name.startswith(_OWN_PACKAGE + ".")
+        whatever name it is installed or vendored) and, as in Toil, for
+        Toil's own (``toil.*``): neither is ever shipped."""
+        name = self.name
+        return name == _OWN_PACKAGE or name.startswith(_OWN_PACKAGE + ".") or name.startswith("toil.")
 
     def saveAsResourceTo(self, jobStore: Any) -> Resource:
         """Store this module's directory -- for a module in a package, its

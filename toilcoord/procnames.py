@@ -9,7 +9,10 @@ name: the file's lock dies with the process that took it.
 from __future__ import annotations
 
 import atexit
+import errno
+import fcntl
 import os
+import stat
 import threading
 from typing import Dict, List
 
@@ -68,12 +71,19 @@ def get_process_name(base_dir: PathArg) -> str:
 def process_name_exists(base_dir: PathArg, name: str) -> bool:
     """True while the process named *name* in *base_dir* lives.
 
-    A dead process's file is removed here. Raises ValueError for a name that
-    get_process_name cannot have made (so no other file is ever removed).
+    A dead process's file is removed here. A name that get_process_name
+    cannot have made gives False and nothing is touched: not a str, or not
+    a single path component. One that is a file name but not ours (a name
+    Toil's own ``get_process_name`` made, during a migration) is probed
+    read-only: True while a process holds an exclusive lock on that regular
+    file, else False; such a file is never removed.
     """
-    check_name(name, "process name")
+    try:
+        check_name(name, "process name")
+    except ValueError:
+        return False
     if not name.startswith(NAME_PREFIX):
-        raise ValueError(f"process name must start with {NAME_PREFIX!r}: {name!r}")
+        return _foreign_name_lives(_key(base_dir), name)
     key = _key(base_dir)
     with current_process_name_lock:
         if current_process_name_for.get(key) == name and _still_ours(_held_names[key]):
@@ -89,6 +99,28 @@ def process_name_exists(base_dir: PathArg, name: str) -> bool:
         return True
     discard_taken(fd, path)
     return False
+
+
+def _foreign_name_lives(directory: str, name: str) -> bool:
+    """Whether a process holds the regular file *name* in *directory* locked
+    (as Toil's names are held), found with a shared, non-blocking probe that
+    changes nothing on disk."""
+    try:
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # missing, a symlink, unreadable: no process of ours to speak of
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.EACCES):
+                return True
+            raise
+        return False
+    finally:
+        os.close(fd)  # drops the probe's lock
 
 
 def reap_dead_process_names(base_dir: PathArg) -> List[str]:
