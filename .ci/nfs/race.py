@@ -244,7 +244,7 @@ def main() -> int:
     parser.add_argument("--results")
     parser.add_argument("--part")
     parser.add_argument("--counter-dir")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     began = time.monotonic()
     if args.action == "run":
         if not (args.dirs and args.groups and args.oracle and (args.results or args.part)):
