@@ -420,6 +420,64 @@ def test_base_dir_that_is_a_file(tmp_path):
     assert afile.read_text() == "data"
 
 
+def test_bad_base_dir_errors_are_also_the_runtime_errors_toil_raises(tmp_path):
+    afile = tmp_path / "file"
+    afile.write_text("data")
+    for base_dir, kind in ((tmp_path / "missing", FileNotFoundError), (afile, NotADirectoryError),
+                           (afile / "below", NotADirectoryError)):
+        for caught in (RuntimeError, kind):  # Toil's callers catch RuntimeError
+            with pytest.raises(caught) as raised:
+                with global_mutex(base_dir, "m"):
+                    pass
+            assert isinstance(raised.value, RuntimeError) and isinstance(raised.value, kind)
+            assert raised.value.filename == os.path.dirname(str(base_dir / "toil-mutex-m"))
+    assert afile.read_text() == "data"
+    assert no_gate_in_use()
+
+
+@pytest.fixture
+def fresh_lockable_cache(monkeypatch):
+    from toilcoord import locks
+
+    monkeypatch.setattr(locks, "_lockable_devices", {})
+
+
+@pytest.mark.usefixtures("fresh_lockable_cache")
+def test_a_mutex_on_ceph_is_refused_like_toils(fake_mounts, monkeypatch):
+    from toilcoord import mounts
+    from toilcoord.locks import UnsafeFilesystemError
+
+    root, mountinfo = fake_mounts
+    monkeypatch.setattr(mounts, "_MOUNTINFO", mountinfo)
+    ceph = os.path.join(root, "ceph")
+
+    with pytest.raises(UnsafeFilesystemError) as raised:
+        with global_mutex(ceph, "m"):
+            pass
+    assert isinstance(raised.value, RuntimeError)  # what Toil raises, and its callers catch
+    assert ceph in str(raised.value) and "CephFS" in str(raised.value)
+    assert os.listdir(ceph) == [], "refused before anything is created"
+    assert no_gate_in_use()
+
+
+@pytest.mark.usefixtures("fresh_lockable_cache")
+def test_the_filesystem_is_checked_on_first_open_only(tmp_path, monkeypatch):
+    from toilcoord import locks
+
+    checked = []
+    real = locks.ensure_filesystem_lockable
+    monkeypatch.setattr(mutex_module, "ensure_filesystem_lockable",
+                        lambda path, *args, **kwargs: checked.append(path) or real(path, *args, **kwargs))
+    for _ in range(5):
+        with global_mutex(tmp_path, "m"):
+            pass
+    assert checked == [str(tmp_path)], "the kept lock file is not checked again"
+    retire_mutex_files()
+    with global_mutex(tmp_path, "m"):
+        pass
+    assert checked == [str(tmp_path)] * 2, "a reopened lock file is checked (an answer cached per device)"
+
+
 def test_bytes_base_dir_is_a_clear_type_error(tmp_path):
     with pytest.raises(TypeError, match="base_dir"):
         global_mutex(os.fsencode(str(tmp_path)), "m")

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import IO, Any, BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type
 
+from .errors import NotADirectoryRuntimeError
 from .locks import check_name
 
 __all__ = [
@@ -64,7 +65,7 @@ class ResourceException(RuntimeError):
     """A module or resource cannot be shipped, found or verified."""
 
 
-class ResourceRootError(NotADirectoryError, RuntimeError):
+class ResourceRootError(NotADirectoryRuntimeError):
     """``JTRES_ROOT`` names something that is not a directory. Both a
     NotADirectoryError and the RuntimeError Toil raises there, so either
     ``except`` clause catches it."""

@@ -42,6 +42,7 @@ from .locks import (
     _open_tracked,
     check_name,
     discard_taken,
+    ensure_filesystem_lockable,
     safe_lock,
     take_over,
 )
@@ -193,6 +194,7 @@ def _acquire(gate: _Gate, path: str, deadline: Optional[float] = None, block: bo
     while True:
         if gate.fd < 0:
             _check_directory(os.path.dirname(path))
+            ensure_filesystem_lockable(os.path.dirname(path), hint="Keep lock files on other storage.")  # cached
             gate.fd = _open_tracked(path, _OPEN_OR_CREATE, owned=True)
             gate.network = None
         try:
@@ -349,11 +351,16 @@ def _absolute_mutex_path(base_dir: str, mutex: str) -> str:
 
 
 def _clearer_error(error: BaseException, path: str) -> Optional[OSError]:
-    """The error to raise instead of *error*, met while opening lock file *path*."""
+    """The error to raise instead of *error*, met while opening lock file
+    *path*. A missing or non-directory base directory is also the
+    RuntimeError Toil raises there (see :mod:`.errors`)."""
+    from .errors import MissingDirectoryError, NotADirectoryRuntimeError
+
     if isinstance(error, FileNotFoundError):
-        return FileNotFoundError(errno.ENOENT, "mutex base directory does not exist", os.path.dirname(path))
+        return MissingDirectoryError(errno.ENOENT, "mutex base directory does not exist", os.path.dirname(path))
     if isinstance(error, NotADirectoryError):
-        return NotADirectoryError(errno.ENOTDIR, "mutex base directory is not a directory", os.path.dirname(path))
+        return NotADirectoryRuntimeError(errno.ENOTDIR, "mutex base directory is not a directory",
+                                         os.path.dirname(path))
     if isinstance(error, OSError) and error.errno == errno.ELOOP and os.path.islink(path):
         return OSError(errno.ELOOP, "mutex lock file is a symbolic link, which is never followed", path)
     return None
