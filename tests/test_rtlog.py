@@ -1240,3 +1240,104 @@ def test_wire_functions_sanitize_format_and_number():
     table.accept("b", 0, True)
     table.accept("c", 0, True)  # "a" was heard least recently: forgotten, its losses kept
     assert set(table.senders()) == {"b", "c"} and table.forgotten == 1 and table.lost() == 3
+
+
+# ------------------------------------------------------- Toil's logger names
+
+
+def test_received_records_reach_toils_realtime_logger_once(received):
+    toil_rt, root = Collector(), Collector()
+    toil_logger = logging.getLogger("toil.realtimeLogger")
+    toil_logger.addHandler(toil_rt)
+    logging.getLogger().addHandler(root)
+    rt_logger = logging.getLogger("toil-rt")
+    rt_logger.propagate = True  # the default: toil-rt is, for received records, a child of toil.realtimeLogger
+    try:
+        with RealtimeLogger(host="127.0.0.1", secret=False):
+            sender = raw_sender(leader_server(), "udp")
+            sender.send(toil_datagram("from a Toil worker %s", "job-1", name="toil-rt"))
+            toil_rt.wait_for("from a Toil worker job-1")
+            rt_logger.propagate = False  # toilcoord's way to keep records off the root: off Toil's logger too
+            sender.send(toil_datagram("toil-rt only"))
+            received.wait_for("toil-rt only")
+            sender.close()
+        root.wait_for("from a Toil worker job-1")
+    finally:
+        toil_logger.removeHandler(toil_rt)
+        logging.getLogger().removeHandler(root)
+    assert received.messages() == ["from a Toil worker job-1", "toil-rt only"]
+    assert toil_rt.messages() == ["from a Toil worker job-1"]
+    assert [m for m in root.messages() if "Toil worker" in m or "only" in m] == ["from a Toil worker job-1"]
+    assert toil_rt.records[0].name == "toil-rt" and toil_rt.records[0].__dict__[RECEIVED_MARK] is True
+
+
+def test_a_filter_on_toils_logger_applies_to_its_chain_only(received):
+    toil_rt = Collector()
+    toil_logger = logging.getLogger("toil.realtimeLogger")
+    toil_logger.addHandler(toil_rt)
+    toil_logger.addFilter(lambda record: "secret" not in record.getMessage())
+    rt_logger = logging.getLogger("toil-rt")
+    rt_logger.propagate = True
+    try:
+        with RealtimeLogger(host="127.0.0.1", secret=False):
+            sender = raw_sender(leader_server(), "udp")
+            sender.send(toil_datagram("a secret"))
+            sender.send(toil_datagram("public"))
+            sender.close()
+            toil_rt.wait_for("public")
+    finally:
+        toil_logger.removeHandler(toil_rt)
+        toil_logger.filters.clear()
+    assert received.messages() == ["a secret", "public"]
+    assert toil_rt.messages() == ["public"]
+
+
+def test_realtime_logger_logger_is_always_a_logger():
+    assert isinstance(RealtimeLogger.logger, logging.Logger)
+    assert RealtimeLogger.logger.name == "toil-rt"
+    with RealtimeLogger(host="127.0.0.1"):
+        assert RealtimeLogger.getLogger() is RealtimeLogger.logger
+    assert isinstance(RealtimeLogger.logger, logging.Logger)
+    RealtimeLogger.logger = None  # how Toil's code resets it: configured afresh, one handler at most
+    os.environ[PREFIX + "ADDRESS"] = "127.0.0.1:9"
+    try:
+        for _ in range(2):
+            RealtimeLogger.logger = None
+            assert RealtimeLogger.getLogger() is logging.getLogger("toil-rt")
+        assert sum(isinstance(h, RealtimeLogHandler) for h in logging.getLogger("toil-rt").handlers) == 1
+    finally:
+        del os.environ[PREFIX + "ADDRESS"]
+        RealtimeLogger._resetLogger()
+    assert not any(isinstance(h, RealtimeLogHandler) for h in logging.getLogger("toil-rt").handlers)
+
+
+SILENCER = """
+import logging
+
+def suppress_exotic_logging(names):
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+"""
+
+
+def test_our_warnings_survive_toils_silencing_of_other_packages(caplog):
+    import toilcoord
+    from toilcoord.rtlog import keep_package_logs_audible
+
+    namespace = {"__name__": "toil.statsAndLogging"}  # as Toil's logging set-up runs
+    exec(compile(SILENCER, "statsAndLogging.py", "exec"), namespace)
+    package = logging.getLogger(toilcoord.__name__)
+    assert keep_package_logs_audible() is package
+    before = package.level
+    try:
+        namespace["suppress_exotic_logging"]([toilcoord.__name__, "boto3"])
+        assert package.level == before
+        assert logging.getLogger("boto3").level == logging.CRITICAL
+        with caplog.at_level(logging.WARNING):
+            logging.getLogger(toilcoord.__name__ + ".locks").warning("lock retried")
+        assert "lock retried" in caplog.text
+        package.setLevel(logging.CRITICAL)  # a user's own choice still works
+        assert package.level == logging.CRITICAL
+    finally:
+        package.setLevel(before)
+        logging.getLogger("boto3").setLevel(logging.NOTSET)

@@ -13,8 +13,10 @@ a worker::
 
     RealtimeLogger.info("step %d of %d", i, n)
 
-sends the record to the leader, which hands it to its ``toil-rt`` logger with
-the record's own level and name.
+sends the record to the leader, which hands it to its ``toil-rt`` logger's
+handlers and then, as a Toil leader does, to the ``toil.realtimeLogger``
+logger (and so to ``toil``'s and the root's handlers), with the record's own
+level and name.
 
 The wire is Toil's: one JSON object per datagram holding a
 ``logging.LogRecord``'s fields, so a Toil leader reads these records and this
@@ -352,9 +354,10 @@ class RealtimeLogServer:
     socket, whose senders wait when it is full. Bad datagrams (not JSON, wrong
     shape, too large, unsigned or wrongly signed when a secret is set,
     replayed) are counted and dropped; they never stop the server. Records are
-    handed to the ``toil-rt`` logger (:meth:`handle_record`) with their own
-    level and name, their text escaped (:func:`rtwire.sanitize`) and their
-    message at most :attr:`max_message_size` characters.
+    handed to the ``toil-rt`` logger and then to Toil's ``toil.realtimeLogger``
+    (:meth:`handle_record`) with their own level and name, their text escaped
+    (:func:`rtwire.sanitize`) and their message at most
+    :attr:`max_message_size` characters.
     Settings are class attributes; the socket and record factories are
     methods to override, as in ``socketserver``.
     """
@@ -375,7 +378,12 @@ class RealtimeLogServer:
     max_sequence_gap = 1 << 16
     #: Longest received message after formatting; longer ones are cut, with a marker.
     max_message_size = 1 << 16
+    #: toilcoord's receiving logger: its handlers see every received record first.
     logger_name = "toil-rt"
+    #: Toil's: where a Toil leader handles received records, and where Toil
+    #: users attach handlers. Records go on to it (and its ancestors) unless
+    #: the ``toil-rt`` logger's ``propagate`` is False.
+    toil_logger_name = "toil.realtimeLogger"
 
     def __init__(self, bind_host: str = "0.0.0.0", port: int = 0, secret: Optional[str] = None,
                  local_socket: bool = True) -> None:
@@ -383,6 +391,7 @@ class RealtimeLogServer:
 
         self._loads = json.loads
         self.logger = logging.getLogger(self.logger_name)
+        self.toil_logger = logging.getLogger(self.toil_logger_name)
         self._key = secret.encode("utf-8") if secret else None
         self.socket = self.make_udp_socket(bind_host, port)
         self.server_address: Tuple[Any, ...] = self.socket.getsockname()
@@ -669,10 +678,21 @@ class RealtimeLogServer:
             return self._senders.accept(sender, seq, signed=self._key is not None)
 
     def handle_record(self, record: logging.LogRecord) -> None:
-        """Re-log a received record through the ``toil-rt`` logger (its
-        handlers, then its ancestors'), skipping level checks: the worker
-        filtered already."""
-        self.logger.handle(record)
+        """Re-log a received record, skipping level checks (the worker
+        filtered already): through the ``toil-rt`` logger's filters and own
+        handlers, then, unless ``toil-rt.propagate`` is False, through Toil's
+        ``toil.realtimeLogger`` logger as a Toil leader does (its filters, its
+        handlers, then ``toil``'s and the root's). So ``toil-rt`` acts as
+        a child of ``toil.realtimeLogger`` here, and each handler gets the
+        record once."""
+        receiver = self.logger
+        if receiver.disabled or not receiver.filter(record):
+            return
+        for handler in receiver.handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+        if receiver.propagate:
+            self.toil_logger.handle(record)
 
     def handle_error(self, record: logging.LogRecord) -> None:
         """A handler or filter raised: report on stderr and keep serving."""
@@ -809,7 +829,8 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
     Toil's own workers, which cannot sign, are heard -- and so is anyone
     who can reach the socket.
 
-    Everywhere, ``RealtimeLogger.getLogger()`` is the ``toil-rt`` logger,
+    Everywhere, ``RealtimeLogger.getLogger()`` (and ``RealtimeLogger.logger``,
+    always that Logger, as in Toil once used) is the ``toil-rt`` logger,
     configured from the environment when first used: with an address it
     sends at the leader's level (and still propagates locally); without one
     it is set to CRITICAL and sends nothing. In the process running the leader
@@ -822,13 +843,15 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
     loggingServer: Optional[RealtimeLogServer] = None
     serverThread: Optional[threading.Thread] = None
     initialized = 0
-    logger: Optional[logging.Logger] = None
+    #: Always the ``toil-rt`` Logger; :meth:`getLogger` configures it first.
+    logger: Optional[logging.Logger] = logging.getLogger("toil-rt")
 
     #: Factories, overridable as in logging.handlers / socketserver.
     serverClass = RealtimeLogServer
     handlerClass = RealtimeLogHandler
 
     _handler: Optional[RealtimeLogHandler] = None
+    _configured = False
     _leaderLevel = logging.INFO
     _savedEnvironment: Dict[str, str] = {}
 
@@ -956,11 +979,16 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
     @classmethod
     def getLogger(cls) -> logging.Logger:
         """The ``toil-rt`` logger, configured on first use (see the class)."""
-        if cls.logger is None:
+        logger = cls.logger
+        if logger is None or not cls._configured:  # None: reset the way Toil's code does
             with cls.lock:
-                if cls.logger is None:
+                if cls.logger is None or not cls._configured:
+                    if cls._configured:
+                        cls._resetLogger()  # drop the handler the old configuration added
                     cls.logger = cls._configureLogger(logging.getLogger("toil-rt"))
-        return cls.logger
+                    cls._configured = True
+                logger = cls.logger
+        return logger
 
     @classmethod
     def _configureLogger(cls, logger: logging.Logger) -> logging.Logger:
@@ -992,7 +1020,8 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
     @classmethod
     def _resetLogger(cls) -> None:
         """Forget the configuration; the next getLogger() reads it anew."""
-        handler, cls._handler, cls.logger = cls._handler, None, None
+        handler, cls._handler, cls._configured = cls._handler, None, False
+        cls.logger = logging.getLogger("toil-rt")
         if handler is not None:
             logging.getLogger("toil-rt").removeHandler(handler)
             handler.close()
@@ -1007,7 +1036,41 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
             cls.loggingServer = cls.serverThread = None
             cls.initialized = 0
             cls._savedEnvironment = {}
-            cls.logger = None
+            cls._configured = False
 
 
 os.register_at_fork(after_in_child=RealtimeLogger._afterForkInChild)
+
+
+# ------------------------------------------------- this package's own logs
+
+#: Toil's module that sets every other top-level package's logger to
+#: CRITICAL (``suppress_exotic_logging``), meaning noisy third-party libraries.
+_TOIL_SILENCER = "toil.statsAndLogging"
+
+
+def keep_package_logs_audible(package: str = __name__.rpartition(".")[0]) -> logging.Logger:
+    """Make the logger of this package (``toilcoord``, or the top of a
+    vendored copy) ignore the level Toil's logging set-up gives every
+    package that is not Toil's, so that our warnings (lock retries, corrupt
+    deferred records, real-time logging losses) reach a Toil user's log,
+    as Toil's own coordination layer's do. Any other ``setLevel`` call,
+    a user's included, works as usual. Idempotent; returns the logger."""
+    logger = logging.getLogger(package)
+    if getattr(logger.setLevel, "_keeps_package_audible", False):
+        return logger
+    set_level = logger.setLevel
+
+    def setLevel(level: Union[int, str]) -> None:  # noqa: N802 - logging's name
+        getframe = getattr(sys, "_getframe", None)
+        caller = getframe(1).f_globals.get("__name__") if getframe is not None else None
+        if caller == _TOIL_SILENCER:
+            return
+        set_level(level)
+
+    setLevel._keeps_package_audible = True  # type: ignore[attr-defined]
+    logger.setLevel = setLevel  # type: ignore[method-assign]
+    return logger
+
+
+keep_package_logs_audible()
