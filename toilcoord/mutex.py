@@ -156,8 +156,16 @@ def _drop(gate: _Gate) -> None:
 
 def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared: bool) -> bool:
     """Lock the kept fd; False only if not *block* and someone holds it."""
+    operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    if gate.network is False and block and deadline is None:
+        # A local file: the kernel queues us; no need to know if we waited.
+        try:
+            fcntl.flock(gate.fd, operation)
+        except OSError:
+            safe_lock(gate.fd, shared=shared)  # retries EIO, ENOLCK; raises the rest
+        return True
     try:  # the common case first, without safe_lock's retry machinery
-        fcntl.flock(gate.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        fcntl.flock(gate.fd, operation | fcntl.LOCK_NB)
         return True
     except OSError as error:
         if error.errno not in (errno.EAGAIN, errno.EACCES):
@@ -268,10 +276,14 @@ def _unlock(gate: _Gate) -> None:
     try:
         fcntl.flock(gate.fd, fcntl.LOCK_UN)
     except OSError as error:
-        # Closing releases the lock all the same; the next acquisition reopens.
-        logger.warning("unlocking %d failed with %s; closing it instead",
-                       gate.fd, errno.errorcode.get(error.errno, error.errno))
-        _drop(gate)
+        _unlock_failed(gate, error)
+
+
+def _unlock_failed(gate: _Gate, error: OSError) -> None:
+    # Closing releases the lock all the same; the next acquisition reopens.
+    logger.warning("unlocking %d failed with %s; closing it instead",
+                   gate.fd, errno.errorcode.get(error.errno, error.errno))
+    _drop(gate)
 
 
 def _retire(path: str, gate: _Gate) -> None:
@@ -333,20 +345,26 @@ def _forget_parent_gates() -> None:
 
 # ------------------------------------------------------------- the mutex
 
-def _mutex_path(base_dir: PathArg, mutex: str) -> str:
+def _mutex_path(base_dir: PathArg, mutex: object) -> str:
+    """The lock file's canonical path (the gate's key); ValueError for a bad
+    *mutex*, TypeError for a bad *base_dir*."""
+    if type(mutex) is str and type(base_dir) is str and base_dir.startswith("/"):
+        return _checked_absolute_path(base_dir, mutex)  # the common case: cached
+    check_name(mutex)
     directory = os.fspath(base_dir)
     if not isinstance(directory, str):
         raise TypeError(f"base_dir must be a str or os.PathLike[str], not {type(directory).__name__}")
     if directory.startswith("/"):
-        return _absolute_mutex_path(directory, mutex)
+        return _checked_absolute_path(directory, mutex)
     # Relative to the current directory, which may change: not cached.
     return os.path.abspath(os.path.join(directory, _MUTEX_PREFIX + mutex))
 
 
-# The path is the key of the gate, so it must be canonical; abspath costs
-# microseconds on old Pythons, a cache hit a tenth of one.
+# abspath and the name check cost microseconds on old Pythons, a cache hit a
+# tenth of one. A bad name raises, and exceptions are not cached.
 @functools.lru_cache(maxsize=256)
-def _absolute_mutex_path(base_dir: str, mutex: str) -> str:
+def _checked_absolute_path(base_dir: str, mutex: str) -> str:
+    check_name(mutex)
     return os.path.normpath(os.path.join(base_dir, _MUTEX_PREFIX + mutex))
 
 
@@ -385,18 +403,25 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
     __slots__ = ("path", "timeout", "_gate", "_epoch")
 
     def __init__(self, base_dir: PathArg, mutex: str, timeout: Optional[float] = None) -> None:
-        check_name(mutex)
+        self.path = _mutex_path(base_dir, mutex)  # checks the name before anything else
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be None or a number >= 0, not {timeout!r}")
-        self.path = _mutex_path(base_dir, mutex)
         self.timeout = timeout
         self._gate: Optional[_Gate] = None
         self._epoch = -1
 
     def __enter__(self) -> None:
         timeout = self.timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        gate = _hold_gate(self.path, timeout)
+        if timeout is None:
+            deadline = None
+            gate = _gates.get(self.path)  # the common case, inline: a kept file
+            if gate is None or not gate.lock.acquire() or gate.retired:
+                if gate is not None:
+                    gate.lock.release()
+                gate = _hold_gate(self.path)
+        else:
+            deadline = time.monotonic() + timeout
+            gate = _hold_gate(self.path, timeout)
         try:
             if gate.waited and gate.network:
                 _let_others_in(gate, deadline)
@@ -414,7 +439,10 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
         if gate is None or self._epoch != _epoch:
             return  # entered in the parent of this forked child: not ours
         try:
-            _unlock(gate)
+            try:
+                fcntl.flock(gate.fd, fcntl.LOCK_UN)
+            except OSError as error:
+                _unlock_failed(gate, error)
             if gate.network:
                 gate.released = time.monotonic()
         finally:
