@@ -5,6 +5,7 @@ import gc
 import importlib.util
 import logging
 import os
+import pickle
 import signal
 import stat
 import subprocess
@@ -58,6 +59,18 @@ class Recorder:
         record(path, text)
 
 module_lambda = lambda path, text: record(path, text)
+
+def make_local_instance(path, text):
+    class Local:
+        __slots__ = ("path", "text")
+        def __init__(self, path, text):
+            self.path, self.text = path, text
+        def __call__(self):
+            record(self.path, self.prefix() + self.text)
+        @classmethod
+        def prefix(cls):
+            return cls.__name__.lower() + " "
+    return Local(path, text)
 
 def make_nested(path):
     prefix = "nested "
@@ -316,14 +329,64 @@ def test_after_a_corrupt_header_nothing_more_is_read(base, out, env, children, c
 
 def test_a_file_of_garbage_runs_nothing_and_is_left_alone(base, caplog):
     DeferredFunctionManager(base).close()  # makes the state directory
-    path = os.path.join(state_dir(base), DeferredFunctionManager.PREFIX + "garbage")
+    prefix = DeferredFunctionManager.OWN_PREFIX + DeferredFunctionManager.PREFIX
+    path = os.path.join(state_dir(base), prefix + "garbage")
     with open(path, "wb") as stream:
         stream.write(b"\x00" + os.urandom(4999))
     os.chmod(path, 0o600)
     caplog.set_level(logging.INFO)
     run_orphans_here(base)
-    assert any("does not begin with a record" in error.getMessage() for error in errors(caplog))
+    run_orphans_here(base)
+    DeferredFunctionManager.cleanupWorker(base)
+    complaints = [error for error in errors(caplog) if "does not begin with a record" in error.getMessage()]
+    assert len(complaints) == 1, "reported once, not on every scan"
     assert state_files(base) == [os.path.basename(path)], "not provably ours: never deleted"
+
+
+# What Toil's DeferredFunctionManager leaves for a dead worker: a dill pickle
+# of a DeferredFunction namedtuple, named by mkstemp (func + 8 characters).
+TOIL_STATE = b"\x80\x04\x95\x1c\x00\x00\x00\x00\x00\x00\x00\x8c\x0etoil.deferred\x94\x8c\x10DeferredFunction\x94."
+
+
+def test_toils_state_files_are_neither_read_locked_run_nor_removed(base, caplog):
+    DeferredFunctionManager(base).close()
+    path = os.path.join(state_dir(base), "funcq1w_2e3r")
+    with open(path, "wb") as stream:
+        stream.write(TOIL_STATE)
+    os.chmod(path, 0o600)
+    mtime_before = os.stat(path).st_mtime_ns
+    caplog.set_level(logging.DEBUG)
+    with DeferredFunctionManager(base) as manager:
+        with manager.open():
+            pass
+    DeferredFunctionManager.cleanupWorker(base)
+    assert errors(caplog) == [] and "funcq1w_2e3r" not in caplog.text
+    assert state_files(base) == ["funcq1w_2e3r"]
+    with open(path, "rb") as stream:
+        assert stream.read() == TOIL_STATE
+    assert os.stat(path).st_mtime_ns == mtime_before
+
+
+def test_our_state_files_have_names_toils_scanner_skips(base):
+    with DeferredFunctionManager(base) as manager:
+        name = os.path.basename(manager.stateFileName)
+        # Toil's _runOrphanedDeferredFunctions reads every func* name not ending in .tmp.
+        assert not name.startswith(DeferredFunctionManager.PREFIX)
+        assert name.startswith("toilcoord-func") and state_files(base) == [name]
+
+
+def test_an_older_toilcoords_func_named_orphan_still_runs(base, out, env, children):
+    owner = start_owner(children, env, """
+with manager.open() as defer:
+    defer(dfhelpers.record, out, "older name")
+    old = os.path.join(os.path.dirname(manager.stateFileName), "func" + "0123456789abcdef")
+    os.link(manager.stateFileName, old)
+    os.unlink(manager.stateFileName)
+""" + WAIT_TO_BE_KILLED, base, out)
+    kill(owner)
+    run_orphans_here(base)
+    assert lines(out) == ["older name"]
+    assert state_files(base) == []
 
 
 # ---------------------------------------------------- kinds of callables
@@ -344,6 +407,18 @@ def make_main_closure():
         dfhelpers.record(out, tag)
     return closure
 
+class MainRecorder:
+    def __init__(self, text):
+        self.text = text
+    def run(self):
+        dfhelpers.record(out, self.text)
+
+def make_main_local():
+    class Sub(MainRecorder):
+        def run(self):
+            super().run()  # a closure over __class__: the class refers to itself
+    return Sub("main local class")
+
 with manager.open() as defer:
     defer(dfhelpers.record, out, "function")
     defer(os.remove, victim_file)
@@ -359,11 +434,15 @@ with manager.open() as defer:
     defer(make_main_closure())
     defer(functools.partial(lambda path, text: dfhelpers.record(path, text), out), "partial of a lambda")
     defer(dfhelpers.record, path=out, text="keywords")
+    defer(dfhelpers.make_local_instance(out, "class instance"))
+    defer(MainRecorder("main class").run)
+    defer(make_main_local().run)
 """
 
 EVERY_KIND_LINES = sorted([
     "function", "bound method", "classmethod", "staticmethod", "partial", "module lambda",
     "nested closure", "main lambda", "main function", "main closure", "partial of a lambda", "keywords",
+    "local class instance", "main class", "main local class",
 ])
 
 
@@ -396,6 +475,7 @@ def test_every_kind_of_callable_runs_in_its_own_process_in_order(base, out, env,
     assert lines(out) == [
         "function", "bound method", "classmethod", "staticmethod", "partial", "module lambda",
         "nested closure", "main lambda", "main function", "main closure", "partial of a lambda", "keywords",
+        "local class instance", "main class", "main local class",
     ]
     assert not os.path.exists(victim_file) and not os.path.exists(victim_dir)
 
@@ -453,20 +533,85 @@ def record(path, text):
         stream.write(text + "\n")
 
 
-def test_a_class_of_the_main_script_is_refused_at_create(env):
+def test_a_class_of_the_main_script_travels_by_value_but_not_one_with_a_metaclass(env):
     result = run_python("""
-import dfhelpers
+import pickle
 from toilcoord.deferred import DeferredFunction
 class Local:
     def method(self):
+        return "ran " + type(self).__name__
+deferred = DeferredFunction.create(Local().method)
+del Local
+print(deferred.invoke())
+def make():
+    class Meta(type):
         pass
+    class WithMeta(metaclass=Meta):
+        def method(self):
+            pass
+    return WithMeta()
 try:
-    DeferredFunction.create(Local().method)
+    DeferredFunction.create(make().method)
 except TypeError as error:
     print(error)
 """, env=env)
     assert result.returncode == 0, result.stderr
-    assert "Local is defined in the __main__ script" in result.stdout
+    ran, refused = result.stdout.splitlines()
+    assert ran == "ran Local"
+    assert "has the metaclass" in refused and "make.<locals>.WithMeta" in refused
+
+
+def test_create_takes_the_function_by_keyword_as_toil_does():
+    deferred = DeferredFunction.create(function=record, path="/nonexistent/never", text="x")
+    assert deferred.name == "record"
+    function = pickle.loads(deferred.function)
+    assert function is record and pickle.loads(deferred.kwargs) == {"path": "/nonexistent/never", "text": "x"}
+    # Given positionally, a function= keyword is the callable's own.
+    deferred = DeferredFunction.create(dict, function="kept")
+    assert deferred.invoke() == {"function": "kept"}
+    with pytest.raises(TypeError, match="needs the function"):
+        DeferredFunction.create()
+    with pytest.raises(TypeError, match="needs the function"):
+        DeferredFunction.create(text="x")
+
+
+def test_module_is_a_module_descriptor_as_in_toil(tmp_path):
+    from toilcoord.modules import ModuleDescriptor
+
+    deferred = DeferredFunction.create(record, "/nonexistent", "x")
+    assert isinstance(deferred.module, ModuleDescriptor)
+    assert deferred.module == ModuleDescriptor.forModule(__name__)
+    assert deferred.module.name == __name__
+    assert DeferredFunction.create(functools.partial(record, "p"), "x").module == deferred.module
+    assert DeferredFunction.create(os.getpid).module is None, "a builtin's module has no file"
+    assert DeferredFunction.create(lambda: 0).module == deferred.module
+
+
+def test_a_hot_deployed_module_is_made_loadable_when_unpickling_cannot_import_it(tmp_path, monkeypatch):
+    calls = []
+
+    class Descriptor:
+        def makeLoadable(self):
+            calls.append("made loadable")
+            sys.path.insert(0, str(tmp_path))
+
+    (tmp_path / "dfshipped.py").write_text("def greet(name):\n    return 'hello ' + name\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import dfshipped
+
+        deferred = DeferredFunction.create(dfshipped.greet, "worker")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("dfshipped", None)
+    try:
+        with pytest.raises(ModuleNotFoundError):
+            deferred._replace(module=None).invoke()
+        assert deferred._replace(module=Descriptor()).invoke() == "hello worker"
+        assert calls == ["made loadable"]
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("dfshipped", None)
 
 
 def test_str_and_repr_name_the_function_and_invoke_returns_its_result():
@@ -475,7 +620,7 @@ def test_str_and_repr_name_the_function_and_invoke_returns_its_result():
     deferred = DeferredFunction.create(defaultdict, None, {"x": 1}, y=2)
     assert repr(deferred) == str(deferred) == "DeferredFunction(defaultdict, ...)"
     assert deferred.invoke() == defaultdict(None, x=1, y=2)
-    assert deferred.name == "defaultdict" and deferred.module == "collections"
+    assert deferred.name == "defaultdict" and deferred.module.name == "collections"
     assert DeferredFunction._fields == ("function", "args", "kwargs", "name", "module")
     assert str(DeferredFunction.create(functools.partial(os.getpid))) == "DeferredFunction(partial(getpid), ...)"
 

@@ -108,6 +108,11 @@ def _by_value_pickler() -> type:
                 return _reduce_class(obj)
             if isinstance(obj, types.ModuleType):
                 return _import_module, (_module_reference(obj.__name__),)
+            # What a class carried by value holds besides functions.
+            if isinstance(obj, (classmethod, staticmethod)):
+                return type(obj), (obj.__func__,)
+            if type(obj) is property:
+                return property, (obj.fget, obj.fset, obj.fdel, obj.__doc__)
             return NotImplemented
 
     return ByValuePickler
@@ -154,14 +159,50 @@ def _is_reachable(obj: Any, module: Optional[str]) -> bool:
 
 
 def _reduce_class(cls: type) -> Any:
-    if cls.__module__ != "__main__":
-        return NotImplemented
-    main = _main_module_name()
-    if main is None or not _is_reachable(cls, "__main__"):
-        raise TypeError(
-            f"class {cls.__qualname__} is defined in the __main__ script, which another "
-            "process cannot import; define it in an importable module")
-    return _load_attribute, (main, cls.__qualname__)
+    module = cls.__module__
+    if _is_reachable(cls, module):
+        if module != "__main__":
+            return NotImplemented  # by name, as pickle always does
+        main = _main_module_name()
+        if main is not None:
+            return _load_attribute, (main, cls.__qualname__)
+    return _reduce_class_by_value(cls)
+
+
+# Set by the interpreter on every class, or describing its instances' layout:
+# never carried.
+_CLASS_MACHINERY = frozenset(("__dict__", "__weakref__"))
+
+
+def _reduce_class_by_value(cls: type) -> Any:
+    """Carry a class that another process cannot import by name (defined in
+    a function, or in the __main__ script) as its name, bases and namespace,
+    as lambdas are carried. Plain classes only: a metaclass could do
+    anything when the class is made again."""
+    if type(cls) is not type:
+        raise TypeError(f"class {cls.__qualname__} cannot be imported by another process and has the metaclass "
+                        f"{type(cls).__qualname__}; only plain classes defined in functions can be deferred")
+    namespace = {key: value for key, value in vars(cls).items() if key not in _CLASS_MACHINERY}
+    slots = namespace.get("__slots__", ())
+    for slot in ((slots,) if isinstance(slots, str) else slots):
+        namespace.pop(slot, None)  # member descriptors: made again from __slots__
+    # The class exists (and is memoised) before its namespace is set, so its
+    # methods may refer to it (super(), a closure over __class__).
+    skeleton = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    if "__slots__" in namespace:
+        skeleton["__slots__"] = namespace.pop("__slots__")
+    namespace.pop("__module__", None)
+    namespace.pop("__qualname__", None)
+    return _new_class, (cls.__name__, cls.__bases__, skeleton), namespace, None, None, _set_class_state
+
+
+def _new_class(name: str, bases: tuple, skeleton: dict) -> type:
+    return type(name, bases, dict(skeleton))
+
+
+def _set_class_state(cls: type, namespace: dict) -> None:
+    for key, value in namespace.items():
+        setattr(cls, key, value)
 
 
 class _EmptyCell:
@@ -299,7 +340,11 @@ def _unserialisable(function: Any, args: tuple, kwargs: dict, error: Exception) 
 
 class DeferredFunction(NamedTuple):
     """A call captured for later: ``function``, ``args`` and ``kwargs`` are
-    pickles (made eagerly), ``name`` and ``module`` describe the callable.
+    pickles (made eagerly), ``name`` is the callable's name and ``module``,
+    as in Toil, the :class:`~.modules.ModuleDescriptor` of its module
+    (globalized: on a worker, the leader's), or None where the module has no
+    file to describe (builtins, ``python -c``). :meth:`invoke` uses it to
+    make a hot-deployed module loadable when unpickling cannot import it.
 
     >>> from collections import defaultdict
     >>> df = DeferredFunction.create(defaultdict, None, {'x':1}, y=2)
@@ -313,29 +358,49 @@ class DeferredFunction(NamedTuple):
     args: bytes
     kwargs: bytes
     name: str
-    module: Optional[str]
+    module: Any  # a ModuleDescriptor, or None
 
     @classmethod
-    def create(cls, function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> "DeferredFunction":
-        """Capture ``function(*args, **kwargs)``, serialised now.
+    def create(*args: Any, **kwargs: Any) -> "DeferredFunction":
+        """``create(function, *args, **kwargs)``: capture
+        ``function(*args, **kwargs)``, serialised now. As in Toil the
+        callable may also be given as ``function=``; when it is given
+        positionally, a ``function=`` keyword goes to the callable.
 
         Accepts module-level functions, builtins (``os.remove``), bound
         methods, classmethods, staticmethods, ``functools.partial`` objects,
-        and lambdas and nested functions (their code travels by value; their
+        lambdas and nested functions (their code travels by value; their
         globals by module name, or by value for the ``__main__`` script;
-        their closures by value). Classes must be importable by another
-        process. Raises TypeError, naming the culprit, for anything that
-        cannot be serialised.
+        their closures by value), and instances of classes defined in
+        functions (plain classes, carried by value like lambdas). Raises
+        TypeError, naming the culprit, for anything that cannot be
+        serialised.
         """
-        return cls(*_fields(function, args, kwargs))
+        cls, *args = args  # a classmethod with no named parameters: any keyword is the callable's
+        if args:
+            function, *args = args
+        elif "function" in kwargs:
+            function = kwargs.pop("function")
+        else:
+            raise TypeError("DeferredFunction.create() needs the function to defer")
+        return cls(*_fields(function, tuple(args), kwargs))
 
     def invoke(self) -> Any:
-        """Run the captured call and return its result."""
+        """Run the captured call and return its result. If the function's
+        module cannot be imported here, it is made loadable first through
+        ``module`` (a hot-deployed user module is downloaded, as in Toil)."""
         import pickle
 
         # In this order: loading the function imports its module, which the
         # arguments may need.
-        function = pickle.loads(self.function)
+        try:
+            function = pickle.loads(self.function)
+        except ModuleNotFoundError:
+            make_loadable = getattr(self.module, "makeLoadable", None)
+            if make_loadable is None:
+                raise
+            make_loadable()
+            function = pickle.loads(self.function)
         args = pickle.loads(self.args)
         kwargs = pickle.loads(self.kwargs)
         return function(*args, **kwargs)
@@ -349,7 +414,7 @@ class DeferredFunction(NamedTuple):
 # Pickles of plain functions, builtins and classes that pickle by reference,
 # so a worker deferring the same cleanup again and again pays only for its
 # arguments. Bounded: cleared when full.
-_by_reference: Dict[Any, Tuple[bytes, str, Optional[str]]] = {}
+_by_reference: Dict[Any, Tuple[bytes, str, Any]] = {}
 _BY_REFERENCE_TYPES = (types.FunctionType, types.BuiltinFunctionType, type)
 _BY_REFERENCE_MAX = 1024
 
@@ -365,7 +430,7 @@ def _fields(function: Any, args: tuple, kwargs: dict) -> tuple:
             pickled, name, module = _by_reference.get(function) or _describe_by_reference(function)
         else:
             pickled = _dumps(function)
-            name, module = _callable_name(function), getattr(function, "__module__", None)
+            name, module = _callable_name(function), _module_descriptor(function)
         return (pickled, _dumps(args) if args else _EMPTY_ARGS, _dumps(kwargs) if kwargs else _EMPTY_KWARGS,
                 name, module)
     except Exception as error:
@@ -373,9 +438,9 @@ def _fields(function: Any, args: tuple, kwargs: dict) -> tuple:
         raise report from cause
 
 
-def _describe_by_reference(function: Any) -> Tuple[bytes, str, Optional[str]]:
+def _describe_by_reference(function: Any) -> Tuple[bytes, str, Any]:
     module = function.__module__
-    described = (_dumps(function), _callable_name(function), module)
+    described = (_dumps(function), _callable_name(function), _module_descriptor(function))
     if module != "__main__" and _is_reachable(function, module):
         if len(_by_reference) >= _BY_REFERENCE_MAX:
             _by_reference.clear()
@@ -383,15 +448,56 @@ def _describe_by_reference(function: Any) -> Tuple[bytes, str, Optional[str]]:
     return described
 
 
+# Module name -> its globalized ModuleDescriptor, or None if it has none.
+_descriptors: Dict[str, Any] = {}
+
+
+def _module_of(function: Any) -> Optional[str]:
+    """The name of the module defining *function* (through partials and
+    bound methods)."""
+    while isinstance(function, functools.partial):
+        function = function.func
+    function = getattr(function, "__func__", function)
+    name = getattr(function, "__module__", None)
+    return name if isinstance(name, str) else None
+
+
+def _module_descriptor(function: Any) -> Any:
+    """``ModuleDescriptor.forModule(<function's module>).globalize()``, as
+    Toil records it, or None where there is none; computed once per module."""
+    name = _module_of(function)
+    if name is None:
+        return None
+    try:
+        return _descriptors[name]
+    except KeyError:
+        pass
+    from .modules import ModuleDescriptor
+
+    try:
+        descriptor = ModuleDescriptor.forModule(name).globalize()
+    except Exception:  # no file (builtins, python -c), a colliding script name, ...
+        descriptor = None
+    _descriptors[name] = descriptor
+    return descriptor
+
+
 def _decode(payload: bytes) -> DeferredFunction:
     import pickle
+
+    from .modules import ModuleDescriptor
 
     fields = pickle.loads(payload)
     if not (isinstance(fields, tuple) and len(fields) == 5
             and all(isinstance(blob, bytes) for blob in fields[:3])
-            and isinstance(fields[3], str) and isinstance(fields[4], (str, type(None)))):
+            and isinstance(fields[3], str) and isinstance(fields[4], (bytes, str, type(None)))):
         raise ValueError("the record does not hold a deferred function")
-    return DeferredFunction(*fields)
+    module = fields[4]
+    if isinstance(module, bytes):  # a pickled ModuleDescriptor (a str: written by an older toilcoord)
+        module = pickle.loads(module)
+        if not isinstance(module, ModuleDescriptor):
+            raise ValueError("the record's module is not a module descriptor")
+    return DeferredFunction(*fields[:4], module)
 
 
 # ------------------------------------------------------------- records
@@ -410,9 +516,22 @@ _FORMAT = 1
 _HEADER_SIZE = 12
 
 
+# id(module descriptor) -> (the descriptor, its pickle): a record carries the
+# descriptor pickled once per module, not pickled again on every defer.
+_module_pickles: Dict[int, Tuple[Any, bytes]] = {}
+
+
 def _frame(fields: tuple) -> bytes:
     """A record of a DeferredFunction's fields (a plain tuple: the class
-    name must not be in the file)."""
+    name must not be in the file), the module descriptor as its pickle."""
+    module = fields[4]
+    if module is not None and type(module) is not str:
+        cached = _module_pickles.get(id(module))
+        if cached is None or cached[0] is not module:
+            if len(_module_pickles) >= _BY_REFERENCE_MAX:
+                _module_pickles.clear()
+            cached = _module_pickles[id(module)] = (module, _pickle_dumps(module, _PROTOCOL))
+        fields = fields[:4] + (cached[1],)
     payload = _pickle_dumps(fields, _PROTOCOL)
     return _header.pack(_MAGIC, _PENDING, _FORMAT, len(payload), _crc32(payload)) + payload
 
@@ -526,6 +645,7 @@ _STATE_FILE_MODE = 0o600
 _CREATE_ATTEMPTS = 100
 
 _reported_untrusted: set = set()
+_reported_foreign: set = set()
 
 # Names of the state files this process holds: its managers' own, and the
 # dead processes' files it is running. Scans skip them: where flock is
@@ -606,6 +726,23 @@ def _trusted(fd: int, path: str) -> bool:
     return False
 
 
+def _begins_like_ours(dir_fd: int, name: str) -> bool:
+    """Whether the file *name* could be one of our state files: empty, or
+    beginning with (part of) a record's magic. Toil's (dill pickles) do not;
+    they are never locked, read further, run or removed here."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        head = os.pread(fd, len(_MAGIC), 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return _MAGIC.startswith(head)
+
+
 def _run_orphan(dir_fd: int, name: str, where: str) -> None:
     """Run the pending functions in the state file *name* (in the directory
     *dir_fd*, at *where*) if its owner is dead, then remove it."""
@@ -641,8 +778,19 @@ def _run_and_release(fd: int, name: str, dir_fd: int, where: str) -> None:
 
 
 def _run_taken(fd: int, name: str, dir_fd: int, where: str) -> bool:
-    """Run a taken-over file; True if it is done with and ours to remove."""
+    """Run a taken-over file; True if it is done with and ours to remove.
+    A file that does not begin with a record is not ours: it is left alone,
+    unread past its first bytes, and reported once."""
     if not _trusted(fd, where):
+        return False
+    if _header is None:
+        _load_codec()
+    if not _starts_with_a_record(os.pread(fd, _HEADER_SIZE, 0)):
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) not in _reported_foreign:
+            _reported_foreign.add((info.st_dev, info.st_ino))
+            logger.error("deferred-function file %s does not begin with a record (not toilcoord's: Toil's, "
+                         "or damaged); leaving it", where)
         return False
     write_fd = _open_for_writing(name, fd, dir_fd)
     try:
@@ -680,8 +828,14 @@ _managers: "weakref.WeakSet[DeferredFunctionManager]" = weakref.WeakSet()
 class DeferredFunctionManager:
     """Runs a worker's deferred functions, and those of dead workers.
 
-    Each manager holds its own state file, ``<stateDirBase>/deferred/func*``,
-    locked for as long as this process lives. Use it as a context manager
+    Each manager holds its own state file,
+    ``<stateDirBase>/deferred/toilcoord-func<16 hex digits>``, locked for as
+    long as this process lives. Toil's workers keep theirs (dill pickles) in
+    the same directory as ``func<8 characters>``: each implementation reads
+    only its own, so Toil's scanner never meets ours (its names start with
+    ``func``), and ours opens a ``func*`` file only to see whether it is an
+    older toilcoord's (it begins with a record, or is empty), leaving
+    anything else alone, unlocked and unread. Use it as a context manager
     (or call :meth:`close`) and register cleanup inside :meth:`open`::
 
         with DeferredFunctionManager(work_dir) as manager:
@@ -696,6 +850,9 @@ class DeferredFunctionManager:
 
     STATE_DIR_STEM = "deferred"
     PREFIX = "func"
+    #: Put before PREFIX in the names of our state files, so that Toil's
+    #: scanner (which reads every ``func*`` file) never sees them.
+    OWN_PREFIX = "toilcoord-"
     #: Names ending with this are never read as state files (reserved for
     #: files being set up; toilcoord itself needs none, since a new state
     #: file is locked and then verified, see HeldFile.create).
@@ -721,7 +878,7 @@ class DeferredFunctionManager:
         for _ in range(_CREATE_ATTEMPTS):
             _make_state_dir(self.stateDir)
             try:
-                held = HeldFile.create(self.stateDir, prefix=self.PREFIX, mode=_STATE_FILE_MODE)
+                held = HeldFile.create(self.stateDir, prefix=self.OWN_PREFIX + self.PREFIX, mode=_STATE_FILE_MODE)
             except FileNotFoundError:
                 continue  # removed by a cleanupWorker while empty: make it again
             try:
@@ -839,13 +996,16 @@ class DeferredFunctionManager:
             dir_fd = _open_state_dir(state_dir)
         except FileNotFoundError:
             return
+        own, older = cls.OWN_PREFIX + cls.PREFIX, cls.PREFIX
         try:
             with os.scandir(dir_fd) as entries:
                 names = [entry.name for entry in entries
-                         if entry.name.startswith(cls.PREFIX) and not entry.name.endswith(cls.WIP_SUFFIX)
+                         if entry.name.startswith((own, older)) and not entry.name.endswith(cls.WIP_SUFFIX)
                          and entry.name not in _held_here and entry.is_file(follow_symlinks=False)]
             for name in names:
-                _run_orphan(dir_fd, name, os.path.join(state_dir, name))
+                # A func* name is Toil's, unless an older toilcoord wrote it.
+                if name.startswith(own) or _begins_like_ours(dir_fd, name):
+                    _run_orphan(dir_fd, name, os.path.join(state_dir, name))
         finally:
             os.close(dir_fd)
 
