@@ -314,3 +314,50 @@ def test_a_member_holds_a_shared_lock_on_one_file(tmp_path, children):
     assert tell_to_leave(first) == "not-last"
     assert tell_to_leave(second) == "last"
     assert os.listdir(tmp_path) == []
+
+
+# A member of Toil's own arena (toil.lib.threading.LastProcessStandingArena,
+# as in Toil 9.6): enters under the arena's mutex by making and locking a
+# file in <name>-arena-members/; waits for a line on stdin, then leaves the
+# way Toil does (unlink, unlock, and rmdir if it was the last).
+TOIL_STYLE_MEMBER = """
+import fcntl, os, sys, tempfile
+from toilcoord import global_mutex
+base = sys.argv[1]
+folder = os.path.join(base, "test-arena-members")
+with global_mutex(base, "test-arena-lock"):
+    os.makedirs(folder, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=folder)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+print("in", flush=True)
+sys.stdin.readline()
+with global_mutex(base, "test-arena-lock"):
+    os.unlink(path)
+    os.close(fd)
+    os.rmdir(folder)
+print("left", flush=True)
+"""
+
+
+def test_no_last_member_is_elected_while_a_toil_member_is_inside(tmp_path, children):
+    toil_member = children.python(TOIL_STYLE_MEMBER, str(tmp_path), stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+    assert toil_member.stdout.readline().strip() == "in"
+    arena = LastProcessStandingArena(tmp_path, "test")
+    arena.enter()
+    assert list(arena.leave()) == [], "a Toil member is inside"
+    arena.enter()  # not stuck: the refused election let go of the live file
+    assert tell_to_leave(toil_member) == "left"
+    assert list(arena.leave()) == [True]
+    assert open_fds() == open_fds()
+    assert left_after_exit(tmp_path) == []
+
+
+def test_a_dead_toil_members_file_does_not_keep_the_arena_alive(tmp_path, children):
+    folder = tmp_path / "test-arena-members"
+    folder.mkdir()
+    (folder / "tmpdeadmember").touch()  # unlocked: its process is gone
+    arena = LastProcessStandingArena(tmp_path, "test")
+    arena.enter()
+    assert list(arena.leave()) == [True]
+    assert (folder / "tmpdeadmember").exists(), "Toil's file: Toil's to remove"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import time
 from typing import Iterator, Optional, Tuple
@@ -14,6 +15,8 @@ __all__ = ["LastProcessStandingArena", "reap_dead_arenas"]
 _LOCK_SUFFIX = "-arena-lock"
 #: Every live member holds a shared lock on ``base_dir/<name><_LIVE_SUFFIX>``.
 _LIVE_SUFFIX = "-arena-live"
+#: Toil's arena keeps its members here, one file each, locked exclusively.
+_TOIL_MEMBERS_SUFFIX = "-arena-members"
 
 
 class LastProcessStandingArena:
@@ -51,6 +54,7 @@ class LastProcessStandingArena:
         self.name = name
         self.mutex = name + _LOCK_SUFFIX
         self._live_path = os.path.abspath(os.path.join(self.base_dir, name + _LIVE_SUFFIX))
+        self._toil_members = os.path.join(self.base_dir, name + _TOIL_MEMBERS_SUFFIX)
         self._member: Optional[_Member] = None
 
     def enter(self, timeout: Optional[float] = None) -> None:
@@ -93,7 +97,7 @@ class LastProcessStandingArena:
             gate.lock.acquire()
             try:
                 gate.members -= 1
-                if gate.members == 0 and _last_to_leave(gate):
+                if gate.members == 0 and _last_to_leave(gate) and not _toil_member_inside(gate, self._toil_members):
                     try:
                         yield True
                     finally:
@@ -130,6 +134,43 @@ def _last_to_leave(gate: _Gate) -> bool:
             _unlock(gate)
             raise
     _unlock(gate)
+    return False
+
+
+def _toil_member_inside(gate: _Gate, members: str) -> bool:
+    """Whether a member of Toil's own arena of the same name is inside (a
+    process of an unmodified Toil, during a migration): one holding its
+    file in ``<name>-arena-members/`` locked. Asked under the arena's mutex,
+    which Toil's members take to enter, by a leaver that holds the live file
+    exclusively; if one is inside, that lock is let go (not the last)."""
+    try:
+        folder = os.open(members, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False  # no Toil member was ever here: the common case, one failed open
+    try:
+        inside = any(_held(folder, name) for name in os.listdir(folder))
+    finally:
+        os.close(folder)
+    if inside:
+        _unlock(gate)  # not the last: we hold nothing
+    return inside
+
+
+def _held(folder: int, name: str) -> bool:
+    """Whether a process holds the file *name* in the directory *folder*
+    locked exclusively (found with a brief shared probe)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    except OSError:
+        return False  # gone, or not a member's file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        return True
+    finally:
+        os.close(fd)  # a dead member's file is Toil's to remove
     return False
 
 
