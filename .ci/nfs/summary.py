@@ -18,7 +18,9 @@ import sys
 def load(logs: str) -> list:
     entries = []
     # the one VM, then the two-VM run, then the host's VM lines
-    for path in sorted(glob.glob(os.path.join(logs, "results-*.jsonl")), key=lambda p: ("host" in p, p)):
+    order = {"onevm": 0, "node1": 1, "node2": 2}
+    for path in sorted(glob.glob(os.path.join(logs, "results-*.jsonl")),
+                       key=lambda p: order.get(os.path.basename(p)[8:-6], 3)):
         with open(path, errors="replace") as f:
             for line in f:
                 try:
