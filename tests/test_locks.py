@@ -494,3 +494,28 @@ def test_no_subprocess_in_any_lock_path(fake_mounts, monkeypatch):
     with global_mutex(root, "m"):
         pass
     assert spawned == []
+
+
+@pytest.mark.parametrize("create", [False, True])
+def test_a_stale_nfs_handle_at_open_is_gone_or_tried_again(tmp_path, monkeypatch, create):
+    # On NFS a file removed by another client between the lookup and the
+    # fstat gives ESTALE (seen in the torture on the rig); cannot be caused here.
+    path = tmp_path / "f"
+    path.write_text("")
+    real_fstat, failures = os.fstat, [errno.ESTALE]
+
+    def stale_once(fd):
+        if failures:
+            code = failures.pop()
+            raise OSError(code, os.strerror(code))
+        return real_fstat(fd)
+
+    monkeypatch.setattr(locks.os, "fstat", stale_once)
+    tracked = set(locks._held_fds)
+    if create:
+        fd = locks._open_tracked(str(path), locks._OPEN_OR_CREATE)
+        locks._close_tracked(fd)
+    else:
+        with pytest.raises(FileNotFoundError, match="stale NFS file handle"):
+            take_over(str(path))
+    assert locks._held_fds == tracked

@@ -204,14 +204,45 @@ _FILE_MODE = 0o600
 def _open_tracked(path: str, flags: int, dir_fd: Optional[int] = None, owned: bool = False) -> int:
     """Open *path* (relative to *dir_fd* if given) and track the fd for
     forks; raise unless it is a regular file, and (if *owned*) one of this
-    user's with a single link."""
-    fd = os.open(path, flags, _FILE_MODE, dir_fd=dir_fd)
-    _held_fds.add(fd)
-    try:
-        info = os.fstat(fd)
-    except BaseException:
-        _close_tracked(fd)
-        raise
+    user's with a single link.
+
+    On NFS a file removed by another client between the lookup and its use
+    gives ESTALE: an open that may create the file tries again, one of an
+    existing file raises FileNotFoundError (it is gone)."""
+    for _ in range(_STALE_RETRIES):
+        try:
+            fd = os.open(path, flags, _FILE_MODE, dir_fd=dir_fd)
+        except OSError as error:
+            _raise_unless_stale(error, path, flags)
+            continue
+        _held_fds.add(fd)
+        try:
+            info = os.fstat(fd)
+        except OSError as error:
+            _close_tracked(fd)
+            _raise_unless_stale(error, path, flags)
+            continue
+        except BaseException:
+            _close_tracked(fd)
+            raise
+        _check_opened(fd, info, path, owned)
+        return fd
+    raise OSError(errno.ESTALE, f"still a stale file handle after {_STALE_RETRIES} tries", path)
+
+
+_STALE_RETRIES = 10
+
+
+def _raise_unless_stale(error: OSError, path: str, flags: int) -> None:
+    if error.errno != errno.ESTALE:
+        raise error
+    if not flags & os.O_CREAT:
+        raise FileNotFoundError(errno.ENOENT, "removed meanwhile (a stale NFS file handle)", path) from error
+
+
+def _check_opened(fd: int, info: os.stat_result, path: str, owned: bool) -> None:
+    """Close *fd* and raise unless it is a regular file (of this user with
+    one link, if *owned*)."""
     if not stat.S_ISREG(info.st_mode):
         _close_tracked(fd)
         raise OSError(errno.EINVAL, "not a regular file, so never used as a lock file "
@@ -221,7 +252,6 @@ def _open_tracked(path: str, flags: int, dir_fd: Optional[int] = None, owned: bo
         raise ForeignFileError(errno.EPERM, f"a lock file owned by uid {info.st_uid} with {info.st_nlink} links, "
                                f"not by this user (uid {os.geteuid()}) with one: never used; a coordination "
                                "directory must belong to one user", path)
-    return fd
 
 
 class HeldFile:

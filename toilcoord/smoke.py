@@ -291,15 +291,21 @@ def _assert_empty(directory: str) -> None:
     """Fail unless nothing is left, once this process's users have exited
     (mutexes keep their files open while their users live)."""
     retire_mutex_files()
-    left = os.listdir(directory)
-    # NFS silly-renames a file unlinked while open to .nfsXXXX and removes
-    # that after the last close, asynchronously: give it a moment.
-    deadline = time.monotonic() + 5
-    while left and all(name.startswith(".nfs") for name in left) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = os.listdir(directory)
+    left = left_in(directory)
     if left:
         raise AssertionError(f"left behind in the directory: {left}")
+
+
+def left_in(directory: str, patience: float = 5) -> List[str]:
+    """The entries of *directory*, once NFS has removed the ``.nfsXXXX``
+    files it made of files unlinked while open (after their last close,
+    asynchronously): they are waited out for up to *patience* seconds."""
+    left = sorted(os.listdir(directory))
+    deadline = time.monotonic() + patience
+    while any(name.startswith(".nfs") for name in left) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = sorted(os.listdir(directory))
+    return left
 
 
 _MODULE_WORKER = """

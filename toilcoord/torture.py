@@ -83,6 +83,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Se
 from .arena import LastProcessStandingArena
 from .deferred import DeferredFunction, DeferredFunctionManager
 from .mutex import global_mutex, kept_lock_files, retire_mutex_files
+from .smoke import left_in
 from .procnames import NAME_PREFIX, destroy_all_process_names, get_process_name, process_name_exists
 
 __all__ = ["Invariant", "check_journal", "main", "run_torture"]
@@ -926,13 +927,12 @@ def _final_checks(layout: _Layout) -> Tuple[bool, List[str], List[str], List[str
     elected = _take_part_in_arena(layout, arena, identity, "final.a1", lambda: None)
     cleanup = list(cleanup_directory(layout.coord))
     _record("cleanup-done")
-    left = sorted(os.path.relpath(os.path.join(top, name), layout.coord)
-                  for top, dirs, files in os.walk(layout.coord) for name in dirs + files)
     # Only now (a mutex file left by a killed holder is cleanup's to remove):
     # a potato still there must be a dead holder's.
     with global_mutex(layout.coord, MUTEX):
         _hold_the_potato(layout, identity, 0)
-    retire_mutex_files()  # as at exit: the coordination directory is empty again
+    retire_mutex_files()  # as at exit: this process keeps nothing open there
+    left = left_in(layout.coord)  # cleanup removed files this process kept: NFS silly-renamed them
     return elected, sorted(os.listdir(layout.markers)), cleanup, left
 
 
