@@ -149,12 +149,19 @@ def becoming(user):
     return become
 
 
+def on_network_filesystem(path):
+    """True where names may be cached by the client (NFS and the like)."""
+    from toilcoord.mounts import names_may_be_stale
+    return names_may_be_stale(os.stat(path).st_dev, str(path))
+
+
 def left_after_exit(directory):
     """What this process leaves in *directory* once it exits normally (the
     mutex and arena files it keeps open for its next use are removed)."""
     from toilcoord.mutex import retire_mutex_files
+    from toilcoord.smoke import left_in
     retire_mutex_files()
-    return sorted(os.listdir(directory))
+    return left_in(directory)  # NFS removes the files it silly-renamed a moment later
 
 
 def open_fds():

@@ -13,7 +13,7 @@ import sys
 import threading
 
 import pytest
-from conftest import child_env, run_python
+from conftest import child_env, on_network_filesystem, run_python
 
 from toilcoord.deferred import DeferredFunction, DeferredFunctionManager
 
@@ -861,6 +861,8 @@ def test_state_file_removed_from_under_the_worker_is_replaced(base, out, caplog,
             assert os.path.basename(manager.stateFileName) in state_files(base)
             defer(dfhelpers.record, out, "new file")
         assert "removed by someone else" in caplog.text
+        if on_network_filesystem(base):
+            return  # a directory holding an open file cannot be removed there
         import shutil
 
         shutil.rmtree(state_dir(base))

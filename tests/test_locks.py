@@ -115,7 +115,7 @@ def test_safe_lock_error_during_retries_is_raised_at_once(monkeypatch, sleeps, l
 
 
 def test_safe_lock_unavailable_non_blocking_fails_at_once(tmp_path, sleeps, lock_fd):
-    other = os.open(str(tmp_path / "lockfile"), os.O_RDONLY)
+    other = os.open(str(tmp_path / "lockfile"), os.O_RDWR)  # NFSv4 locks exclusively only what is open for writing
     try:
         safe_lock(other)
         with pytest.raises(OSError) as raised:
@@ -130,7 +130,7 @@ def test_safe_lock_unavailable_non_blocking_fails_at_once(tmp_path, sleeps, lock
 
 
 def test_safe_lock_shared_locks_coexist(tmp_path, lock_fd):
-    other = os.open(str(tmp_path / "lockfile"), os.O_RDONLY)
+    other = os.open(str(tmp_path / "lockfile"), os.O_RDWR)
     try:
         safe_lock(other, shared=True)
         safe_lock(lock_fd, block=False, shared=True)
@@ -329,7 +329,7 @@ class TakerInTheMiddle:
         fd = self.real_open(path, flags, mode)
         if flags & os.O_EXCL and self.victim is None:
             self.victim = path
-            self.taken_fd = self.real_open(path, os.O_RDONLY)
+            self.taken_fd = self.real_open(path, os.O_RDWR)
             fcntl.flock(self.taken_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if self.discard:
                 discard_taken(self.taken_fd, path)

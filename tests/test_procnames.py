@@ -18,7 +18,7 @@ from toilcoord import (
 )
 from toilcoord.procnames import NAME_PREFIX
 
-from conftest import child_env, run_in_fork, run_python
+from conftest import child_env, on_network_filesystem, run_in_fork, run_python
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -141,6 +141,8 @@ def test_dead_parent_is_dead_while_its_forked_child_lives(tmp_path, children):
 
 
 def test_names_survive_directory_removal_by_making_new_ones(tmp_path):
+    if on_network_filesystem(tmp_path):
+        pytest.skip("on NFS a directory holding an open file cannot be removed: the premise cannot be set up")
     base = tmp_path / "base"
     base.mkdir()
     old = get_process_name(base)

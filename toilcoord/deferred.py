@@ -675,6 +675,9 @@ def _make_state_dir(path: str) -> None:
         if mode != _STATE_DIR_MODE:  # on the opened directory: nobody can swap it meanwhile
             logger.info("making deferred-function directory %s mode 0700 (it was %o)", path, mode)
             os.fchmod(fd, _STATE_DIR_MODE)
+    except OSError as error:
+        if error.errno != errno.ESTALE:
+            raise  # else removed meanwhile (NFS): the caller makes it again
     finally:
         os.close(fd)
 
@@ -682,15 +685,22 @@ def _make_state_dir(path: str) -> None:
 def _open_state_dir(path: str) -> int:
     """An fd on the state directory: a real directory (never a symlink) of
     this user that nobody else can write, or PermissionError; everything
-    in it is then opened relative to this fd. FileNotFoundError if missing."""
+    in it is then opened relative to this fd. FileNotFoundError if missing
+    (or removed meanwhile: on NFS, a stale handle)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            info = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
     except OSError as error:
         if error.errno in (errno.ELOOP, errno.ENOTDIR):
             raise PermissionError(errno.EPERM, "refusing to use a deferred-function directory that is not "
                                   "a directory (a symlink?)", path) from None
+        if error.errno == errno.ESTALE:
+            raise FileNotFoundError(errno.ENOENT, "removed meanwhile (a stale NFS file handle)", path) from None
         raise
-    info = os.fstat(fd)
     if info.st_uid != os.geteuid() or info.st_mode & 0o022:
         os.close(fd)
         raise PermissionError(errno.EPERM, f"refusing to use a deferred-function directory owned by uid "
