@@ -149,6 +149,22 @@ def becoming(user):
     return become
 
 
+def fstat_failing_once(monkeypatch, module, code):
+    """Make *module*'s os.fstat fail once with errno *code* (a fault such as
+    NFS's ESTALE that cannot be caused here); returns the list that is empty
+    once it has failed."""
+    real_fstat, failures = os.fstat, [code]
+
+    def failing_once(fd):
+        if failures:
+            failed = failures.pop()
+            raise OSError(failed, os.strerror(failed))
+        return real_fstat(fd)
+
+    monkeypatch.setattr(module.os, "fstat", failing_once)
+    return failures
+
+
 def on_network_filesystem(path):
     """True where names may be cached by the client (NFS and the like)."""
     from toilcoord.mounts import names_may_be_stale

@@ -27,7 +27,7 @@ from toilcoord.locks import (
 from toilcoord.mounts import filesystem_info
 from toilcoord.mutex import global_mutex, retire_mutex_files
 
-from conftest import open_fds, release, run_in_fork
+from conftest import fstat_failing_once, open_fds, release, run_in_fork
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -502,15 +502,7 @@ def test_a_stale_nfs_handle_at_open_is_gone_or_tried_again(tmp_path, monkeypatch
     # fstat gives ESTALE (seen in the torture on the rig); cannot be caused here.
     path = tmp_path / "f"
     path.write_text("")
-    real_fstat, failures = os.fstat, [errno.ESTALE]
-
-    def stale_once(fd):
-        if failures:
-            code = failures.pop()
-            raise OSError(code, os.strerror(code))
-        return real_fstat(fd)
-
-    monkeypatch.setattr(locks.os, "fstat", stale_once)
+    fstat_failing_once(monkeypatch, locks, errno.ESTALE)
     tracked = set(locks._held_fds)
     if create:
         fd = locks._open_tracked(str(path), locks._OPEN_OR_CREATE)

@@ -13,7 +13,8 @@ from toilcoord import mutex as mutex_module
 from toilcoord.locks import ForeignFileError, LockTimeout, check_name, safe_unlock_and_close, take_over
 from toilcoord.mutex import global_mutex, retire_mutex_files
 
-from conftest import alive, blocked_on_flock, kill_orphan, left_after_exit, open_fds, release, wait_until
+from conftest import (alive, blocked_on_flock, fstat_failing_once, kill_orphan, left_after_exit, open_fds, release,
+                      wait_until)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -617,15 +618,7 @@ def test_a_stale_handle_makes_us_reopen(tmp_path, monkeypatch):
     # ESTALE (an NFS file removed on the server) cannot be caused locally.
     with global_mutex(tmp_path, "m"):
         pass
-    real_fstat, failures = os.fstat, [errno.ESTALE]
-
-    def fstat_once_stale(fd):
-        if failures:
-            code = failures.pop()
-            raise OSError(code, os.strerror(code))
-        return real_fstat(fd)
-
-    monkeypatch.setattr(mutex_module.os, "fstat", fstat_once_stale)
+    failures = fstat_failing_once(monkeypatch, mutex_module, errno.ESTALE)
     with global_mutex(tmp_path, "m"):
         assert not failures
     monkeypatch.undo()

@@ -158,15 +158,23 @@ def _is_reachable(obj: Any, module: Optional[str]) -> bool:
     return found is obj
 
 
-def _reduce_class(cls: type) -> Any:
-    module = cls.__module__
-    if _is_reachable(cls, module):
+def _reduce_by_name(obj: Any) -> Any:
+    """How pickle reduces a class or function it can find again by name:
+    NotImplemented (pickle's own way), a lookup under the real name of the
+    ``__main__`` module, or None: it must travel by value."""
+    module = obj.__module__
+    if _is_reachable(obj, module):
         if module != "__main__":
             return NotImplemented  # by name, as pickle always does
         main = _main_module_name()
         if main is not None:
-            return _load_attribute, (main, cls.__qualname__)
-    return _reduce_class_by_value(cls)
+            return _load_attribute, (main, obj.__qualname__)
+    return None
+
+
+def _reduce_class(cls: type) -> Any:
+    reduced = _reduce_by_name(cls)
+    return reduced if reduced is not None else _reduce_class_by_value(cls)
 
 
 # Set by the interpreter on every class, or describing its instances' layout:
@@ -210,13 +218,9 @@ class _EmptyCell:
 
 
 def _reduce_function(fn: types.FunctionType) -> Any:
-    module = fn.__module__
-    if _is_reachable(fn, module):
-        if module != "__main__":
-            return NotImplemented  # by name, as pickle always does
-        main = _main_module_name()
-        if main is not None:
-            return _load_attribute, (main, fn.__qualname__)
+    reduced = _reduce_by_name(fn)
+    if reduced is not None:
+        return reduced
     import marshal
 
     globals_module = _globals_module(fn)
@@ -225,7 +229,7 @@ def _reduce_function(fn: types.FunctionType) -> Any:
     values = tuple(_cell_value(cell) for cell in closure)
     # The state is set after the function exists and is memoised, so a
     # function may refer to itself through its closure or globals.
-    state = (fn.__qualname__, module, fn.__defaults__, fn.__kwdefaults__,
+    state = (fn.__qualname__, fn.__module__, fn.__defaults__, fn.__kwdefaults__,
              fn.__dict__ or None, values, captured)
     arguments = (_code_tag(), marshal.dumps(fn.__code__), globals_module, fn.__name__, len(closure))
     return _new_function, arguments, state, None, None, _set_function_state
