@@ -345,7 +345,9 @@ def _lock_and_verify(fd: int, path: str, block: bool,
             try:
                 safe_lock(fd, block=False)
             except OSError as error:
-                if error.errno not in (errno.EAGAIN, errno.EACCES):
+                # Taken by someone else, or (ESTALE) already removed on the
+                # NFS server by someone who took it: either way not ours.
+                if error.errno not in (errno.EAGAIN, errno.EACCES, errno.ESTALE):
                     raise
                 _close_tracked(fd)
                 return False
@@ -402,6 +404,9 @@ def take_over(path: PathArg, shared: bool = False, dir_fd: Optional[int] = None)
         _close_tracked(fd)
         if error.errno in (errno.EAGAIN, errno.EACCES):
             return None
+        if error.errno == errno.ESTALE:  # removed on the NFS server meanwhile
+            raise FileNotFoundError(errno.ENOENT, "removed meanwhile (a stale NFS file handle)",
+                                    os.fspath(path)) from error
         raise
     if locked_file_is(fd, path, dir_fd):
         return fd
