@@ -898,6 +898,11 @@ class DeferredFunctionManager:
             try:
                 os.fchmod(held.fd, _STATE_FILE_MODE)  # whatever the umask: orphan-runners must write the marks
                 write_fd = _open_for_writing(held.path, held.fd)
+            except OSError as error:
+                held.release()
+                if error.errno not in (errno.ENOENT, errno.ESTALE):
+                    raise
+                continue  # removed meanwhile (on NFS, a stale handle): make another
             except BaseException:
                 held.release()
                 raise

@@ -125,7 +125,8 @@ def _retry_flock(fd: int, operation: int, error: OSError) -> None:
 
 
 def safe_unlock_and_close(fd: int) -> None:
-    """Unlock and close *fd*; EIO/ENOLCK on unlock are logged and swallowed.
+    """Unlock and close *fd*; EIO/ENOLCK on unlock are logged and swallowed,
+    and so is ESTALE (the file is gone from the NFS server, and its lock with it).
 
     The fd is always closed. (Closing alone would release the lock too,
     unless a forked child shares the open file description.)
@@ -133,10 +134,13 @@ def safe_unlock_and_close(fd: int) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_UN)
     except OSError as error:
-        if error.errno not in _RETRYABLE:
+        if error.errno == errno.ESTALE:
+            logger.debug("fd %d is stale (removed on the NFS server); closing it", fd)
+        elif error.errno in _RETRYABLE:
+            logger.warning("unlocking fd %d failed with %s; closing it anyway",
+                           fd, errno.errorcode.get(error.errno, error.errno))
+        else:
             raise
-        logger.warning("unlocking fd %d failed with %s; closing it anyway",
-                       fd, errno.errorcode.get(error.errno, error.errno))
     finally:
         os.close(fd)
 
