@@ -213,9 +213,10 @@ def _open_tracked(path: str, flags: int, dir_fd: Optional[int] = None, owned: bo
     On NFS a file removed by another client between the lookup and its use
     gives ESTALE: an open that may create the file tries again, one of an
     existing file raises FileNotFoundError (it is gone)."""
-    for _ in range(_STALE_RETRIES):
+    for attempt in range(_STALE_RETRIES):
         try:
-            fd = os.open(path, flags, _FILE_MODE, dir_fd=dir_fd)
+            fd = _open_looking_again(path, flags, dir_fd) if attempt else os.open(path, flags, _FILE_MODE,
+                                                                                  dir_fd=dir_fd)
         except OSError as error:
             _raise_unless_stale(error, path, flags)
             continue
@@ -232,6 +233,17 @@ def _open_tracked(path: str, flags: int, dir_fd: Optional[int] = None, owned: bo
         _check_opened(fd, info, path, owned)
         return fd
     raise OSError(errno.ESTALE, f"still a stale file handle after {_STALE_RETRIES} tries", path)
+
+
+def _open_looking_again(path: str, flags: int, dir_fd: Optional[int]) -> int:
+    """Open after a stale handle: the client still has the removed file's
+    name cached. An exclusive create makes it look the name up at the
+    server (and creates the file if the name is free); then the plain open
+    finds what is there now."""
+    try:
+        return os.open(path, flags | os.O_EXCL, _FILE_MODE, dir_fd=dir_fd)
+    except FileExistsError:
+        return os.open(path, flags, _FILE_MODE, dir_fd=dir_fd)
 
 
 _STALE_RETRIES = 10
