@@ -4,6 +4,7 @@ import functools
 import gc
 import importlib.util
 import logging
+import errno
 import os
 import pickle
 import signal
@@ -1130,3 +1131,32 @@ def test_a_fifo_named_like_a_state_file_never_hangs_the_scan(base):
     run_orphans_here(base)  # the test's timeout is the hang detector
     DeferredFunctionManager.cleanupWorker(base)
     assert state_files(base) == [os.path.basename(fifo)], "skipped, left alone"
+
+
+def test_a_state_file_gone_stale_while_being_opened_is_replaced_without_leaking(base, monkeypatch):
+    # On NFS (seen on the rig) the fresh state file can be removed on the
+    # server between its creation and its second open: ESTALE, which cannot
+    # be caused here. The manager makes another; no fd is left open.
+    import toilcoord.deferred as deferred_module
+
+    real_open, real_fstat, writers = os.open, os.fstat, []
+
+    def noting_writers(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_ACCMODE == os.O_WRONLY:
+            writers.append(fd)
+        return fd
+
+    def stale_on_the_second_open(fd):
+        if fd in writers and len(writers) == 1:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        return real_fstat(fd)
+
+    before = open_fds()
+    monkeypatch.setattr(deferred_module.os, "open", noting_writers)
+    monkeypatch.setattr(deferred_module.os, "fstat", stale_on_the_second_open)
+    manager = DeferredFunctionManager(base)
+    monkeypatch.undo()
+    assert len(writers) == 2, "a second state file was made"
+    manager.close()
+    assert open_fds() == before

@@ -716,7 +716,11 @@ def _open_state_dir(path: str) -> int:
 def _open_for_writing(path: str, locked_fd: int, dir_fd: Optional[int] = None) -> int:
     """Open the file we hold locked through *locked_fd* for writing too."""
     fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dir_fd)
-    written, locked = os.fstat(fd), os.fstat(locked_fd)
+    try:
+        written, locked = os.fstat(fd), os.fstat(locked_fd)
+    except BaseException:  # ESTALE on NFS: removed meanwhile
+        os.close(fd)
+        raise
     if (written.st_dev, written.st_ino) != (locked.st_dev, locked.st_ino):
         os.close(fd)
         raise FileNotFoundError(errno.ENOENT, "state file was replaced while being opened", path)
