@@ -86,15 +86,17 @@ def test_a_vendored_copy_works_under_another_name(tmp_path):
     shutil.copytree(PACKAGE, vendor / "toilcoord", ignore=shutil.ignore_patterns("__pycache__"))
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     code = """
-import sys, tempfile
+import sys
 from mypipeline._vendor.toilcoord import ModuleDescriptor, global_mutex
 assert "toilcoord" not in sys.modules, "the vendored copy imported the original"
-with global_mutex(tempfile.mkdtemp(), "m"):
+with global_mutex(sys.argv[1], "m"):
     pass
 print(ModuleDescriptor.forModule("mypipeline._vendor.toilcoord.locks").belongsToToil)
 """
-    done = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                          timeout=60)
+    coord = tmp_path / "coord"  # not a mkdtemp of its own: nothing may be left in $TMPDIR
+    coord.mkdir()
+    done = subprocess.run([sys.executable, "-c", code, str(coord)], cwd=str(tmp_path), env=env, capture_output=True,
+                          text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
     smoke = subprocess.run([sys.executable, "-m", "mypipeline._vendor.toilcoord"], cwd=str(tmp_path), env=env,
                            capture_output=True, text=True, timeout=90)
