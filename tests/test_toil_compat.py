@@ -19,11 +19,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from test_arena import MEMBER as ARENA_MEMBER
 
 toil = pytest.importorskip("toil", reason="Toil is not installed (.ci/toil runs this with toil==9.6.0)")
 
@@ -422,17 +423,9 @@ def test_toils_cleanup_does_not_crash_on_our_live_or_dead_state_files(tmp_path):
     assert not out.exists() and not (base / "deferred").exists()
 
 
-TOIL_ARENA_MEMBER = """
-import sys
-from toil.lib.threading import LastProcessStandingArena
-arena = LastProcessStandingArena(sys.argv[1], "mixed")
-arena.enter()
-print("in", flush=True)
-sys.stdin.readline()
-print("last" if list(arena.leave()) else "not-last", flush=True)
-"""
-
-OUR_ARENA_MEMBER = TOIL_ARENA_MEMBER.replace("from toil.lib.threading import", "from toilcoord import")
+# test_arena's member in arena "mixed", ours and as Toil's arena.
+OUR_ARENA_MEMBER = ARENA_MEMBER.replace('"test"', '"mixed"')
+TOIL_ARENA_MEMBER = OUR_ARENA_MEMBER.replace("from toilcoord import", "from toil.lib.threading import")
 
 
 def start_member(code, directory, env):

@@ -319,7 +319,7 @@ class HeldFile:
                 continue
             _held_fds.add(fd)
             try:
-                locked = _lock_and_verify(fd, path, block=False, verify=verify)
+                locked = _lock_new(fd, path, verify)
             except BaseException:
                 unlink_if_present(path)  # ours: made with O_EXCL, never locked
                 raise
@@ -348,32 +348,27 @@ def _close_tracked(fd: int) -> None:
     os.close(fd)
 
 
-def _lock_and_verify(fd: int, path: str, block: bool,
-                     deadline: Optional[float] = None, verify: bool = True) -> bool:
-    """Lock the tracked *fd* and check it is still linked at *path*; on False
-    or on an exception *fd* has been closed and untracked."""
+def _lock_new(fd: int, path: str, verify: bool) -> bool:
+    """Lock the tracked, freshly created *fd* without waiting and check it
+    is still linked at *path*; on False or on an exception *fd* has been
+    closed and untracked."""
     try:
-        if deadline is not None:
-            _lock_until(fd, path, deadline)
-        elif block:
-            safe_lock(fd)
-        else:
-            try:
-                safe_lock(fd, block=False)
-            except OSError as error:
-                # Taken by someone else, or (ESTALE) already removed on the
-                # NFS server by someone who took it: either way not ours.
-                if error.errno not in (errno.EAGAIN, errno.EACCES, errno.ESTALE):
-                    raise
-                _close_tracked(fd)
-                return False
+        try:
+            safe_lock(fd, block=False)
+        except OSError as error:
+            # Taken by someone else, or (ESTALE) already removed on the
+            # NFS server by someone who took it: either way not ours.
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.ESTALE):
+                raise
+            _close_tracked(fd)
+            return False
         if not verify or locked_file_is(fd, path):
             return True
     except BaseException:
         _close_tracked(fd)
         raise
-    # The file was unlinked by its last holder (or a taker-over) between our
-    # open and our lock: it is garbage, and so is our fd.
+    # A taker-over unlinked the fresh, not yet locked file between our
+    # create and our lock: it is garbage, and so is our fd.
     _close_tracked(fd)
     return False
 
