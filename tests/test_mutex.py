@@ -6,6 +6,8 @@ import os
 import signal
 import subprocess
 import threading
+import time
+import types
 
 import pytest
 
@@ -661,21 +663,41 @@ def test_idle_lock_files_kept_open_are_bounded(tmp_path):
 
 # ------------------------------------------------------------- fairness
 
+def clock_noting_sleeps(pauses, really=False):
+    """The time module as the mutex module sees it, noting its sleeps (and
+    sleeping them if *really*); other modules' sleeps are not noted."""
+    def sleep(seconds):
+        pauses.append(seconds)
+        if really:
+            time.sleep(seconds)
+    return types.SimpleNamespace(monotonic=time.monotonic, sleep=sleep)
+
+
+def releaser_once_blocked(holder):
+    """A started thread that releases *holder* once this process waits in
+    flock for it, so the next acquisition is a contended one."""
+    def release_when_we_wait():
+        wait_until(lambda: blocked_on_flock(os.getpid()))
+        release(holder)
+
+    thread = threading.Thread(target=release_when_we_wait)
+    thread.start()
+    return thread
+
+
 def test_on_a_network_filesystem_a_contended_holder_lets_others_in(tmp_path, monkeypatch, children):
     # Another node's waiter asks the NFS server later than this node's next
     # request would: after a contended release, a process pauses briefly.
     monkeypatch.setattr(mutex_module, "names_may_be_stale", lambda device, path: True)
     pauses = []
-    real_sleep = mutex_module.time.sleep
-    monkeypatch.setattr(mutex_module.time, "sleep", lambda seconds: pauses.append(seconds) or real_sleep(seconds))
+    monkeypatch.setattr(mutex_module, "time", clock_noting_sleeps(pauses, really=True))
     with global_mutex(tmp_path, "m"):
         pass
     with global_mutex(tmp_path, "m"):
         pass
     assert pauses == [], "uncontended: no pause"
     holder = start_holder(children, tmp_path)
-    release_later = threading.Timer(0.05, release, (holder,))
-    release_later.start()
+    release_later = releaser_once_blocked(holder)
     with global_mutex(tmp_path, "m"):  # waits for the holder: contended
         pass
     with global_mutex(tmp_path, "m"):  # at once: first a pause
@@ -687,10 +709,9 @@ def test_on_a_network_filesystem_a_contended_holder_lets_others_in(tmp_path, mon
 
 def test_on_a_local_filesystem_nobody_pauses(tmp_path, monkeypatch, children):
     pauses = []
-    monkeypatch.setattr(mutex_module.time, "sleep", pauses.append)
+    monkeypatch.setattr(mutex_module, "time", clock_noting_sleeps(pauses))
     holder = start_holder(children, tmp_path)
-    release_later = threading.Timer(0.05, release, (holder,))
-    release_later.start()
+    release_later = releaser_once_blocked(holder)
     with global_mutex(tmp_path, "m"):  # a blocking wait, not a polling one
         pass
     release_later.join()
