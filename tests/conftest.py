@@ -171,6 +171,25 @@ def on_network_filesystem(path):
     return names_may_be_stale(os.stat(path).st_dev, str(path))
 
 
+@pytest.fixture
+def through_another_client():
+    """Maps a path on an NFS mount to the same file seen through a second
+    mount of the same export, which has its own name and attribute caches
+    (as another client would). The NFS rig's tests stage names the two
+    mount points in ``TOILCOORD_TEST_TWIN_MOUNTS`` (``A:B``); elsewhere the
+    test skips."""
+    twins = os.environ.get("TOILCOORD_TEST_TWIN_MOUNTS", "")
+    if ":" not in twins:
+        pytest.skip("needs two mounts of one NFS export (the NFS rig's tests stage has them)")
+    mount, twin = twins.split(":", 1)
+
+    def twin_of(path):
+        relative = os.path.relpath(os.path.realpath(path), mount)
+        assert not relative.startswith(".."), f"{path} is not on {mount}"
+        return os.path.join(twin, relative)
+    return twin_of
+
+
 def left_after_exit(directory):
     """What this process leaves in *directory* once it exits normally (the
     mutex and arena files it keeps open for its next use are removed)."""

@@ -326,8 +326,8 @@ class TakerInTheMiddle:
         self.victim = None
         self.taken_fd = None
 
-    def __call__(self, path, flags, mode=0o777):
-        fd = self.real_open(path, flags, mode)
+    def __call__(self, path, flags, mode=0o777, **keywords):
+        fd = self.real_open(path, flags, mode, **keywords)
         if flags & os.O_EXCL and self.victim is None:
             self.victim = path
             self.taken_fd = self.real_open(path, os.O_RDWR)
@@ -356,6 +356,47 @@ def test_held_file_create_never_returns_a_file_someone_else_holds(tmp_path, monk
     finally:
         held.release()
     assert left_in(str(tmp_path)) == [], "on NFS the silly-renamed victim goes a moment later"
+
+
+class ProberOnAnotherClient(TakerInTheMiddle):
+    """Right after HeldFile.create's O_EXCL create, a process-name prober on
+    another NFS client (a second mount, its own caches) finds the fresh file
+    unlocked, so takes it for a dead process's: it unlinks it and unlocks
+    it, but has not closed it yet. Its client renames the open file to
+    ``.nfsXXXX`` instead of removing it, so the file keeps one link, while
+    our client still has the name cached as ours."""
+
+    def __init__(self, twin_of):
+        super().__init__(discard=True)
+        self.twin_of = twin_of
+
+    def __call__(self, path, flags, mode=0o777, **keywords):
+        fd = self.real_open(path, flags, mode, **keywords)
+        if flags & os.O_EXCL and self.victim is None:
+            self.victim, twin = path, self.twin_of(path)
+            self.taken_fd = self.real_open(twin, os.O_RDWR)
+            fcntl.flock(self.taken_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            os.unlink(twin)
+            fcntl.flock(self.taken_fd, fcntl.LOCK_UN)
+        return fd
+
+
+def test_held_file_create_sees_its_file_removed_through_another_nfs_client(tmp_path, monkeypatch,
+                                                                             through_another_client):
+    prober = ProberOnAnotherClient(through_another_client)
+    monkeypatch.setattr(locks.os, "open", prober)
+    try:
+        held = HeldFile.create(str(tmp_path), prefix="p-")
+    finally:
+        monkeypatch.undo()
+        if prober.taken_fd is not None:
+            os.close(prober.taken_fd)  # its client now removes the renamed file
+    try:
+        assert held.path != prober.victim, "took the file another client removed for ours"
+        assert locked_file_is(held.fd, held.path)
+    finally:
+        held.release()
+    assert left_in(str(tmp_path)) == []
 
 
 def test_held_file_create_skips_existing_names(tmp_path, monkeypatch):

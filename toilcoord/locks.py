@@ -31,7 +31,7 @@ import time
 from typing import Dict, List, Optional, Union
 
 from .files import unlink_if_present
-from .mounts import FilesystemInfo, filesystem_info
+from .mounts import FilesystemInfo, filesystem_info, names_may_be_stale
 
 __all__ = [
     "FilesystemInfo",
@@ -362,7 +362,7 @@ def _lock_new(fd: int, path: str, verify: bool) -> bool:
                 raise
             _close_tracked(fd)
             return False
-        if not verify or locked_file_is(fd, path):
+        if not verify or _new_file_is_linked(fd, path):
             return True
     except BaseException:
         _close_tracked(fd)
@@ -371,6 +371,33 @@ def _lock_new(fd: int, path: str, verify: bool) -> bool:
     # create and our lock: it is garbage, and so is our fd.
     _close_tracked(fd)
     return False
+
+
+def _new_file_is_linked(fd: int, path: str) -> bool:
+    """:func:`locked_file_is` for a file we created at *path* just now,
+    even where the name may be cached by an NFS client."""
+    if names_may_be_stale(os.fstat(fd).st_dev, path):
+        # A prober on another client may have taken the file over before we
+        # locked it and unlinked it; while the prober has it open, its client
+        # keeps it as .nfsXXXX, so it has one link, and our client may still
+        # have our name cached. Only a lookup at the server tells.
+        fresh = _create_if_free(path)
+        if fresh is not None:
+            _close_tracked(fresh)
+            unlink_if_present(path)  # our probe, an empty file of a random name
+            return False
+    return locked_file_is(fd, path)
+
+
+def _create_if_free(path: str) -> Optional[int]:
+    """Create *path* exclusively and return its tracked fd, or None if the
+    name is taken. On NFS an exclusive create cannot trust a cached name,
+    so the client looks the name up at the server: this is the one way to
+    learn whether a file we hold is still linked there."""
+    try:
+        return _open_tracked(path, _CREATE_NEW)
+    except FileExistsError:
+        return None
 
 
 _POLL_FIRST = 0.001

@@ -35,9 +35,9 @@ from .locks import (
     ForeignFileError,
     LockTimeout,
     PathArg,
-    _CREATE_NEW,
     _OPEN_OR_CREATE,
     _close_tracked,
+    _create_if_free,
     _lock_until,
     _open_tracked,
     check_name,
@@ -255,11 +255,8 @@ def _still_linked(gate: _Gate, path: str) -> bool:
         # An exclusive create makes the client look the name up at the
         # server. If it succeeds, our file was unlinked and the new one
         # is the lock file now: lock that instead.
-        try:
-            fresh = _open_tracked(path, _CREATE_NEW)
-        except FileExistsError:
-            pass
-        else:
+        fresh = _create_if_free(path)
+        if fresh is not None:
             _drop(gate)
             gate.fd = fresh  # on the same device: gate.network stands
             return False
