@@ -190,17 +190,17 @@ def test_cleanup_tolerates_files_removed_under_it_by_others(tmp_path, monkeypatc
     dead_arena = tmp_path / "gone-arena-live"
     dead_arena.write_text("")
     (tmp_path / "deferred").mkdir(mode=0o700)
-    real_take_over, real_cleanup = toilcoord.arena.take_over, DeferredFunctionManager.cleanupWorker
+    real_remove, real_cleanup = toilcoord.arena.remove_unheld_lock_file, DeferredFunctionManager.cleanupWorker
 
-    def take_over_after_a_leaver_removed_it(path):
+    def remove_after_a_leaver_removed_it(path):
         dead_arena.unlink()
-        return real_take_over(path)
+        return real_remove(path)
 
     def cleanup_beside_another(base):
         real_cleanup(base)
         shutil.rmtree(os.path.join(base, "deferred"), ignore_errors=True)
 
-    monkeypatch.setattr(toilcoord.arena, "take_over", take_over_after_a_leaver_removed_it)
+    monkeypatch.setattr(toilcoord.arena, "remove_unheld_lock_file", remove_after_a_leaver_removed_it)
     monkeypatch.setattr(DeferredFunctionManager, "cleanupWorker", staticmethod(cleanup_beside_another))
     said = list(cleanup_directory(str(tmp_path)))
     assert "arena gone: no live members; removed" in said

@@ -1,6 +1,7 @@
 """Tests for toilcoord.mutex: real processes, threads, signals and files."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -787,3 +788,40 @@ def test_a_directory_of_another_user_is_refused(tmp_path):
         with global_mutex(theirs, "m"):
             pass
     assert os.listdir(theirs) == []
+
+
+def test_reaping_through_a_stale_name_never_removes_a_held_file(tmp_path, children, monkeypatch,
+                                                               through_another_client):
+    # On NFS: just after the reaper listed the directory, another client
+    # unlinks the old lock file while it still has it open (so the server
+    # keeps it as .nfsXXXX, unheld, with one link), and a process there
+    # makes and holds a new one. The reaper, its client still caching the
+    # name for the old file, took that over and unlinked "it" by name,
+    # which removed the held file.
+    from toilcoord.mutex import reap_unheld_mutex_files
+    path, twin = tmp_path / MUTEX_FILE, through_another_client(tmp_path / MUTEX_FILE)
+    path.write_text("")
+    real_scandir, held = os.scandir, []
+
+    @contextlib.contextmanager
+    def listed_then_replaced_elsewhere(directory):
+        with real_scandir(directory) as entries:
+            listed = list(entries)
+        os.lstat(path)  # the reaper's client has the old file's name cached
+        held.append(os.open(twin, os.O_RDWR))
+        os.unlink(twin)  # renamed .nfsXXXX by the other client, which has it open
+        held.append(start_holder(children, os.path.dirname(twin)))
+        yield iter(listed)
+
+    monkeypatch.setattr(os, "scandir", listed_then_replaced_elsewhere)
+    try:
+        removed = reap_unheld_mutex_files(tmp_path)
+        monkeypatch.undo()
+        with pytest.raises(FileExistsError):  # an exclusive create looks the name up at the server
+            os.close(os.open(twin, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        assert removed == []
+    finally:
+        monkeypatch.undo()
+        os.close(held[0])
+        release(held[1])
+    assert left_after_exit(tmp_path) == []

@@ -7,8 +7,8 @@ import os
 import time
 from typing import Iterator, Optional, Tuple
 
-from .locks import PathArg, check_name, discard_taken, fork_epoch, safe_lock, take_over
-from .mutex import _acquire, _Gate, _hold_gate, _unlock, global_mutex
+from .locks import PathArg, check_name, fork_epoch, safe_lock
+from .mutex import _acquire, _Gate, _hold_gate, _unlock, global_mutex, remove_unheld_lock_file
 
 __all__ = ["LastProcessStandingArena", "reap_dead_arenas"]
 
@@ -183,12 +183,7 @@ def reap_dead_arenas(base_dir: PathArg) -> Iterator[Tuple[str, bool]]:
                        if entry.name.endswith(_LIVE_SUFFIX) and len(entry.name) > len(_LIVE_SUFFIX)
                        and entry.is_file(follow_symlinks=False))
     for name in names:
-        path = os.path.join(os.fspath(base_dir), name + _LIVE_SUFFIX)
+        path = os.path.abspath(os.path.join(os.fspath(base_dir), name + _LIVE_SUFFIX))
         with global_mutex(base_dir, name + _LOCK_SUFFIX):
-            try:
-                fd = take_over(path)
-            except FileNotFoundError:
-                fd = -1  # removed meanwhile
-            if fd is not None and fd >= 0:
-                discard_taken(fd, path)
-            yield name, fd is None
+            live = not remove_unheld_lock_file(path)
+        yield name, live

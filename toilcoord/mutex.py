@@ -41,10 +41,8 @@ from .locks import (
     _lock_until,
     _open_tracked,
     check_name,
-    discard_taken,
     ensure_filesystem_lockable,
     safe_lock,
-    take_over,
 )
 from .files import unlink_if_present
 from .mounts import names_may_be_stale
@@ -123,18 +121,18 @@ def _hold_gate(path: str, timeout: Optional[float] = None) -> _Gate:
         gate.lock.release()  # retired while we queued: take the new one
 
 
-def _retire_gate(path: str, gate: _Gate) -> bool:
+def _retire_gate(path: str, gate: _Gate) -> Optional[bool]:
     """Retire *gate* if no thread uses it and no membership holds it; the
-    guard is held. True if it was retired."""
+    guard is held. None if it was not retired, else whether its file was
+    removed."""
     if gate.members or not gate.lock.acquire(blocking=False):
-        return False
+        return None
     try:
         del _gates[path]
         gate.retired = True
-        _retire(path, gate)
+        return gate.fd >= 0 and _remove_unheld(path, gate)
     finally:
         gate.lock.release()
-    return True
 
 
 def _retire_idle(count: int) -> None:
@@ -142,7 +140,7 @@ def _retire_idle(count: int) -> None:
     for path, gate in list(_gates.items()):
         if count <= 0:
             return
-        count -= _retire_gate(path, gate)
+        count -= _retire_gate(path, gate) is not None
 
 
 # ------------------------------------------------------------ the lock file
@@ -283,19 +281,34 @@ def _unlock_failed(gate: _Gate, error: OSError) -> None:
     _drop(gate)
 
 
-def _retire(path: str, gate: _Gate) -> None:
-    """Remove the lock file if no process holds it, and close the kept fd.
-    The unlink happens while holding the lock, as every unlink of a lock
-    file must: whoever waits on it then sees it gone and starts again."""
-    if gate.fd < 0:
-        return
+def _remove_unheld(path: str, gate: _Gate) -> bool:
+    """Remove the lock file if no process holds it, and close ``gate.fd``;
+    True if removed. The unlink happens while holding the lock, as every
+    unlink of a lock file must: whoever waits on it then sees it gone and
+    starts again. The lock is taken as any acquirer takes it, so on NFS
+    the file is known to be linked at the server, not only in a cache."""
     try:
         if _acquire(gate, path, block=False):
             unlink_if_present(path)
+            return True
     except OSError as error:
         logger.debug("not removing lock file %s: %s", path, error)
     finally:
         _drop(gate)
+    return False
+
+
+def remove_unheld_lock_file(path: str) -> bool:
+    """Remove the lock file at *path* (absolute) if no process holds it, as
+    a mutex acquirer would lock it; True if removed (if the file was gone,
+    the one made to lock is removed again). A lock file this process keeps
+    is retired with it; one it holds, or that an arena membership of it
+    holds, is left."""
+    with _gates_guard:
+        gate = _gates.get(path)
+        if gate is not None:
+            return bool(_retire_gate(path, gate))
+    return _remove_unheld(path, _Gate())
 
 
 def retire_mutex_files() -> None:
@@ -317,18 +330,9 @@ def reap_unheld_mutex_files(base_dir: PathArg) -> List[str]:
     their paths. Safe at any time: a process that later locks a removed
     file sees it gone and makes a new one."""
     with os.scandir(base_dir) as entries:
-        candidates = sorted(entry.path for entry in entries
+        candidates = sorted(os.path.abspath(entry.path) for entry in entries
                             if entry.name.startswith(_MUTEX_PREFIX) and entry.is_file(follow_symlinks=False))
-    removed = []
-    for path in candidates:
-        try:
-            fd = take_over(path)
-        except FileNotFoundError:
-            continue  # removed meanwhile
-        if fd is not None:
-            discard_taken(fd, path)
-            removed.append(path)
-    return removed
+    return [path for path in candidates if remove_unheld_lock_file(path)]
 
 
 def _forget_parent_gates() -> None:
