@@ -48,7 +48,7 @@ TOIL_TESTS = (
 )
 
 #: Tests that pass on Toil and cannot with our names, and why. Each is a row
-#: of the README's "Differences from Toil".
+#: of docs/toil.md, "Differences from Toil".
 CANNOT_PASS = {
     "src/resourceTest.py::TestResource::testStandAlone":
         "mocks toil.resource.urlopen, a name private to Toil's module, and asserts that Toil's "
@@ -133,7 +133,7 @@ def write_table(reporter, outcomes: dict) -> None:
         lines.append("%-44s %-26s %-26s" % (name, tally(row[0] for row in rows), tally(row[1] for row in rows)))
     both = [value for value in outcomes.values()]
     lines.append("%-44s %-26s %-26s" % ("all", tally(row[0] for row in both), tally(row[1] for row in both)))
-    differ = ["  %s: Toil %s, toilcoord %s%s" % (key, toil_outcome, ours, " (README: cannot pass)"
+    differ = ["  %s: Toil %s, toilcoord %s%s" % (key, toil_outcome, ours, " (docs/toil.md: cannot pass)"
                                                   if key in CANNOT_PASS else "")
               for key, (toil_outcome, ours) in outcomes.items() if toil_outcome != ours]
     lines += ["differ:"] + (differ or ["  none"])
@@ -167,7 +167,7 @@ def test_toils_own_tests_pass_with_our_names(toil_outcomes, test_file):
 
 def test_tests_listed_as_unpassable_still_fail_only_for_the_reason_given(toil_outcomes):
     for key in CANNOT_PASS:
-        assert key in toil_outcomes, f"{key} is no longer a test of Toil's: update CANNOT_PASS and the README"
+        assert key in toil_outcomes, f"{key} is no longer a test of Toil's: update CANNOT_PASS and docs/toil.md"
 
 
 # --------------------------------------------------------- the swap itself
@@ -300,7 +300,7 @@ def test_deferred_function_of_a_sigkilled_job_workflow(workflows):
     ours = outcome_of(workflows, "deferred after SIGKILL", "1")
     assert toil_result == {"workflow_failed": True, "deferred": ["deferred function ran"], "workers": ["swapped False"]}
     assert ours == {"workflow_failed": True, "deferred": ["deferred function ran"], "workers": ["swapped True"]}
-    # Mixed: neither side crashes on the other's state file (README: each runs only its own).
+    # Mixed: neither side crashes on the other's state file (docs/toil.md: each runs only its own).
     for mode, worker in (("workers", "swapped True"), ("leader", "swapped False")):
         assert outcome_of(workflows, "deferred after SIGKILL", mode) == {
             "workflow_failed": True, "deferred": [], "workers": [worker]}
@@ -419,7 +419,7 @@ def test_toils_cleanup_does_not_crash_on_our_live_or_dead_state_files(tmp_path):
         ToilManager.cleanupWorker(str(base))  # Toil's batch-system cleanup: no UnpicklingError
     finally:
         sigkill(live)
-    # Toil's cleanup then removes deferred/, our dead worker's file with it (README).
+    # Toil's cleanup then removes deferred/, our dead worker's file with it (docs/toil.md).
     assert not out.exists() and not (base / "deferred").exists()
 
 
@@ -452,7 +452,7 @@ def test_our_member_is_not_elected_while_a_toil_member_is_inside(tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason="Toil's leaver looks only in <name>-arena-members/, where our members "
-                   "are not registered (README: Differences from Toil; the registration is proposed in issue 11)")
+                   "are not registered (docs/toil.md: Differences from Toil; the registration is proposed in issue 11)")
 def test_a_toil_member_is_not_elected_while_ours_is_inside(tmp_path):
     env = plain_env(tmp_path)
     ours = start_member(OUR_ARENA_MEMBER, tmp_path, env)
