@@ -109,7 +109,7 @@ def run_toils_tests(mode: str, scratch: str) -> dict:
             return json.load(stream)
     except FileNotFoundError:
         with open(os.path.join(scratch, "pytest.log")) as log:
-            raise AssertionError(f"Toil's tests did not finish ({mode=}):\n{log.read()[-3000:]}")
+            raise AssertionError(f"Toil's tests did not finish ({mode=}):\n{log.read()[-3000:]}") from None
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,7 @@ SABOTAGES = {
     # Every member reads as dead, so the first to leave cleans up under the others.
     "arena last one out": "import os, toilcoord.arena as arena; arena.take_over = lambda path: os.open(path, os.O_RDONLY)",
     # Nothing is ever marked done: what returned runs again.
-    "deferred functions": "import toilcoord.deferred as deferred; deferred._DONE_BYTE = bytes((deferred._PENDING,))",
+    "deferred functions": "import toilcoord.deferred_records as records; records._DONE_BYTE = bytes((records._PENDING,))",
 }
 
 
@@ -280,8 +280,8 @@ def run_as_orphan(base, data, mode=0o600, owner=None):
 def removed_unless_not_ours(base, path, data):
     """A file that does not begin with a record is never deleted; clear it
     away for the next round."""
-    from toilcoord.deferred import _starts_with_a_record
-    if _starts_with_a_record(data):
+    from toilcoord.deferred_records import starts_with_a_record
+    if starts_with_a_record(data):
         assert not (base / "deferred").exists()
     else:
         path.unlink()  # FileNotFoundError if it was deleted
