@@ -555,6 +555,25 @@ def test_a_stale_nfs_handle_at_open_is_gone_or_tried_again(tmp_path, monkeypatch
     assert locks._held_fds == tracked
 
 
+def test_a_new_held_file_gone_stale_after_its_lock_is_not_ours(tmp_path, monkeypatch):
+    # Seen in the NFSv4.2 torture: a deferred-function file another client
+    # took over and removed between our create and our check after locking.
+    failures = fstat_failing_once(monkeypatch, locks, errno.ESTALE)
+    tracked = set(locks._held_fds)
+    held = HeldFile.create(str(tmp_path), prefix="p-")
+    monkeypatch.undo()
+    assert failures == [], "the check after locking never ran"
+    try:
+        assert locked_file_is(held.fd, held.path)
+        assert locks._held_fds == tracked | {held.fd}
+        # Here the "stale" first file is still on disk (nothing removed it).
+        assert len(os.listdir(tmp_path)) == 2
+    finally:
+        held.release()
+    for name in os.listdir(tmp_path):
+        os.unlink(tmp_path / name)
+
+
 def test_a_stale_nfs_handle_at_lock_means_the_file_is_gone(tmp_path, monkeypatch):
     # Seen in the torture on the rig: a name file removed on the server by
     # another client between our open and our flock.

@@ -376,7 +376,13 @@ def _lock_new(fd: int, path: str, verify: bool) -> bool:
 def _new_file_is_linked(fd: int, path: str) -> bool:
     """:func:`locked_file_is` for a file we created at *path* just now,
     even where the name may be cached by an NFS client."""
-    if names_may_be_stale(os.fstat(fd).st_dev, path):
+    try:
+        device = os.fstat(fd).st_dev
+    except OSError as error:
+        if error.errno == errno.ESTALE:
+            return False  # already removed at the NFS server by someone who took it over
+        raise
+    if names_may_be_stale(device, path):
         # A prober on another client may have taken the file over before we
         # locked it and unlinked it; while the prober has it open, its client
         # keeps it as .nfsXXXX, so it has one link, and our client may still
