@@ -204,7 +204,7 @@ def test_cleanup_tolerates_files_removed_under_it_by_others(tmp_path, monkeypatc
     monkeypatch.setattr(DeferredFunctionManager, "cleanupWorker", staticmethod(cleanup_beside_another))
     said = list(cleanup_directory(str(tmp_path)))
     assert "arena gone: no live members; removed" in said
-    assert said[0] == "deferred functions: ran those of dead processes; 0 live state files left"
+    assert said[0] == "deferred functions: ran those of 0 dead processes; 0 live state files left"
     assert os.listdir(tmp_path) == []
 
 
