@@ -204,7 +204,7 @@ def test_cleanup_tolerates_files_removed_under_it_by_others(tmp_path, monkeypatc
     monkeypatch.setattr(DeferredFunctionManager, "cleanupWorker", staticmethod(cleanup_beside_another))
     said = list(cleanup_directory(str(tmp_path)))
     assert "arena gone: no live members; removed" in said
-    assert said[0] == "deferred functions: ran those of 0 dead processes; 0 live state files left"
+    assert not [line for line in said if line.startswith("could not")], said
     assert os.listdir(tmp_path) == []
 
 
@@ -242,7 +242,8 @@ def test_bench_quick_prints_every_row(tmp_path):
 
     table = toilcoord("bench", "--quick", "--procs", "1", "--dir", str(tmp_path), timeout=300)
     assert table.stdout.splitlines()[1].split()[:2] == ["benchmark", "median"]
-    assert len(table.stdout.splitlines()) == 2 + len(names)
+    assert len(table.stdout.splitlines()) == 3 + len(names)
+    assert "targets met" in table.stdout.splitlines()[-1]
 
 
 # --------------------------------------------------------- a root epilog
