@@ -348,3 +348,54 @@ def test_the_readme_epilog_line_works_as_written(tmp_path, children, users_direc
                           capture_output=True, text=True, timeout=120)
     assert "removed 1 of dead processes" in done.stdout, done.stdout + done.stderr
     assert os.stat(marker).st_uid == other_user[0]
+
+
+# --------------------------------------------- the smoke check interrupted
+
+def _processes_marked(marker):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                if marker.encode() in environ.read():
+                    found.append(int(pid))
+        except OSError:
+            pass  # gone, or a kernel thread
+    return found
+
+
+def interrupt_smoke_checks(tries, directory, seed=None):
+    """Interrupt the smoke check *tries* times at random moments with a
+    random one of SIGINT, SIGTERM and SIGHUP; return what each left: the
+    processes carrying its marker, and the entries in *directory*."""
+    import random
+    import signal
+    import time
+    chance = random.Random(seed)
+    leftovers = []
+    for number in range(tries):
+        marker = f"TOILCOORD_SMOKE_MARK={os.getpid()}-{number}-{os.urandom(4).hex()}"
+        name, value = marker.split("=")
+        smoke = subprocess.Popen([sys.executable, "-m", "toilcoord", "--dir", str(directory)], cwd=ROOT,
+                                 env=child_env(**{name: value}), stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(chance.uniform(0, 2.0))  # the random moment, not a synchronisation
+            smoke.send_signal(chance.choice((signal.SIGINT, signal.SIGTERM, signal.SIGHUP)))
+            smoke.wait(timeout=60)
+        finally:
+            if smoke.poll() is None:
+                smoke.kill()
+                smoke.wait()
+        left = (_processes_marked(marker), os.listdir(directory))
+        for pid in left[0]:
+            os.kill(pid, signal.SIGKILL)
+        if left != ([], []):
+            leftovers.append((number, left))
+    return leftovers
+
+
+def test_interrupting_the_smoke_check_at_random_moments_leaves_nothing(tmp_path):
+    # Regression: a SIGINT at a random moment (40 tries) left a forked
+    # helper in signal.pause() forever, holding the caller's stdout pipe.
+    assert interrupt_smoke_checks(20, tmp_path) == []

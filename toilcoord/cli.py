@@ -4,11 +4,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from typing import Callable, Dict, Optional, Sequence
 
 from . import __version__
-from .files import robust_rmtree
 from .mounts import filesystem_info
 
 __all__ = ["main"]
@@ -192,26 +190,15 @@ _COMMANDS: Dict[Optional[str], Callable[[argparse.Namespace], int]] = {
 }
 
 
-def _remove_scratch(workdir: str) -> None:
-    try:
-        robust_rmtree(workdir)
-    except OSError as error:  # say what is left; the report still counts
-        print(f"could not remove {workdir}: {error}", file=sys.stderr)
-
-
 def _smoke(directory: Optional[str], as_json: bool) -> int:
-    from .smoke import run_checks
+    from .smoke import smoke_check
 
     report: dict = {"version": __version__, "python": sys.version.split()[0]}
     if directory is not None:
         report["filesystem"] = filesystem_info(directory)._asdict()
-    workdir = tempfile.mkdtemp(prefix="toilcoord-smoke-", dir=directory)
-    try:
-        if not as_json:
-            _print_filesystem(report.get("filesystem"))
-        results = run_checks(workdir, on_result=None if as_json else _print_result)
-    finally:
-        _remove_scratch(workdir)
+    if not as_json:
+        _print_filesystem(report.get("filesystem"))
+    results = smoke_check(directory, on_result=None if as_json else _print_result)
     failed = [result for result in results if result.status == "FAIL"]
     report["checks"] = [result._asdict() for result in results]
     report["passed"] = not failed
