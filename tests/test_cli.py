@@ -399,3 +399,23 @@ def test_interrupting_the_smoke_check_at_random_moments_leaves_nothing(tmp_path)
     # Regression: a SIGINT at a random moment (40 tries) left a forked
     # helper in signal.pause() forever, holding the caller's stdout pipe.
     assert interrupt_smoke_checks(20, tmp_path) == []
+
+
+def test_root_cleanup_reports_a_dead_owners_foreign_state_file_as_foreign_not_live(children, users_directory,
+                                                                                    other_user):
+    # Regression: root's cleanup of a user's directory said "1 live state
+    # files left" of a file it skipped because another user (here root)
+    # owned it, whose owner was dead.
+    marker = os.path.join(users_directory, "ran")
+    killed_user_job(children, users_directory, marker, other_user)
+    planted = os.path.join(users_directory, "deferred", "toilcoord-func-planted")
+    with open(planted, "wb") as stream:
+        stream.write(b"\xdfF")
+    done = system_python("-m", "toilcoord", "cleanup", "--dir", users_directory, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    left = json.loads(done.stdout)["directories"][0]["left"]
+    assert [(entry["name"], entry["reason"]) for entry in left] == [("deferred/toilcoord-func-planted", "foreign")]
+    assert "belongs to uid 0" in left[0]["why"] and "owner is dead" in left[0]["why"]
+    text = system_python("-m", "toilcoord", "cleanup", "--dir", users_directory)
+    assert "0 live state files left; 1 skipped because foreign" in text.stdout, text.stdout + text.stderr
+    assert os.path.exists(planted) and os.path.isdir(marker)
