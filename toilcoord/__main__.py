@@ -5,4 +5,6 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+# Named by the module path it was run as: a vendored copy
+# (``python -m vendor.toilcoord``) says so in its help and error lines.
+sys.exit(main(prog=f"python -m {__spec__.parent if __spec__ else __package__}"))

@@ -2,8 +2,10 @@
 with real processes and signals in one directory."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from .mutex import global_mutex, retire_mutex_files
 from .files import robust_rmtree
 from .procnames import destroy_all_process_names, get_process_name, process_name_exists
 
-__all__ = ["CHECKS", "CheckResult", "import_root", "run_checks"]
+__all__ = ["CHECKS", "CheckResult", "import_root", "run_checks", "smoke_check"]
 
 
 class CheckResult(NamedTuple):
@@ -62,6 +64,110 @@ def run_checks(directory: str, on_result: Optional[Callable[[CheckResult], None]
         if status == "ok":
             robust_rmtree(workdir)
     return results
+
+
+def smoke_check(directory: Optional[str] = None, on_result: Optional[Callable[[CheckResult], None]] = None
+                ) -> List[CheckResult]:
+    """Run every check in a fresh scratch directory in *directory* (or the
+    temporary directory), calling *on_result* with each result as it comes.
+
+    The checks run in a forked child leading a process group of its own,
+    which every helper process joins. On SIGINT, SIGTERM or SIGHUP, at any
+    moment, that group is killed, the child reaped, the scratch directory
+    removed, and SystemExit(128 + signal) raised: nothing is left behind.
+    """
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, _exit_on) for signum in signals}
+    scratch = runner = None
+    try:
+        scratch = tempfile.mkdtemp(prefix="toilcoord-smoke-", dir=directory)
+        runner = _Runner(scratch)
+        return runner.results(on_result)
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # the cleanup below is not interrupted
+        try:
+            if runner is not None:
+                runner.stop()
+            if scratch is not None:
+                _remove_scratch(scratch)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # a pending signal now acts as the caller set
+
+
+def _exit_on(signum: int, _: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _remove_scratch(scratch: str) -> None:
+    try:
+        robust_rmtree(scratch)
+    except OSError as error:  # say what is left; the report still counts
+        print(f"could not remove {scratch}: {error}", file=sys.stderr)
+
+
+class _Runner:
+    """The checks in a forked child leading its own process group; each
+    result comes back as a JSON line on a pipe."""
+
+    def __init__(self, scratch: str) -> None:
+        self._read, write = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                os.setpgid(0, 0)
+                os.close(self._read)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent's handlers are not ours
+                for result in run_checks(scratch):
+                    os.write(write, json.dumps(result._asdict()).encode() + b"\n")
+                code = 0
+            finally:
+                os._exit(code)
+        try:
+            os.setpgid(self.pid, self.pid)  # whichever of us runs first
+        except OSError:
+            pass
+        os.close(write)
+        self.reaped = False
+
+    def results(self, on_result: Optional[Callable[[CheckResult], None]]) -> List[CheckResult]:
+        results, buffer = [], b""
+        while True:
+            chunk = os.read(self._read, 65536)
+            if not chunk:
+                break
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            for line in lines:
+                results.append(CheckResult(**json.loads(line)))
+                if on_result is not None:
+                    on_result(results[-1])
+        _, status = os.waitpid(self.pid, 0)
+        self.reaped = True
+        if status != 0 and len(results) < len(CHECKS):
+            raise RuntimeError(f"the smoke check's runner died (wait status {status}) after {len(results)} checks")
+        return results
+
+    def stop(self, patience: float = 10) -> None:
+        """Kill the runner's group, reap the runner, and wait (boundedly)
+        for its helpers to be gone, so that their files can be removed."""
+        os.close(self._read)
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if not self.reaped:
+            os.waitpid(self.pid, 0)
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)  # helpers still dying (init reaps them)
+            except ProcessLookupError:
+                return
+            time.sleep(0.01)
 
 
 def _let_go() -> None:
