@@ -361,3 +361,42 @@ def test_a_dead_toil_members_file_does_not_keep_the_arena_alive(tmp_path, childr
     arena.enter()
     assert list(arena.leave()) == [True]
     assert (folder / "tmpdeadmember").exists(), "Toil's file: Toil's to remove"
+
+
+# Holds the arena "test"'s mutex (as a last member cleaning up would) until
+# a line arrives on stdin.
+MUTEX_HOLDER = """
+import sys
+from toilcoord import global_mutex
+with global_mutex(sys.argv[1], "test-arena-lock"):
+    print("holding", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_leave_with_a_timeout_gives_up_and_stays_a_member(tmp_path, children):
+    arena = LastProcessStandingArena(tmp_path, "test")
+    arena.enter()
+    holder = children.python(MUTEX_HOLDER, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "holding"
+    with pytest.raises(LockTimeout):
+        list(arena.leave(timeout=0.05))
+    with pytest.raises(RuntimeError, match="already in arena"):
+        arena.enter()  # still a member
+    other = start_member(children, tmp_path)  # and counted as one: never the last while inside
+    with pytest.raises(LockTimeout):
+        list(arena.leave(timeout=0))
+    holder.stdin.close()
+    assert holder.wait() == 0
+    assert list(arena.leave(timeout=30)) == []
+    assert tell_to_leave(other) == "last"
+    assert left_after_exit(tmp_path) == []
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan")])
+def test_a_bad_leave_timeout_is_refused_at_once(tmp_path, bad):
+    arena = LastProcessStandingArena(tmp_path, "test")
+    arena.enter()
+    with pytest.raises(ValueError, match="timeout"):
+        arena.leave(timeout=bad)
+    assert list(arena.leave()) == [True]

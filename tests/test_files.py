@@ -644,3 +644,131 @@ def test_busy_entries_error_survives_pickling() -> None:
 
 def test_public_names() -> None:
     assert files.__all__ == ["BusyEntriesError", "robust_rmtree"]
+
+
+# ------------------------------------------------------ relative to dir_fd
+
+@pytest.fixture
+def opened(tmp_path):
+    """An fd on tmp_path/"ours", closed after the test."""
+    (tmp_path / "ours").mkdir()
+    fd = os.open(str(tmp_path / "ours"), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def victims_tree(tmp_path) -> pathlib.Path:
+    """Another user's directory, whose subtree "a/tree" must survive."""
+    victim = tmp_path / "victim"
+    (victim / "a").mkdir(parents=True)
+    make_tree(str(victim / "a" / "tree"), depth=2)
+    return victim
+
+
+def listing(top: pathlib.Path) -> List[str]:
+    return sorted(str(path.relative_to(top)) for path in top.rglob("*"))
+
+
+@pytest.mark.parametrize("as_arg", [str, os.fsencode, pathlib.Path], ids=["str", "bytes", "PathLike"])
+def test_removes_a_path_relative_to_dir_fd_and_keeps_the_fd_open(tmp_path, opened, as_arg) -> None:
+    make_tree(str(tmp_path / "ours" / "tree"), depth=2)
+    (tmp_path / "ours" / "a").mkdir()
+    make_tree(str(tmp_path / "ours" / "a" / "tree"), depth=2)
+    before = open_fds()
+    robust_rmtree(as_arg("tree"), dir_fd=opened)
+    robust_rmtree(as_arg("a/tree"), dir_fd=opened)
+    robust_rmtree(as_arg("missing/tree"), dir_fd=opened)
+    assert os.listdir(opened) == ["a"] and open_fds() == before
+
+
+def test_a_dir_fd_directory_swapped_for_a_symlink_removes_only_what_it_opened(tmp_path, opened) -> None:
+    # The fd's own name and its parent's are swapped by another user: the
+    # tree removed is the one in the directory opened, never the victim's.
+    victim = victims_tree(tmp_path)
+    (tmp_path / "ours" / "a").mkdir()
+    make_tree(str(tmp_path / "ours" / "a" / "tree"), depth=2)
+    before = listing(victim)
+    os.rename(tmp_path / "ours", tmp_path / "moved")
+    os.symlink(victim, tmp_path / "ours")
+    robust_rmtree("a/tree", dir_fd=opened)
+    assert listing(tmp_path / "moved") == ["a"]
+    assert listing(victim) == before
+    robust_rmtree(tmp_path / "ours" / "a" / "tree")  # the caveat: by path, a swapped parent is followed
+    assert listing(victim) == ["a"]
+
+
+@pytest.mark.parametrize("swapped", ["a", "a/b"])
+def test_a_component_under_dir_fd_that_is_a_symlink_is_never_followed(tmp_path, opened, swapped) -> None:
+    victim = victims_tree(tmp_path)
+    before = listing(victim)
+    if swapped == "a/b":
+        (tmp_path / "ours" / "a").mkdir()
+    os.symlink(victim / "a", tmp_path / "ours" / swapped)  # <swapped>/tree leads to the victim's tree
+    robust_rmtree(swapped + "/tree", dir_fd=opened)
+    robust_rmtree(swapped + "/tree/d0", dir_fd=opened)
+    assert listing(victim) == before
+    robust_rmtree(swapped, dir_fd=opened)  # the symlink itself is unlinked, not its target
+    assert os.path.lexists(tmp_path / "ours" / swapped) is False and listing(victim) == before
+
+
+def test_components_swapped_in_a_loop_never_cost_the_victim_anything(tmp_path, opened, children) -> None:
+    # Another process flips "a" under our directory between a real directory
+    # holding a tree and a symlink to the victim's, as fast as it can, while
+    # we remove "a/tree" relative to the fd again and again.
+    victim = victims_tree(tmp_path)
+    before = listing(victim)
+    flipper = children.python("""
+        import os, sys
+        ours, victim = sys.argv[1], sys.argv[2]
+        os.symlink(os.path.join(victim, "a"), os.path.join(ours, "link"))
+        os.makedirs(os.path.join(ours, "a", "tree"))
+        print("ready", flush=True)
+        while not os.path.exists(os.path.join(ours, "stop")):
+            os.rename(os.path.join(ours, "a"), os.path.join(ours, "real"))
+            os.rename(os.path.join(ours, "link"), os.path.join(ours, "a"))
+            os.makedirs(os.path.join(ours, "real", "tree", "d"), exist_ok=True)
+            os.rename(os.path.join(ours, "a"), os.path.join(ours, "link"))
+            os.rename(os.path.join(ours, "real"), os.path.join(ours, "a"))
+    """, str(tmp_path / "ours"), str(victim), stdout=subprocess.PIPE, text=True)
+    assert flipper.stdout.readline().strip() == "ready"
+    for _ in range(300):
+        robust_rmtree("a/tree", dir_fd=opened)
+    (tmp_path / "ours" / "stop").touch()
+    assert flipper.wait(timeout=30) == 0
+    assert listing(victim) == before
+
+
+@pytest.mark.parametrize("bad", ["/abs/tree", "../tree", "a/../tree", "./tree", "a/./tree", b"../tree"])
+def test_dir_fd_takes_only_a_path_inside_it(tmp_path, opened, bad) -> None:
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "ours" / "tree").mkdir()
+    with pytest.raises(ValueError, match="relative"):
+        robust_rmtree(bad, dir_fd=opened)
+    assert (tmp_path / "tree").is_dir() and (tmp_path / "ours" / "tree").is_dir()
+
+
+def test_a_dir_fd_that_is_not_a_directory_is_refused(tmp_path) -> None:
+    (tmp_path / "file").write_text("x")
+    fd = os.open(str(tmp_path / "file"), os.O_RDONLY)
+    try:
+        with pytest.raises(NotADirectoryError):
+            robust_rmtree("file", dir_fd=fd)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "file").exists()
+
+
+def test_busy_entries_under_dir_fd_are_named_by_the_path_given(tmp_path, opened, monkeypatch) -> None:
+    top = tmp_path / "ours" / "a" / "tree"
+    top.parent.mkdir()
+    make_tree(str(top), depth=2)
+    (top / "d1" / "held").write_text("x")
+    SillyRenamingUnlink(monkeypatch, "held", closes_after=None)
+    with pytest.raises(files.BusyEntriesError) as raised:
+        robust_rmtree("a/tree", dir_fd=opened, busy_timeout=0.1)
+    assert raised.value.left == [os.path.join("a", "tree", "d1", SILLY)] and raised.value.filename == "a/tree"
+    monkeypatch.undo()
+    robust_rmtree("a/tree", dir_fd=opened)
+    assert os.listdir(tmp_path / "ours" / "a") == []

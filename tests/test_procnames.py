@@ -263,3 +263,91 @@ def test_names_across_pid_namespaces(tmp_path, children):
     first.stdout.close()
     first.stderr.close()
     assert not process_name_exists(tmp_path, first_name)
+
+
+# ---------------------------------------------------- shared directories
+
+@pytest.fixture
+def fresh_directory_checks(monkeypatch):
+    from toilcoord import mutex
+    monkeypatch.setattr(mutex, "_checked_directories", {})
+
+
+@pytest.mark.usefixtures("fresh_directory_checks")
+def test_a_directory_anyone_can_empty_is_refused_before_a_name_is_made(tmp_path):
+    from toilcoord.locks import ForeignFileError
+    os.chmod(tmp_path, 0o777)
+    with pytest.raises(ForeignFileError, match="writable by all, not sticky"):
+        get_process_name(tmp_path)
+    assert os.listdir(tmp_path) == []
+    assert str(tmp_path) not in current_process_name_for
+
+
+@pytest.mark.usefixtures("fresh_directory_checks")
+def test_a_directory_of_another_user_is_refused_before_a_name_is_made(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another uid")
+    from toilcoord.locks import ForeignFileError
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 4242, 4242)
+    with pytest.raises(ForeignFileError, match="belongs to uid 4242"):
+        get_process_name(theirs)
+    assert os.listdir(theirs) == []
+
+
+@pytest.mark.usefixtures("fresh_directory_checks")
+def test_a_sticky_shared_directory_is_used_with_one_warning(tmp_path, caplog):
+    os.chmod(tmp_path, 0o1777)
+    first = get_process_name(tmp_path)
+    destroy_all_process_names()
+    second = get_process_name(tmp_path)  # made again: the directory is not checked again
+    assert first != second and os.listdir(tmp_path) == [second]
+    warnings = [record for record in caplog.records if "writable by other users" in record.getMessage()]
+    assert len(warnings) == 1
+    destroy_all_process_names()
+
+
+def test_reaping_skips_what_it_cannot_probe_with_one_line_each(tmp_path, children, caplog):
+    dead, dead_name = start_holder(children, tmp_path)
+    dead.kill()
+    dead.wait()
+    os.mkfifo(str(tmp_path / (NAME_PREFIX + "fifo")))
+    os.symlink(dead_name, str(tmp_path / (NAME_PREFIX + "link")))
+    from toilcoord.procnames import reap_dead_process_names
+    assert reap_dead_process_names(tmp_path) == [dead_name]
+    assert sorted(os.listdir(tmp_path)) == [NAME_PREFIX + "fifo", NAME_PREFIX + "link"]
+    skipped = [record.getMessage() for record in caplog.records if "cannot be probed" in record.getMessage()]
+    assert len(skipped) == 2
+
+
+def test_a_directory_swapped_for_a_symlink_after_the_probe_never_costs_another_directory_a_file(
+        tmp_path, children, monkeypatch):
+    # The worst moment of another user's swap, made certain: right after the
+    # dead name was taken over (and checked linked) in her directory, her
+    # directory becomes a symlink to the victim's, where a live process has
+    # the same name. Removing "the dead file" by its path again removed the
+    # victim's live one.
+    from toilcoord import procnames
+    victim, hers = tmp_path / "victim", tmp_path / "hers"
+    victim.mkdir()
+    hers.mkdir()
+    live, name = start_holder(children, victim)
+    (hers / name).touch()  # a dead process's file, same name
+
+    real_take_over = procnames.take_over
+
+    def then_swap(*args, **keywords):
+        taken = real_take_over(*args, **keywords)
+        os.rename(hers, tmp_path / "moved")
+        os.symlink(victim, hers)
+        return taken
+
+    monkeypatch.setattr(procnames, "take_over", then_swap)
+    assert process_name_exists(hers, name) is False
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / "moved") == [], "the dead file in the directory probed is gone"
+    assert os.listdir(victim) == [name]
+    assert process_name_exists(victim, name) is True
+    live.stdin.close()
+    assert live.wait() == 0

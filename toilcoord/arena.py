@@ -78,22 +78,34 @@ class LastProcessStandingArena:
             gate.lock.release()
         self._member = _Member(gate)
 
-    def leave(self) -> Iterator[bool]:
+    def leave(self, timeout: Optional[float] = None) -> Iterator[bool]:
         """Leave the arena; yields once (True) if this was the last live
-        member. Raises RuntimeError at once if this process is not in it."""
+        member. Raises RuntimeError at once if this process is not in it,
+        and ValueError for a *timeout* that is not None or a number >= 0.
+
+        Leaving waits for the arena's mutex, which other leavers hold
+        briefly and the last member holds while it cleans up. With
+        *timeout* (seconds), the loop raises :class:`LockTimeout` if the
+        mutex is not had in time; this process is then still a member, and
+        may ``leave()`` again.
+        """
         member = self._member
         if member is None or not member.ours:
             raise RuntimeError(f"this process is not in arena {self.name!r}; enter it first")
-        return self._leave(member)
+        return self._leave(member, global_mutex(self.base_dir, self.mutex, timeout))
 
-    def _leave(self, member: "_Member") -> Iterator[bool]:
-        # Membership ends here, as the loop runs: a leave() never iterated
-        # leaves this process in the arena, free to leave() again.
-        with global_mutex(self.base_dir, self.mutex):
+    def _leave(self, member: "_Member", mutex: global_mutex) -> Iterator[bool]:
+        # Membership ends here, as the loop runs: a leave() never iterated,
+        # or one that timed out waiting for the mutex, leaves this process
+        # in the arena, free to leave() again.
+        with mutex:
             if self._member is not member:
                 return  # left already, through another leave()
             self._member = None
             gate = member.gate  # never retired while it has members
+            # Not bounded by the timeout: its other users hold it briefly
+            # (enter() waits in flock under it only when no member of this
+            # process is inside, and then nobody here can be leaving).
             gate.lock.acquire()
             try:
                 gate.members -= 1

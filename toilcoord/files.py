@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from typing import List, Optional, Union
 
@@ -114,7 +115,7 @@ class _Level:
         self.kept = True
 
 
-def robust_rmtree(path: PathArg, *, busy_timeout: float = 10.0) -> None:
+def robust_rmtree(path: PathArg, *, busy_timeout: float = 10.0, dir_fd: Optional[int] = None) -> None:
     """Remove *path*: a file, a symlink (dangling or not; never its target)
     or a directory tree.
 
@@ -132,14 +133,32 @@ def robust_rmtree(path: PathArg, *, busy_timeout: float = 10.0) -> None:
     else gone. ``busy_timeout=0`` tries once. Permission and other errors
     propagate at once as OSError; so does ENOTEMPTY for a directory that
     something other than a ``.nfs*`` entry was added to meanwhile.
+
+    The parent-directory caveat: nothing inside the tree is ever reached
+    through a symlink, but the directories *above* it, every component of
+    *path* but the last, are looked up by the kernel, which follows
+    symlinks, at the start of each pass (and again for the final rmdir of
+    the top). If another user can write a directory on the way, she can
+    swap a parent for a symlink, and the tree removed, with your rights, is
+    the one of the same name where it points. Where that matters, open a
+    directory you trust once (``O_DIRECTORY|O_NOFOLLOW``, then check its
+    owner and mode) and pass its fd as *dir_fd* with *path* relative to it:
+    then every component of *path* is opened without following symlinks,
+    relative to that fd, and a swap of any directory above it (its own
+    name included) changes nothing. A component that is a symlink or not a
+    directory means nothing is there to remove. With *dir_fd*, *path* must
+    be relative and free of ``.`` and ``..`` components (ValueError), and
+    *dir_fd* an open directory (NotADirectoryError); it is not closed.
     """
     path = _checked(os.fspath(path))
     if not busy_timeout >= 0:  # NaN too
         raise ValueError("busy_timeout must be a number of seconds >= 0, not %r" % (busy_timeout,))
+    if dir_fd is not None:
+        _check_relative(path, dir_fd)
     deadline = time.monotonic() + busy_timeout
     pause = _FIRST_PAUSE
     while True:
-        left = _remove_restarting(path)
+        left = _remove_restarting(path, dir_fd)
         remaining = deadline - time.monotonic()
         if not left:
             return
@@ -160,12 +179,12 @@ def _busy_error(path: PathStr, left: List[PathStr], busy_timeout: float) -> Busy
     return error
 
 
-def _remove_restarting(path: PathStr) -> List[PathStr]:
+def _remove_restarting(path: PathStr, dir_fd: Optional[int]) -> List[PathStr]:
     """One pass over the tree (restarted if it is moved around meanwhile);
     returns the busy paths left."""
     for _ in range(_RESTARTS):
         try:
-            return _remove(path)
+            return _remove(path) if dir_fd is None else _remove_under(path, dir_fd)
         except _TreeMoved:
             continue
     raise OSError(errno.EBUSY, "the tree kept being moved around while robust_rmtree removed it", path)
@@ -181,30 +200,70 @@ def _checked(path: Union[str, bytes]) -> Union[str, bytes]:
     return stripped
 
 
-def _remove(path: PathStr) -> List[PathStr]:
-    """Remove what can be removed of *path*; return the busy paths left."""
+def _check_relative(path: PathStr, dir_fd: int) -> None:
+    """ValueError unless *path* is relative with no "." or ".." in it (the
+    last is checked already); NotADirectoryError unless *dir_fd* is an open
+    directory (else lookups relative to it would quietly find nothing)."""
+    separator, dots = (b"/", (b".", b"..")) if isinstance(path, bytes) else ("/", (".", ".."))
+    if path.startswith(separator) or any(part in dots for part in path.split(separator)):
+        raise ValueError("with dir_fd, robust_rmtree takes a path relative to it without . or .. "
+                         "components, not %r" % (path,))
+    if not stat.S_ISDIR(os.fstat(dir_fd).st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "dir_fd %d is not a directory" % dir_fd, path)
+
+
+def _remove(path: PathStr, parent: Optional[_Level] = None) -> List[PathStr]:
+    """Remove what can be removed of *path* (a name in *parent*, if given);
+    return the busy paths left."""
     try:
-        top = _Level(os.open(path, _OPEN_DIR), path)
+        top = _Level(os.open(path, _OPEN_DIR, dir_fd=_fd_of(parent)), path, parent)
     except FileNotFoundError:
         return []
     except OSError as error:
         if error.errno not in _NOT_A_DIRECTORY:
             raise
-        return _remove_file(path)
+        return _remove_file(path, parent)
     _empty_tree(top)
-    _remove_dir(top, None)
+    _remove_dir(top, parent)
     return top.left
 
 
-def _remove_file(path: PathStr) -> List[PathStr]:
+def _remove_under(path: PathStr, dir_fd: int) -> List[PathStr]:
+    """:func:`_remove` of *path* relative to *dir_fd*, every directory on
+    the way opened without following symlinks."""
+    separator = b"/" if isinstance(path, bytes) else "/"
+    parents, _, name = path.rpartition(separator)
+    fd = dir_fd
     try:
-        unlink_if_present(path)
+        for part in filter(None, parents.split(separator)):
+            try:
+                opened = os.open(part, _OPEN_DIR, dir_fd=fd)
+            except OSError as error:
+                if error.errno in _NOT_A_DIRECTORY or error.errno == errno.ENOENT:
+                    return []  # a symlink, a file or nothing: no tree of ours there
+                raise
+            if fd != dir_fd:
+                os.close(fd)
+            fd = opened
+        return _remove(name, _Level(fd, parents))  # the parent, as the top of the paths shown
+    finally:
+        if fd != dir_fd:
+            os.close(fd)
+
+
+def _fd_of(parent: Optional[_Level]) -> Optional[int]:
+    return parent.fd if parent is not None else None
+
+
+def _remove_file(path: PathStr, parent: Optional[_Level]) -> List[PathStr]:
+    try:
+        unlink_if_present(path, _fd_of(parent))
     except NotADirectoryError:
         pass  # a path through a file ("file/x"): nothing there
     except OSError as error:
         if error.errno != errno.EBUSY:
             raise
-        return [path]
+        return [parent.path(path) if parent is not None else path]
     return []
 
 
@@ -300,7 +359,7 @@ def _remove_dir(level: _Level, parent: Optional[_Level]) -> None:
     top, by its path). What keeps it busy is kept for a later pass."""
     if not level.kept:  # else something busy is still in it
         try:
-            _rmdir_if_present(level.name, parent.fd if parent is not None else None)
+            _rmdir_if_present(level.name, _fd_of(parent))
         except OSError as error:
             if error.errno == errno.EBUSY:
                 level.keep()
@@ -318,7 +377,7 @@ def _keep_silly_renamed(level: _Level, parent: Optional[_Level], error: OSError)
     directory: keep those for a later pass. Anything else was added since
     the listing, and *error* stands, as it always did."""
     try:
-        names = _names_in(level.name, parent.fd if parent is not None else None)
+        names = _names_in(level.name, _fd_of(parent))
     except FileNotFoundError:
         return  # removed meanwhile by someone else: nothing left
     except OSError:

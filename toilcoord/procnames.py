@@ -11,12 +11,14 @@ from __future__ import annotations
 import atexit
 import errno
 import fcntl
+import logging
 import os
 import stat
 import threading
 from typing import Dict, List
 
 from .locks import HeldFile, PathArg, check_name, discard_taken, locked_file_is, take_over
+from .mutex import _check_directory
 
 __all__ = [
     "NAME_PREFIX",
@@ -28,6 +30,8 @@ __all__ = [
     "process_name_exists",
     "reap_dead_process_names",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Every process name starts with this, so that nothing else in a shared
 #: directory is ever mistaken for one (and deleted as dead).
@@ -55,6 +59,13 @@ def get_process_name(base_dir: PathArg) -> str:
     Stable for the life of the process (unless its file is removed from
     under it, say by deleting the directory, when a new one is made); never
     shared with another process, a forked child included.
+
+    *base_dir* is checked before the first name file is made in it, as
+    ``global_mutex`` checks its directory: one of another user's (root's
+    excepted), or one anyone may write that is not sticky (anyone could
+    remove a live name), raises :class:`~toilcoord.locks.ForeignFileError`
+    (a PermissionError); one others may write, such as a sticky ``/tmp``,
+    is used with one warning.
     """
     key = _key(base_dir)
     with current_process_name_lock:
@@ -62,6 +73,7 @@ def get_process_name(base_dir: PathArg) -> str:
         if held is not None and _still_ours(held):
             return current_process_name_for[key]
         _forget(key)
+        _check_directory(key)  # once per directory
         held = HeldFile.create(key, prefix=NAME_PREFIX)
         _held_names[key] = held
         current_process_name_for[key] = held.name
@@ -77,36 +89,64 @@ def process_name_exists(base_dir: PathArg, name: str) -> bool:
     Toil's own ``get_process_name`` made, during a migration) is probed
     read-only: True while a process holds an exclusive lock on that regular
     file, else False; such a file is never removed.
+
+    *base_dir* is opened once and the name looked up, locked and removed
+    relative to it, so a *base_dir* (or a parent of it) swapped for a
+    symlink meanwhile never makes us remove a file in another directory.
+    A missing *base_dir* (or one that is not a directory) gives False; a
+    file of ours there that cannot be opened (another user's, a FIFO, a
+    symlink) raises OSError.
     """
     try:
         check_name(name, "process name")
     except ValueError:
         return False
-    if not name.startswith(NAME_PREFIX):
-        return _foreign_name_lives(_key(base_dir), name)
     key = _key(base_dir)
-    with current_process_name_lock:
-        if current_process_name_for.get(key) == name and _still_ours(_held_names[key]):
-            # Our own lock: on filesystems that emulate flock with per-process
-            # POSIX locks (NFS) our probe would succeed and delete our file.
-            return True
-    path = os.path.join(key, name)
+    if _is_ours(key, name):
+        return True
     try:
-        fd = take_over(path, shared=True)
+        directory = _open_directory(key)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        return _lives(directory, name)
+    finally:
+        os.close(directory)
+
+
+def _is_ours(key: str, name: str) -> bool:
+    """Whether *name* is this process's live name in directory *key*. Never
+    probed: on filesystems that emulate flock with per-process POSIX locks
+    (NFS) our own probe would succeed and delete our file."""
+    with current_process_name_lock:
+        return current_process_name_for.get(key) == name and _still_ours(_held_names[key])
+
+
+def _open_directory(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _lives(directory: int, name: str) -> bool:
+    """Whether the process named *name* in the directory open as
+    *directory* lives; a dead one of ours has its file removed."""
+    if not name.startswith(NAME_PREFIX):
+        return _foreign_name_lives(directory, name)
+    try:
+        fd = take_over(name, shared=True, dir_fd=directory)
     except FileNotFoundError:
         return False
     if fd is None:
         return True
-    discard_taken(fd, path)
+    discard_taken(fd, name, directory)
     return False
 
 
-def _foreign_name_lives(directory: str, name: str) -> bool:
-    """Whether a process holds the regular file *name* in *directory* locked
-    (as Toil's names are held), found with a shared, non-blocking probe that
-    changes nothing on disk."""
+def _foreign_name_lives(directory: int, name: str) -> bool:
+    """Whether a process holds the regular file *name* in *directory* (an
+    fd) locked (as Toil's names are held), found with a shared,
+    non-blocking probe that changes nothing on disk."""
     try:
-        fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
     except OSError:
         return False  # missing, a symlink, unreadable: no process of ours to speak of
     try:
@@ -125,9 +165,26 @@ def _foreign_name_lives(directory: str, name: str) -> bool:
 
 def reap_dead_process_names(base_dir: PathArg) -> List[str]:
     """Remove the name files of dead processes in *base_dir*; return their
-    names. Live processes' files are left alone."""
-    return [name for name in sorted(os.listdir(base_dir))
-            if name.startswith(NAME_PREFIX) and not process_name_exists(base_dir, name)]
+    names. Live processes' files are left alone, and so is (with one log
+    line) any file that cannot be probed: another user's, or not a regular
+    file. *base_dir* is opened once; everything happens relative to it."""
+    key = _key(base_dir)
+    directory = _open_directory(key)
+    try:
+        return [name for name in sorted(os.listdir(directory))
+                if name.startswith(NAME_PREFIX) and not _lives_or_skipped(directory, key, name)]
+    finally:
+        os.close(directory)
+
+
+def _lives_or_skipped(directory: int, key: str, name: str) -> bool:
+    if _is_ours(key, name):
+        return True
+    try:
+        return _lives(directory, name)
+    except OSError as error:
+        logger.warning("leaving %s in %s alone: it cannot be probed (%s)", name, key, error)
+        return True
 
 
 def _forget(key: str) -> None:
