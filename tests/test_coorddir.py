@@ -231,7 +231,7 @@ def test_a_real_private_mount_namespace_with_a_bound_tmp(tmp_path) -> None:
     code = ("import sys; from toilcoord.coorddir import job_private_reasons as r; "
             "print('\\n'.join(r('/tmp/x')))")
     done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                           'mount --bind "$1" /tmp && exec "$2" -c "$3"', "sh", job_tmp, sys.executable, code],
+                           'mount --bind "$1" /tmp && exec "$2" -c "$3"', "sh", job_tmp, os.path.realpath(sys.executable), code],
                           env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=50)
     if done.returncode != 0 and ("Operation not permitted" in done.stderr or "unshare failed" in done.stderr):
         pytest.skip(f"cannot make a mount namespace here: {done.stderr.strip()}")
