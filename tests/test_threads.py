@@ -1,4 +1,4 @@
-"""ExceptionalThread, cpu_count and cgroup_cpu_limit."""
+"""ExceptionalThread, cpu_count (with scheduler allocations) and memory_limit."""
 from __future__ import annotations
 
 import functools
@@ -10,9 +10,11 @@ from typing import Dict, List
 import pytest
 
 from toilcoord import threads
-from toilcoord.threads import ExceptionalThread, cgroup_cpu_limit, cpu_count, cpu_count_sources
+from toilcoord.threads import ExceptionalThread, cpu_count, cpu_count_sources, memory_limit, scheduler_cpus
 
 from conftest import child_env, run_in_fork, run_python
+from toilcoord.cgroups import cgroup_memory_limit
+from test_cgroups import GIB, V2_LINES, fake_cgroups
 
 # The threads here die of their exceptions on purpose: threading.excepthook
 # reports them (as in Toil) and pytest would turn each into a warning.
@@ -132,205 +134,20 @@ def test_of_many_concurrent_joiners_exactly_one_gets_the_exception() -> None:
         assert sorted(outcomes) == ["quiet"] * 7 + ["raised"]
 
 
-# ------------------------------------------------------ fake cgroup trees
-
-def fake_cgroups(tmp_path, proc_self_cgroup: str, files: Dict[str, object]) -> functools.partial:
-    """Write /proc/self/cgroup and cgroup files (relative path -> str, bytes,
-    or None for a directory) under tmp_path; return cgroup_cpu_limit bound to them."""
-    root = tmp_path / "cgroup"
-    root.mkdir()
-    for relative, content in files.items():
-        path = root / relative
-        if content is None:
-            path.mkdir(parents=True, exist_ok=True)
-            continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-    proc = tmp_path / "proc-self-cgroup"
-    proc.write_text(proc_self_cgroup)
-    return functools.partial(cgroup_cpu_limit, str(proc), str(root))
-
-
-V1_LINES = "12:pids:/user.slice\n4:cpu,cpuacct:/a/b\n3:memory:/a/b\n0::/a/b\n"
-
-
-def v1_quota(quota: object, period: object = "100000") -> Dict[str, object]:
-    return {"cpu.cfs_quota_us": quota, "cpu.cfs_period_us": period}
-
-
-def under(directory: str, files: Dict[str, object]) -> Dict[str, object]:
-    return {directory + "/" + name: content for name, content in files.items()}
-
-
-def test_v1_combined_cpu_cpuacct_controller(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V1_LINES, {
-        **under("cpu,cpuacct", v1_quota("-1\n")),
-        **under("cpu,cpuacct/a", v1_quota("-1\n")),
-        **under("cpu,cpuacct/a/b", v1_quota("150000\n")),
-    })
-    assert limit() == 1.5
-
-
-def test_v1_an_ancestors_quota_limits_too(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V1_LINES, {
-        **under("cpu,cpuacct/a", v1_quota("50000\n", "100000\n")),
-        **under("cpu,cpuacct/a/b", v1_quota("-1\n")),
-    })
-    assert limit() == 0.5
-
-
-def test_v1_unlimited_everywhere(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V1_LINES, {
-        **under("cpu,cpuacct", v1_quota("-1")),
-        **under("cpu,cpuacct/a/b", v1_quota("-1")),
-    })
-    assert limit() is None
-
-
-def test_v1_separate_cpu_mount(tmp_path) -> None:
-    lines = "3:cpuacct:/job\n2:cpu:/job\n"
-    limit = fake_cgroups(tmp_path, lines, {
-        **under("cpu/job", v1_quota("300000", "100000")),
-        **under("cpuacct/job", v1_quota("100000", "100000")),  # not the cpu controller: ignored
-    })
-    assert limit() == 3.0
-
-
-V2_LINES = "0::/a/b/c\n"
-
-
-def test_v2_nested_the_smallest_quota_wins(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V2_LINES, {
-        "cgroup.controllers": "cpu memory\n",
-        "a/cpu.max": "max 100000\n",
-        "a/b/cpu.max": "150000 100000\n",
-        "a/b/c/cpu.max": "max 100000\n",
-    })
-    assert limit() == 1.5
-
-
-def test_v2_a_deeper_quota_is_smaller(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V2_LINES, {
-        "a/cpu.max": "400000 100000\n",
-        "a/b/cpu.max": "max 100000\n",
-        "a/b/c/cpu.max": "25000 50000\n",
-    })
-    assert limit() == 0.5
-
-
-def test_v2_the_mounts_root_counts(tmp_path) -> None:
-    # In a cgroup namespace the root of the mount is the container's cgroup,
-    # which has a cpu.max of its own.
-    limit = fake_cgroups(tmp_path, "0::/\n", {"cpu.max": "200000 100000\n"})
-    assert limit() == 2.0
-
-
-def test_v2_unlimited(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V2_LINES, {
-        "a/cpu.max": "max 100000\n",
-        "a/b/c/cpu.max": "max 100000\n",
-    })
-    assert limit() is None
-
-
-def test_hybrid_v1_cpu_and_v2_unified(tmp_path) -> None:
-    lines = "9:cpu,cpuacct:/job\n0::/job\n"
-    files = {**under("cpu,cpuacct/job", v1_quota("300000")), "unified/job/cpu.max": "150000 100000\n"}
-    assert fake_cgroups(tmp_path, lines, files)() == 1.5
-
-
-def test_hybrid_v1_limit_alone(tmp_path) -> None:
-    lines = "9:cpu,cpuacct:/job\n0::/job\n"
-    files = {**under("cpu,cpuacct/job", v1_quota("250000")), "unified/job/cgroup.procs": "1\n"}
-    assert fake_cgroups(tmp_path, lines, files)() == 2.5
-
-
-def test_path_missing_under_the_mount_falls_back_to_what_exists(tmp_path) -> None:
-    # A container without its own cgroup namespace: /proc/self/cgroup names
-    # the host's path, the mount shows only the container's subtree.
-    limit = fake_cgroups(tmp_path, "0::/system.slice/docker-123.scope\n", {
-        "cgroup.controllers": "cpu\n",
-        "cpu.max": "100000 100000\n",
-    })
-    assert limit() == 1.0
-
-
-def test_the_tail_of_a_missing_path_is_found(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, "0::/host/ctr/job\n", {
-        "cpu.max": "300000 100000\n",
-        "job/cpu.max": "150000 100000\n",
-    })
-    assert limit() == 1.5
-
-
-def test_existing_ancestors_of_a_missing_path_count(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V2_LINES, {"a/cpu.max": "50000 100000\n"})  # a/b/c is gone
-    assert limit() == 0.5
-
-
-def test_a_path_outside_the_namespace_root(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, "0::/../../job\n", {"job/cpu.max": "200000 100000\n"})
-    assert limit() == 2.0
-
-
-@pytest.mark.parametrize("content", [
-    "", "banana\n", "50000\n", "1 2 3\n", "0 100000\n", "-5 100000\n", "50000 0\n",
-    "max\n", "x 100000\n", b"\xff\xfe\n", "50000 100000 trailing\n",
-])
-def test_garbage_cpu_max_does_not_limit(tmp_path, content: object) -> None:
-    limit = fake_cgroups(tmp_path, V2_LINES, {"a/b/c/cpu.max": content, "a/cpu.max": "300000 100000\n"})
-    assert limit() == 3.0
-
-
-@pytest.mark.parametrize("quota, period", [
-    ("", "100000"), ("abc", "100000"), ("50000", "0"), ("50000", "nope"), ("0", "100000"), ("1 2", "100000"),
-])
-def test_garbage_v1_files_do_not_limit(tmp_path, quota: str, period: str) -> None:
-    limit = fake_cgroups(tmp_path, V1_LINES, under("cpu,cpuacct/a/b", v1_quota(quota, period)))
-    assert limit() is None
-
-
-def test_a_missing_period_does_not_limit(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V1_LINES, {"cpu,cpuacct/a/b/cpu.cfs_quota_us": "50000"})
-    assert limit() is None
-
-
-def test_unreadable_files_do_not_limit(tmp_path) -> None:
-    # A directory where the file should be: reading it fails with EISDIR,
-    # which (unlike mode bits) stops root too.
-    limit = fake_cgroups(tmp_path, V2_LINES, {"a/b/c/cpu.max": None, "a/b/cpu.max": "200000 100000\n"})
-    assert limit() == 2.0
-
-
-@pytest.mark.parametrize("text", ["", "garbage\n", "\n\n", "no colons at all\n1:only-two\n"])
-def test_garbage_proc_self_cgroup(tmp_path, text: str) -> None:
-    assert fake_cgroups(tmp_path, text, {"cpu.max": "100000 100000\n"})() is None
-
-
-def test_missing_proc_self_cgroup(tmp_path) -> None:
-    assert cgroup_cpu_limit(str(tmp_path / "nope"), str(tmp_path)) is None
-
-
-def test_missing_cgroup_root(tmp_path) -> None:
-    proc = tmp_path / "cgroup"
-    proc.write_text(V1_LINES)
-    assert cgroup_cpu_limit(str(proc), str(tmp_path / "nope")) is None
-
-
-def test_the_real_system_does_not_raise() -> None:
-    limit = cgroup_cpu_limit()
-    assert limit is None or limit > 0
-
-
 # ---------------------------------------------------------------- cpu_count
 
 @pytest.fixture
 def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(threads, "_cached", None)
-    monkeypatch.delenv("PYTHON_CPU_COUNT", raising=False)
+    for name in ("PYTHON_CPU_COUNT",) + SCHEDULER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+SCHEDULER_VARIABLES = (
+    "SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SLURM_JOB_CPUS_PER_NODE",
+    "SLURM_NODEID", "PBS_JOBID", "PBS_NUM_PPN", "NCPUS", "PBS_NP", "LSB_JOBID", "LSB_DJOB_NUMPROC",
+    "LSB_MAX_NUM_PROCESSORS", "JOB_ID", "NSLOTS",
+)
 
 
 def machine_and_affinity() -> List[int]:
@@ -440,13 +257,131 @@ def test_a_process_started_with_one_cpu_counts_one() -> None:
     assert result.stdout.split() == ["1"]
 
 
-def _env_without_cpu_override() -> Dict[str, str]:
+def _env_without_cpu_override(**extra: str) -> Dict[str, str]:
     env = child_env()
-    env.pop("PYTHON_CPU_COUNT", None)
+    for name in ("PYTHON_CPU_COUNT",) + SCHEDULER_VARIABLES:
+        env.pop(name, None)
+    env.update(extra)
     return env
+
+
+# ------------------------------------------------- scheduler allocations
+
+@pytest.mark.parametrize("environ, expected", [
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "2", "SLURM_CPUS_ON_NODE": "8"}, (2, "SLURM_CPUS_PER_TASK", "slurm")),
+    ({"SLURM_JOBID": "7", "SLURM_CPUS_ON_NODE": "8", "SLURM_JOB_CPUS_PER_NODE": "16"}, (8, "SLURM_CPUS_ON_NODE", "slurm")),
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "4(x3)"}, (4, "SLURM_JOB_CPUS_PER_NODE", "slurm")),
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "72(x2),36", "SLURM_NODEID": "2"},
+     (36, "SLURM_JOB_CPUS_PER_NODE", "slurm")),
+    ({"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "72(x2),36", "SLURM_NODEID": "1"},
+     (72, "SLURM_JOB_CPUS_PER_NODE", "slurm")),
+    ({"PBS_JOBID": "1.srv", "PBS_NUM_PPN": "6", "PBS_NP": "24"}, (6, "PBS_NUM_PPN", "pbs")),
+    ({"PBS_JOBID": "1.srv", "NCPUS": "12"}, (12, "NCPUS", "pbs")),
+    ({"PBS_JOBID": "1.srv", "PBS_NP": "24"}, (24, "PBS_NP", "pbs")),
+    ({"LSB_JOBID": "9", "LSB_DJOB_NUMPROC": "3", "LSB_MAX_NUM_PROCESSORS": "8"}, (3, "LSB_DJOB_NUMPROC", "lsf")),
+    ({"LSB_JOBID": "9", "LSB_MAX_NUM_PROCESSORS": "8"}, (8, "LSB_MAX_NUM_PROCESSORS", "lsf")),
+    ({"JOB_ID": "5", "NSLOTS": "5"}, (5, "NSLOTS", "sge")),
+    # Slurm first, then PBS, LSF, SGE: the first whose job id is set decides.
+    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "8", "JOB_ID": "5", "NSLOTS": "2"}, (8, "SLURM_CPUS_ON_NODE", "slurm")),
+])
+def test_scheduler_variables_and_their_precedence(environ, expected) -> None:
+    assert scheduler_cpus(environ) == expected
+
+
+@pytest.mark.parametrize("environ", [
+    {},
+    {"SLURM_CPUS_PER_TASK": "2", "NCPUS": "3", "NSLOTS": "4", "LSB_DJOB_NUMPROC": "5"},  # no job id: not a job
+    {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "72(x2),36"},  # nodes differ, this one unknown
+    {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "72(x2),36", "SLURM_NODEID": "3"},
+    {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "4(x", "SLURM_NODEID": "0"},
+    {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "4(x0)"},
+    {"JOB_ID": "5", "NSLOTS": ""},
+])
+def test_no_usable_scheduler_value(environ) -> None:
+    assert scheduler_cpus(environ) is None
+
+
+@pytest.mark.parametrize("bad", ["", "0", "-2", "two", " 2", "2.5", "+2", "\u0663", "2 "])
+def test_a_malformed_value_is_skipped_for_the_next_one(bad: str, caplog) -> None:
+    caplog.set_level("DEBUG", logger="toilcoord.threads")
+    environ = {"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": bad, "SLURM_CPUS_ON_NODE": "3"}
+    assert scheduler_cpus(environ) == (3, "SLURM_CPUS_ON_NODE", "slurm")
+    assert "SLURM_CPUS_PER_TASK" in caplog.text
+
+
+def run_cpu_count(**environ: str) -> List[str]:
+    result = run_python("""
+        from toilcoord.threads import cpu_count, cpu_count_sources
+        s = cpu_count_sources()
+        print(cpu_count(), s.count, s.decided_by, s.scheduler, s.scheduler_variable)
+    """, env=_env_without_cpu_override(**environ))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+@pytest.mark.timeout(60)
+def test_srun_c1_in_a_real_process_counts_one() -> None:
+    # Toil 4767: 128 CPUs inside "srun -c2". One CPU allocated here.
+    count, same, decided_by, scheduler, variable = run_cpu_count(SLURM_JOB_ID="42", SLURM_CPUS_PER_TASK="1")
+    assert (count, same, scheduler, variable) == ("1", "1", "1", "SLURM_CPUS_PER_TASK")
+    if max(machine_and_affinity()) > 1:
+        assert decided_by == "slurm"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("environ, name", [
+    ({"PBS_JOBID": "1", "NCPUS": "1"}, "pbs"),
+    ({"LSB_JOBID": "1", "LSB_DJOB_NUMPROC": "1"}, "lsf"),
+    ({"JOB_ID": "1", "NSLOTS": "1"}, "sge"),
+])
+def test_other_schedulers_in_real_processes(environ, name: str) -> None:
+    count, _, decided_by, scheduler, _ = run_cpu_count(**environ)
+    assert (count, scheduler) == ("1", "1")
+    if max(machine_and_affinity()) > 1:
+        assert decided_by == name
+
+
+@pytest.mark.timeout(60)
+def test_an_allocation_larger_than_the_machine_does_not_raise_the_count() -> None:
+    count, _, decided_by, scheduler, _ = run_cpu_count(SLURM_JOB_ID="42", SLURM_CPUS_ON_NODE="100000")
+    assert int(count) == min(machine_and_affinity()) and scheduler == "100000" and decided_by != "slurm"
+
+
+@pytest.mark.timeout(60)
+def test_python_cpu_count_beats_the_scheduler() -> None:
+    count, _, decided_by, scheduler, _ = run_cpu_count(SLURM_JOB_ID="42", SLURM_CPUS_PER_TASK="1",
+                                                       PYTHON_CPU_COUNT="5")
+    assert (count, decided_by, scheduler) == ("5", "env", "1")
+
+
+def test_the_scheduler_is_read_on_every_call(fresh_cache, monkeypatch) -> None:
+    before = cpu_count()
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert cpu_count() == 1 and cpu_count_sources().scheduler_variable == "SLURM_CPUS_PER_TASK"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert cpu_count() == before
+
+
+def test_cpu_count_sources_still_builds_from_six_fields() -> None:
+    old = threads.CpuCountSources(4, 4, None, None, 4, "machine")
+    assert old.scheduler is None and old.scheduler_variable is None and tuple(old)[:6] == (4, 4, None, None, 4, "machine")
+
+
+# ------------------------------------------------------------ memory_limit
+
+def test_memory_limit_is_the_cgroup_limit(monkeypatch, tmp_path) -> None:
+    fake = fake_cgroups(tmp_path, V2_LINES, {"a/memory.max": f"{GIB}\n"}, limit=cgroup_memory_limit)
+    monkeypatch.setattr(threads, "cgroup_memory_limit", fake)
+    assert memory_limit() == GIB
+
+
+def test_memory_limit_of_this_process_matches_the_cgroup() -> None:
+    assert memory_limit() == cgroup_memory_limit()
 
 
 def test_public_names() -> None:
     assert set(threads.__all__) == {
         "CpuCountSources", "ExceptionalThread", "cgroup_cpu_limit", "cpu_count", "cpu_count_sources",
+        "memory_limit", "scheduler_cpus",
     }

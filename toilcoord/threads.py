@@ -1,10 +1,13 @@
-"""Threads that hand their exception to ``join()``, and an honest CPU count.
+"""Threads that hand their exception to ``join()``, and honest resource limits.
 
 :class:`ExceptionalThread` is Toil's: ``join()`` re-raises what ``run()``
 raised. :func:`cpu_count` is what a pipeline may really use on a shared node:
-the machine's CPUs, narrowed by the affinity mask and by the CPU quota of the
+the machine's CPUs, narrowed by the affinity mask, by the CPU quota of the
 process's own cgroup *and every ancestor* (Toil reads only one cgroup's
-quota), with ``PYTHON_CPU_COUNT`` overriding everything as in Python 3.13.
+quota) and by the batch scheduler's allocation (Slurm, PBS/Torque, LSF,
+SGE), with ``PYTHON_CPU_COUNT`` overriding everything as in Python 3.13.
+:func:`memory_limit` is the cgroup memory limit. The cgroup files are read
+by :mod:`.cgroups`.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ import math
 import os
 import sys
 import threading
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import List, Mapping, NamedTuple, Optional, Tuple
+
+from .cgroups import cgroup_cpu_limit, cgroup_memory_limit
 
 __all__ = [
     "CpuCountSources",
@@ -21,6 +26,8 @@ __all__ = [
     "cgroup_cpu_limit",
     "cpu_count",
     "cpu_count_sources",
+    "memory_limit",
+    "scheduler_cpus",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,10 +82,13 @@ class CpuCountSources(NamedTuple):
 
     ``machine``: ``os.cpu_count()``; ``affinity``: CPUs in this process's
     affinity mask; ``cgroup``: the smallest cgroup quota in CPUs
-    (fractional); ``env``: a valid ``PYTHON_CPU_COUNT``. Each is None when
+    (fractional); ``env``: a valid ``PYTHON_CPU_COUNT``; ``scheduler``: the
+    batch scheduler's allocation and ``scheduler_variable`` the environment
+    variable it came from (``"SLURM_CPUS_PER_TASK"``...). Each is None when
     unknown, unlimited or unset. ``count`` is the answer and ``decided_by``
     names the source it came from: ``"env"``, ``"cgroup"``, ``"affinity"``,
-    ``"machine"`` or ``"default"`` (nothing known: 1).
+    ``"machine"``, ``"slurm"``, ``"pbs"``, ``"lsf"``, ``"sge"`` or
+    ``"default"`` (nothing known: 1).
     """
 
     machine: Optional[int]
@@ -87,6 +97,9 @@ class CpuCountSources(NamedTuple):
     env: Optional[int]
     count: int
     decided_by: str
+    # Added later, with defaults, so six-field constructions still work.
+    scheduler: Optional[int] = None
+    scheduler_variable: Optional[str] = None
 
 
 # (os.cpu_count(), cgroup_cpu_limit()) of this process; None until first
@@ -108,13 +121,14 @@ os.register_at_fork(after_in_child=_forget_cache)
 def cpu_count() -> int:
     """The number of whole CPUs this process may use, at least 1.
 
-    The smallest of the machine's CPUs, the affinity mask and the CPU quota
-    of this process's cgroup and all its ancestors (cgroup v1 and v2),
-    rounded up. ``PYTHON_CPU_COUNT`` set to a positive integer wins; any
-    other value in it is ignored. Hyperthreads count as CPUs; cpu shares and
-    weights are ignored (they are relative, not limits). The cgroup quota is
-    read once per process (again in a forked child); the affinity mask and
-    the environment variable on every call.
+    The smallest of the machine's CPUs, the affinity mask, the CPU quota of
+    this process's cgroup and all its ancestors (cgroup v1 and v2), rounded
+    up, and the batch scheduler's allocation (see :func:`scheduler_cpus`
+    for the variables read and their precedence). ``PYTHON_CPU_COUNT`` set
+    to a positive integer wins; any other value in it is ignored.
+    Hyperthreads count as CPUs; cpu shares and weights are ignored (they are
+    relative, not limits). The cgroup quota is read once per process (again
+    in a forked child); the affinity mask and the environment on every call.
     """
     return cpu_count_sources().count
 
@@ -126,18 +140,20 @@ def cpu_count_sources() -> CpuCountSources:
         _cached = (os.cpu_count(), cgroup_cpu_limit())
     machine, cgroup = _cached
     affinity = _affinity_count()
+    scheduler, variable, scheduler_name = scheduler_cpus(os.environ) or (None, None, "")
     env = _env_cpu_count()
     if env is not None:
-        return CpuCountSources(machine, affinity, cgroup, env, env, "env")
+        return CpuCountSources(machine, affinity, cgroup, env, env, "env", scheduler, variable)
     candidates = [
         (math.ceil(value), name)
-        for value, name in ((machine, "machine"), (affinity, "affinity"), (cgroup, "cgroup"))
+        for value, name in ((machine, "machine"), (affinity, "affinity"), (cgroup, "cgroup"),
+                            (scheduler, scheduler_name))
         if value is not None
     ]
     # min() keeps the first of equal counts, so a narrower source is named
     # only when it really lowered the count.
     count, decided_by = min(candidates, key=lambda pair: pair[0]) if candidates else (1, "default")
-    return CpuCountSources(machine, affinity, cgroup, env, count, decided_by)
+    return CpuCountSources(machine, affinity, cgroup, env, count, decided_by, scheduler, variable)
 
 
 def _affinity_count() -> Optional[int]:
@@ -146,144 +162,101 @@ def _affinity_count() -> Optional[int]:
     return len(os.sched_getaffinity(0)) or None
 
 
+def _positive(value: str) -> Optional[int]:
+    # Python 3.13's PYTHON_CPU_COUNT rule, used for every count read here:
+    # ASCII decimal digits only ("+2", " 3", "3.5" and "٣" are not counts).
+    return int(value) if value.isascii() and value.isdigit() and int(value) > 0 else None
+
+
 def _env_cpu_count() -> Optional[int]:
-    # Python 3.13 accepts a positive decimal integer (or "default").
-    value = os.environ.get("PYTHON_CPU_COUNT", "")
-    if value.isascii() and value.isdigit() and int(value) > 0:
-        return int(value)
+    # Python 3.13 also accepts "default", which means: no override.
+    return _positive(os.environ.get("PYTHON_CPU_COUNT", ""))
+
+
+# ------------------------------------------------- scheduler allocations
+
+# (scheduler, its job-id variables, its CPU variables, best first). A
+# scheduler counts only inside one of its jobs (a job id is set): NCPUS and
+# NSLOTS are common names that other software sets too.
+_SCHEDULERS: Tuple[Tuple[str, Tuple[str, ...], Tuple[str, ...]], ...] = (
+    # SLURM_CPUS_PER_TASK: the -c of the step (or of the job, in the batch
+    # script), set only when -c was given; SLURM_CPUS_ON_NODE: the CPUs of
+    # the allocation on this node; SLURM_JOB_CPUS_PER_NODE: the job's CPUs
+    # on each of its nodes, as "72(x2),36".
+    ("slurm", ("SLURM_JOB_ID", "SLURM_JOBID"),
+     ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SLURM_JOB_CPUS_PER_NODE")),
+    # Torque: PBS_NUM_PPN per node, PBS_NP for the whole job; PBS Pro:
+    # NCPUS, the ncpus of the job's chunk on this node.
+    ("pbs", ("PBS_JOBID",), ("PBS_NUM_PPN", "NCPUS", "PBS_NP")),
+    # LSB_DJOB_NUMPROC: the slots allocated to the job; LSB_MAX_NUM_PROCESSORS:
+    # the most it asked for (bsub -n min,max). Both are for the whole job.
+    ("lsf", ("LSB_JOBID",), ("LSB_DJOB_NUMPROC", "LSB_MAX_NUM_PROCESSORS")),
+    # NSLOTS: the slots granted to the job (its parallel environment).
+    ("sge", ("JOB_ID",), ("NSLOTS",)),
+)
+
+
+def scheduler_cpus(environ: Mapping[str, str]) -> Optional[Tuple[int, str, str]]:
+    """The CPUs a batch scheduler allocated to this job, as ``(count,
+    variable, scheduler)``, from the environment *environ*; None outside a
+    job or when no value is usable.
+
+    The first scheduler whose job id is set (``SLURM_JOB_ID``/``SLURM_JOBID``,
+    ``PBS_JOBID``, ``LSB_JOBID``, ``JOB_ID``; in that order) decides, with
+    the first of its variables that holds a positive decimal integer:
+    Slurm ``SLURM_CPUS_PER_TASK``, ``SLURM_CPUS_ON_NODE``,
+    ``SLURM_JOB_CPUS_PER_NODE`` (this node's entry, by ``SLURM_NODEID``, or
+    the one value all nodes share); PBS ``PBS_NUM_PPN``, ``NCPUS``,
+    ``PBS_NP``; LSF ``LSB_DJOB_NUMPROC``, ``LSB_MAX_NUM_PROCESSORS``; SGE
+    ``NSLOTS``. Whole-job counts are still upper bounds for one node. A
+    malformed value is ignored (logged at debug level) and the next
+    variable is tried.
+    """
+    for scheduler, job_ids, variables in _SCHEDULERS:
+        if not any(environ.get(name) for name in job_ids):
+            continue
+        for variable in variables:
+            value = environ.get(variable)
+            if value is None:
+                continue
+            count = _slurm_node_cpus(value, environ) if variable == "SLURM_JOB_CPUS_PER_NODE" else _positive(value)
+            if count is not None:
+                return count, variable, scheduler
+            logger.debug("ignoring %s=%r: not a CPU count", variable, value)
+        return None
     return None
 
 
-# -------------------------------------------------------- cgroup quotas
+def _slurm_node_cpus(value: str, environ: Mapping[str, str]) -> Optional[int]:
+    """This node's count in SLURM_JOB_CPUS_PER_NODE ("72(x2),36"): the
+    entry of node SLURM_NODEID, or the count every node has."""
+    runs: List[Tuple[int, int]] = []  # (count, nodes), never expanded
+    for entry in value.split(","):
+        count, repeated, repeat = entry.partition("(x")
+        nodes = (_positive(repeat[:-1]) if repeat.endswith(")") else None) if repeated else 1
+        if _positive(count) is None or nodes is None:
+            return None
+        runs.append((int(count), nodes))
+    node = environ.get("SLURM_NODEID", "")
+    if node.isascii() and node.isdigit():
+        index = int(node)
+        for count, nodes in runs:
+            if index < nodes:
+                return count
+            index -= nodes
+    return runs[0][0] if len({count for count, _ in runs}) == 1 else None
 
-def cgroup_cpu_limit(
-    proc_self_cgroup: str = "/proc/self/cgroup", cgroup_root: str = "/sys/fs/cgroup"
-) -> Optional[float]:
-    """The CPU quota, in CPUs, of the tightest cgroup this process is in.
 
-    Reads the process's cgroups from *proc_self_cgroup* and, under
-    *cgroup_root*, the v1 ``cpu`` controller's ``cpu.cfs_quota_us`` /
-    ``cpu.cfs_period_us`` (mounted as ``cpu``, ``cpu,cpuacct`` or
-    ``cpuacct,cpu``) and the v2 ``cpu.max`` (in *cgroup_root* itself, or in
-    its ``unified`` folder on hybrid systems) of the process's cgroup and of
-    every ancestor; returns the smallest quota, e.g. ``0.5``, or None when
-    none is limited. When the cgroup's path does not exist under the mount
-    (a cgroup namespace or a container that sees only its own subtree), the
-    ancestors that do exist are checked, and so is the longest tail of the
-    path that exists, with its ancestors. Missing, unreadable or garbled
-    files never raise: they just do not limit.
+# ------------------------------------------------------------ memory_limit
+
+def memory_limit() -> Optional[int]:
+    """The memory this process's cgroups allow, in bytes; None when
+    unlimited or unknown.
+
+    The smallest ``memory.max`` (cgroup v2) or ``memory.limit_in_bytes``
+    (v1) of this process's cgroup and every ancestor; values of 2**60 bytes
+    or more mean unlimited. Read on every call (a cgroup's limit may be
+    changed at any time). Swap and ``memory.high`` are not counted, nor are
+    rlimits or the scheduler's requested memory.
     """
-    limits: List[float] = []
-    for read_quota, mount, path in _cpu_cgroups(proc_self_cgroup, cgroup_root):
-        for directory in _dirs_to_check(mount, path):
-            quota = read_quota(directory)
-            if quota is not None:
-                limits.append(quota)
-    return min(limits) if limits else None
-
-
-_QuotaReader = Callable[[str], Optional[float]]
-
-
-def _cpu_cgroups(proc_self_cgroup: str, cgroup_root: str) -> List[Tuple[_QuotaReader, str, List[str]]]:
-    """[(quota reader, mount directory, cgroup path parts)] of the cpu controller."""
-    try:
-        with open(proc_self_cgroup, encoding="utf-8", errors="surrogateescape") as lines:
-            text = lines.read()
-    except OSError as error:
-        logger.debug("cannot read %s (%s): no cgroup CPU limit", proc_self_cgroup, error)
-        return []
-    found = []
-    for line in text.splitlines():
-        # "hierarchy-id:controller,list:/path"; the path may contain ':'.
-        fields = line.split(":", 2)
-        if len(fields) != 3:
-            continue
-        _, controllers, path = fields
-        if controllers == "":
-            read_quota, mount = _read_v2_quota, _v2_mount(cgroup_root)
-        elif "cpu" in controllers.split(","):
-            read_quota, mount = _read_v1_quota, _v1_cpu_mount(cgroup_root, controllers)
-        else:
-            continue
-        # A process outside its cgroup namespace's root sees "/../x": the
-        # ".." parts name nothing under the mount.
-        parts = [part for part in path.split("/") if part not in ("", ".", "..")]
-        found.append((read_quota, mount, parts))
-    return found
-
-
-def _v2_mount(cgroup_root: str) -> str:
-    # Pure v2: the root is the unified hierarchy. Hybrid (systemd): it is a
-    # tmpfs of v1 mounts with the unified one in "unified".
-    unified = os.path.join(cgroup_root, "unified")
-    if not os.path.exists(os.path.join(cgroup_root, "cgroup.controllers")) and os.path.isdir(unified):
-        return unified
-    return cgroup_root
-
-
-def _v1_cpu_mount(cgroup_root: str, controllers: str) -> str:
-    for name in (controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu"):
-        candidate = os.path.join(cgroup_root, name)
-        if os.path.isdir(candidate):
-            return candidate
-    return os.path.join(cgroup_root, controllers)
-
-
-def _dirs_to_check(mount: str, parts: List[str]) -> List[str]:
-    """The cgroup's directory and its ancestors up to *mount* (missing ones
-    included: reading them just finds nothing)."""
-    dirs = [os.path.join(mount, *parts[:depth]) for depth in range(len(parts), -1, -1)]
-    if not os.path.isdir(dirs[0]):
-        # The mount's root is not the hierarchy's root (a container that was
-        # given only its own subtree): the tail of the path is relative to it.
-        for start in range(1, len(parts)):
-            if os.path.isdir(os.path.join(mount, *parts[start:])):
-                dirs += [os.path.join(mount, *parts[start:end]) for end in range(len(parts), start, -1)]
-                break
-    return dirs
-
-
-def _read_v2_quota(directory: str) -> Optional[float]:
-    # cpu.max is "$MAX $PERIOD"; $MAX "max" means unlimited.
-    # https://docs.kernel.org/admin-guide/cgroup-v2.html#cpu-interface-files
-    fields = _read_words(os.path.join(directory, "cpu.max"))
-    if fields is None or fields[:1] == ["max"]:
-        return None
-    if len(fields) != 2:
-        logger.debug("ignoring garbled %s: %r", os.path.join(directory, "cpu.max"), fields)
-        return None
-    return _ratio(fields[0], fields[1], directory)
-
-
-def _read_v1_quota(directory: str) -> Optional[float]:
-    # cpu.cfs_quota_us is -1 when unlimited.
-    # https://docs.kernel.org/scheduler/sched-bwc.html
-    quota = _read_words(os.path.join(directory, "cpu.cfs_quota_us"))
-    if quota is None or quota == ["-1"]:
-        return None
-    period = _read_words(os.path.join(directory, "cpu.cfs_period_us"))
-    if period is None or len(quota) != 1 or len(period) != 1:
-        return None
-    return _ratio(quota[0], period[0], directory)
-
-
-def _read_words(path: str) -> Optional[List[str]]:
-    try:
-        with open(path, "rb") as file:
-            return file.read(256).decode("ascii").split()
-    except (OSError, UnicodeDecodeError) as error:
-        if not isinstance(error, FileNotFoundError):
-            logger.debug("cannot read %s: %s", path, error)
-        return None
-
-
-def _ratio(quota: str, period: str, directory: str) -> Optional[float]:
-    try:
-        quota_us, period_us = int(quota), int(period)
-    except ValueError:
-        quota_us = period_us = 0
-    if quota_us <= 0 or period_us <= 0:
-        logger.debug("ignoring CPU quota %r/%r in %s", quota, period, directory)
-        return None
-    return quota_us / period_us
+    return cgroup_memory_limit()
