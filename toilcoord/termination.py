@@ -27,7 +27,7 @@ import time
 import types
 from typing import Any, Callable, Iterable, List, Optional, Sequence
 
-from . import deferred
+from . import deferred, deferred_records
 from .deferred import DeferredFunctionManager
 
 __all__ = ["install_termination_cleanup"]
@@ -181,8 +181,8 @@ def _die_of(signum: int) -> None:
 
 _CRITICAL_CODES = frozenset((
     DeferredFunctionManager._defer.__code__,       # a record being written
-    DeferredFunctionManager._write_rest.__code__,
-    deferred._run_file.__code__,                   # functions being run and marked done
+    deferred._write_rest.__code__,
+    deferred_records.run_file.__code__,            # functions being run and marked done
 ))
 
 
@@ -212,7 +212,7 @@ def _running_function() -> Optional[str]:
     """The deferred function the main thread is running, if any."""
     frame = sys._current_frames().get(threading.main_thread().ident)
     while frame is not None:
-        if frame.f_code is deferred._run_record.__code__:
+        if frame.f_code is deferred_records._run_record.__code__:
             return str(frame.f_locals.get("function", "a deferred function"))
         frame = frame.f_back
     return None
