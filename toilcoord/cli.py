@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     torture.add_argument("--seed", help="seed of every random choice (default: a random one, printed)")
     torture.add_argument("--split-dir", help="--dir seen through another mount (another NFS client of the same "
                          "export): half of the workers use it")
-    for sub in (bench, cleanup, torture):
+    status = commands.add_parser("status", help="show who holds what in a coordination directory (read-only)")
+    status.add_argument("--dir", dest="status_dir", required=True, help="the coordination directory to show")
+    status.add_argument("--json", dest="sub_json", action="store_true", help="print one JSON document")
+    for sub in (bench, cleanup, torture, status):
         sub.error = parser.error  # type: ignore[method-assign]
     return parser
 
@@ -68,6 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if directory is not None:
             directory = _usable_directory(directory)
         as_json = args.json or getattr(args, "sub_json", False)
+        if args.command == "status":
+            return _status(args.status_dir, as_json)
         if args.command == "bench":
             if args.procs < 1:
                 raise UsageError(f"--procs must be at least 1, not {args.procs}")
@@ -154,3 +159,19 @@ def _cleanup(directory: str, user: Optional[str]) -> int:
     except OSError as error:  # refused (not the owner, a symlink) or unusable
         print(f"cleanup refused: {error}", file=sys.stderr)
         return 1
+
+
+def _status(directory: str, as_json: bool) -> int:
+    from .status import directory_status, format_status
+
+    try:
+        report = directory_status(directory)
+    except OSError as error:  # missing, not a directory, a symlink, unreadable
+        print(f"status: cannot read {directory!r}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    if as_json:
+        import json
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_status(report))
+    return 0
