@@ -49,7 +49,7 @@ def directory_status(path: str) -> dict:
     * ``arenas``: ``name``, ``owner_uid``, ``members`` (live members listed in
       /proc/locks), ``live`` (None where that cannot tell: not local);
     * ``deferred``: ``files`` (``name``, ``owner_uid``, ``format``
-      "toilcoord" or "toil", ``owner_alive``, ``pending`` (None if not
+      "toilcoord", "toil" or "damaged", ``owner_alive``, ``pending`` (None if not
       counted)) and ``owners`` (``uid``, ``files``, ``pending``, ``uncounted``);
     * ``skipped``: entries not used, with why (``name``, ``reason``);
     * ``directory``, ``host``, ``time``, ``truncated``.
@@ -231,7 +231,7 @@ def _count_pending(fd: int, info: os.stat_result, name: str, where: str) -> Tupl
     if info.st_size == 0:  # nothing deferred yet, in either format
         return ("toil" if name.startswith(deferred.DeferredFunctionManager.PREFIX) else "toilcoord"), 0
     if not deferred._starts_with_a_record(os.pread(fd, deferred._HEADER_SIZE, 0)):
-        return "toil", None
+        return ("damaged" if name.startswith(deferred.DeferredFunctionManager.OWN_PREFIX) else "toil"), None
     data = _read_bounded(fd, _MAX_STATE_BYTES)
     if len(data) > _MAX_STATE_BYTES:
         return "toilcoord", None
