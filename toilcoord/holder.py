@@ -10,14 +10,13 @@ this host: the recorded process is the one the kernel lists as the lock's
 holder, and it still runs).
 
 Layout (little-endian, :data:`RECORD_SIZE` bytes): magic ``tcH1``, CRC-32
-of the rest, wall time locked (float seconds), pid, PID-namespace inode,
-process start time (clock ticks since boot), then host, command and purpose
+of the rest (4 bytes), wall time locked (8, nanoseconds), pid (4), PID-namespace inode (8),
+process start time (8, clock ticks since boot), then host, command and purpose
 as UTF-8, NUL-separated, NUL-padded.
 """
 from __future__ import annotations
 
 import os
-import struct
 import sys
 import time
 from typing import Dict, List, NamedTuple, Optional, Tuple
@@ -29,9 +28,9 @@ RECORD_SIZE = 512
 #: The longest purpose string, in UTF-8 bytes.
 PURPOSE_MAX_BYTES = 200
 _MAGIC = b"tcH1"
-_HEAD = struct.Struct("<4sI")  # magic, CRC-32 of everything after it
-_BODY = struct.Struct("<dIQQ")  # since, pid, PID namespace, start time
-_TEXT_AT = _HEAD.size + _BODY.size
+# Plain int.to_bytes, not struct: importing toilcoord must stay light.
+_FIELDS = ((8, 8), (16, 4), (20, 8), (28, 8))  # since, pid, PID namespace, start time: (offset, size)
+_TEXT_AT = 36
 _HOST_MAX = 64  # HOST_NAME_MAX
 _COMMAND_MAX = 64
 
@@ -111,7 +110,7 @@ def _tail(purpose: Optional[str]) -> bytes:
             _crc32 = zlib.crc32
         pid, namespace, ticks, host, command = _this_process()
         text = b"\0".join((host, command, (purpose or "").encode("utf-8")))
-        tail = struct.pack("<IQQ", pid, namespace, ticks) + text
+        tail = pid.to_bytes(4, "little") + namespace.to_bytes(8, "little") + ticks.to_bytes(8, "little") + text
         tail += bytes(RECORD_SIZE - _TEXT_AT - len(text))
         if len(_tails) >= 64:
             _tails.clear()
@@ -121,8 +120,8 @@ def _tail(purpose: Optional[str]) -> bytes:
 
 def record_for(purpose: Optional[str]) -> bytes:
     """This process's record, locked now, with *purpose* (checked already)."""
-    body = struct.pack("<d", time.time()) + _tail(purpose)
-    return _HEAD.pack(_MAGIC, _crc32(body)) + body
+    body = time.time_ns().to_bytes(8, "little") + _tail(purpose)
+    return _MAGIC + _crc32(body).to_bytes(4, "little") + body
 
 
 def write_record(fd: int, purpose: Optional[str], sync: bool) -> None:
@@ -161,16 +160,15 @@ def read_record(fd: int) -> Optional[Holder]:
         return None
     if len(data) != RECORD_SIZE:
         return None
-    magic, crc = _HEAD.unpack_from(data)
     import zlib
-    if magic != _MAGIC or zlib.crc32(data[_HEAD.size:]) != crc:
+    if data[:4] != _MAGIC or zlib.crc32(data[8:]) != int.from_bytes(data[4:8], "little"):
         return None
-    since, pid, namespace, ticks = _BODY.unpack_from(data, _HEAD.size)
+    since, pid, namespace, ticks = (int.from_bytes(data[at:at + size], "little") for at, size in _FIELDS)
     fields = data[_TEXT_AT:].rstrip(b"\0").split(b"\0")
     if len(fields) < 2:
         return None
     host, command, purpose = (fields + [b""])[:3]
-    return Holder(pid, _printable(host), _printable(command), since, _printable(purpose) or None,
+    return Holder(pid, _printable(host), _printable(command), since / 1e9, _printable(purpose) or None,
                   False, namespace, ticks)
 
 
