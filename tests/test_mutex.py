@@ -825,3 +825,136 @@ def test_reaping_through_a_stale_name_never_removes_a_held_file(tmp_path, childr
         os.close(held[0])
         release(held[1])
     assert left_after_exit(tmp_path) == []
+
+
+# ------------------------------------------------------ the holder record
+
+# Holds mutex argv[2] in argv[1] with purpose argv[3], says "held", lets go
+# at its first line of stdin, says "released", and exits when stdin closes.
+HOLD_WITH_PURPOSE = """
+import sys
+from toilcoord.mutex import global_mutex
+with global_mutex(sys.argv[1], sys.argv[2], purpose=sys.argv[3]):
+    print("held", flush=True)
+    sys.stdin.readline()
+print("released", flush=True)
+sys.stdin.read()
+"""
+
+# Holds argv[1] with a bare flock, as Toil's mutex does: no record.
+HOLD_BARE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def start_recording_holder(children, directory, purpose):
+    holder = children.python(HOLD_WITH_PURPOSE, str(directory), "m", purpose,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def start_bare_holder(children, path):
+    holder = children.python(HOLD_BARE, str(path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def timeout_message(directory):
+    with pytest.raises(LockTimeout) as raised:
+        with global_mutex(directory, "m", timeout=0):
+            pytest.fail("entered a held mutex")
+    return str(raised.value)
+
+
+def test_a_holder_records_itself_in_the_lock_file(tmp_path, children):
+    from toilcoord.holder import RECORD_SIZE, read_record
+
+    holder = start_recording_holder(children, tmp_path, "nightly index build")
+    fd = os.open(tmp_path / MUTEX_FILE, os.O_RDONLY)
+    try:
+        record = read_record(fd)
+        assert os.fstat(fd).st_size == RECORD_SIZE
+    finally:
+        os.close(fd)
+    assert (record.pid, record.purpose, record.host) == (holder.pid, "nightly index build", os.uname().nodename)
+    assert record.command and abs(record.since - time.time()) < 600
+    release(holder)
+
+
+def test_lock_timeout_names_the_holder(tmp_path, children):
+    holder = start_recording_holder(children, tmp_path, "reindexing")
+    message = timeout_message(tmp_path)
+    assert f"pid {holder.pid}" in message and "'reindexing'" in message and os.uname().nodename in message
+    release(holder)
+
+
+@pytest.mark.parametrize("fate", ["released", "killed"])
+def test_lock_timeout_never_names_a_previous_holder(tmp_path, children, fate):
+    previous = start_recording_holder(children, tmp_path, "earlier work")
+    if fate == "released":
+        previous.stdin.write("\n")
+        previous.stdin.flush()
+        assert previous.stdout.readline() == "released\n"  # alive, its record still in the file
+    else:
+        previous.kill()
+        previous.wait()
+    bare = start_bare_holder(children, tmp_path / MUTEX_FILE)
+    message = timeout_message(tmp_path)
+    assert f"pid {previous.pid}" not in message and "earlier work" not in message
+    assert "held by" not in message
+    release(bare)
+
+
+def test_lock_timeout_in_a_thread_says_another_thread_holds_it(tmp_path):
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with global_mutex(tmp_path, "m", purpose="in a thread"):
+            entered.set()
+            leave.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(LockTimeout, match=f"another thread of this process \\(pid {os.getpid()}\\)"):
+            with global_mutex(tmp_path, "m", timeout=0.01):
+                pytest.fail("entered a mutex another thread holds")
+    finally:
+        leave.set()
+        thread.join(30)
+
+
+@pytest.mark.parametrize("purpose, error", [
+    (5, TypeError), (b"bytes", TypeError), ("", ValueError), ("two\nlines", ValueError),
+    ("\x1b[31mred", ValueError), ("x" * 201, ValueError), ("é" * 101, ValueError), ("\udcff", ValueError),
+])
+def test_bad_purposes_raise_before_touching_anything(tmp_path, purpose, error):
+    with pytest.raises(error, match="purpose"):
+        global_mutex(tmp_path, "m", purpose=purpose)
+    assert os.listdir(tmp_path) == []
+
+
+def test_purpose_is_keyword_only_and_may_be_200_bytes(tmp_path):
+    with pytest.raises(TypeError):
+        global_mutex(tmp_path, "m", None, "positional")  # type: ignore[misc]
+    with global_mutex(tmp_path, "m", purpose="é" * 100):
+        pass
+    assert left_after_exit(tmp_path) == []
+
+
+def test_a_record_that_cannot_be_written_leaves_the_lock_held(tmp_path, monkeypatch):
+    from toilcoord import holder
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(holder.os, "pwrite", full_disk)  # a full disk cannot be caused here
+    with global_mutex(tmp_path, "m", purpose="no room"):
+        assert os.stat(tmp_path / MUTEX_FILE).st_size == 0
+    assert left_after_exit(tmp_path) == []

@@ -145,6 +145,27 @@ def bench_mutex(directory: str, settings: Settings) -> Row:
     return _latency_row("mutex acquire+release (vs flock+fstat+lstat+unlock)", times, 1.5)
 
 
+def _unrecorded(cycle: Callable[[], None]) -> Timer:
+    """*cycle* timed as the mutex was before holders recorded themselves."""
+    from . import mutex
+
+    def timed(n: int) -> float:
+        recording, mutex._record_holder = mutex._record_holder, lambda gate, purpose: None
+        try:
+            return _timer(cycle)(n)
+        finally:
+            mutex._record_holder = recording
+    return timed
+
+
+def bench_holder_record(directory: str, settings: Settings) -> Row:
+    """The cost of the holder record: the same mutex with and without it."""
+    cycle = _acquire_release(directory, "bench")
+    contenders = {"primitive": _timer(cycle), "floor": _unrecorded(cycle)}
+    times = interleaved(contenders, settings.rounds, settings.ops)
+    return _latency_row("mutex with its holder record (vs without)", times, None)
+
+
 def bench_arena(directory: str, settings: Settings) -> Row:
     arena = LastProcessStandingArena(directory, "bench")
 
@@ -422,7 +443,7 @@ def bench_rtlog(procs: int, settings: Settings) -> List[Row]:
 
 # ------------------------------------------------------------------- table
 
-STEPS = ("mutex", "contended mutex", "arena", "defer", "orphan scan", "process names", "rtlog burst",
+STEPS = ("mutex", "holder record", "contended mutex", "arena", "defer", "orphan scan", "process names", "rtlog burst",
          "robust_rmtree", "import")
 
 
@@ -433,6 +454,7 @@ def measure(directory: str, procs: int, quick: bool, progress: Callable[[str], N
     settings = QUICK if quick else FULL
     steps: List[Any] = [
         ("mutex", lambda: [bench_mutex(directory, settings)]),
+        ("holder record", lambda: [bench_holder_record(directory, settings)]),
         ("contended mutex", lambda: bench_contended(directory, procs, settings)),
         ("arena", lambda: [bench_arena(directory, settings)]),
         ("defer", lambda: [bench_defer(directory, settings)]),

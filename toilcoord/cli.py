@@ -53,7 +53,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     torture.add_argument("--seed", help="seed of every random choice (default: a random one, printed)")
     torture.add_argument("--split-dir", help="--dir seen through another mount (another NFS client of the same "
                          "export): half of the workers use it")
-    for sub in (bench, cleanup, check, torture):
+    status = commands.add_parser("status", help="show who holds what in a coordination directory (read-only)")
+    status.add_argument("--dir", dest="status_dir", required=True, help="the coordination directory to show")
+    status.add_argument("--json", dest="sub_json", action="store_true", help="print one JSON document")
+    for sub in (bench, cleanup, check, torture, status):
         sub.error = parser.error  # type: ignore[method-assign]
     return parser
 
@@ -185,11 +188,6 @@ def _check(args: argparse.Namespace) -> int:
     return 1
 
 
-_COMMANDS: Dict[Optional[str], Callable[[argparse.Namespace], int]] = {
-    None: _smoke_command, "bench": _bench, "check": _check, "cleanup": _cleanup, "torture": _torture,
-}
-
-
 def _smoke(directory: Optional[str], as_json: bool) -> int:
     from .smoke import smoke_check
 
@@ -223,3 +221,26 @@ _NAME_WIDTH = 42
 
 def _print_result(result: object) -> None:
     print(f"{result.status:<4}  {result.name:<{_NAME_WIDTH}} {result.seconds:6.2f} s  {result.detail}", flush=True)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .status import directory_status, format_status
+
+    directory = args.status_dir
+    try:
+        report = directory_status(directory)
+    except OSError as error:  # missing, not a directory, a symlink, unreadable
+        print(f"status: cannot read {directory!r}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    if args.json or args.sub_json:
+        import json
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_status(report))
+    return 0
+
+
+_COMMANDS: Dict[Optional[str], Callable[[argparse.Namespace], int]] = {
+    None: _smoke_command, "bench": _bench, "check": _check, "cleanup": _cleanup, "status": _status,
+    "torture": _torture,
+}

@@ -18,8 +18,8 @@ from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple
 
 from .pickler import PROTOCOL, ForeignCodeError, callable_name, dumps, is_reachable, short_repr, unserialisable
 
-__all__ = ["HEADER_SIZE", "MAGIC", "DeferredFunction", "call_fields", "frame", "load_codec", "run_file",
-           "starts_with_a_record"]
+__all__ = ["HEADER_SIZE", "MAGIC", "DeferredFunction", "call_fields", "frame", "load_codec", "pending_records",
+           "run_file", "starts_with_a_record"]
 
 # One logger for everything about deferred functions, whichever module reports.
 logger = logging.getLogger(__name__.rpartition(".")[0] + ".deferred")
@@ -260,7 +260,7 @@ def _record_end(data: bytes, pos: int) -> Tuple[int, bool]:
     return end, _crc32(memoryview(data)[pos + HEADER_SIZE:end]) == crc
 
 
-def _pending_records(data: bytes, where: str) -> Iterator[Tuple[int, bytes]]:
+def pending_records(data: bytes, where: str) -> Iterator[Tuple[int, bytes]]:
     """Yield ``(offset, payload)`` of each intact record not yet done, in
     file order. Records are read only at frame boundaries from offset 0: a
     record whose payload is corrupt is skipped (its header says where the
@@ -318,7 +318,7 @@ def run_file(read_fd: int, write_fd: int, where: str) -> bool:
     if _header is None:
         load_codec()
     data = _read_all(read_fd)
-    for offset, payload in _pending_records(data, where):
+    for offset, payload in pending_records(data, where):
         _run_record(payload, offset, where)
         os.pwrite(write_fd, _DONE_BYTE, offset + _STATE_OFFSET)
     return starts_with_a_record(data)

@@ -45,6 +45,7 @@ from .locks import (
     safe_lock,
 )
 from .files import unlink_if_present
+from .holder import check_purpose, confirm, describe, lock_table, read_record, write_record
 from .mounts import names_may_be_stale
 
 __all__ = ["global_mutex", "reap_unheld_mutex_files", "retire_mutex_files"]
@@ -115,7 +116,8 @@ def _hold_gate(path: str, timeout: Optional[float] = None) -> _Gate:
             gate.lock.acquire()
         # Lock.acquire refuses timeouts beyond TIMEOUT_MAX (float("inf") too).
         elif not gate.lock.acquire(timeout=min(max(deadline - time.monotonic(), 0), threading.TIMEOUT_MAX)):
-            raise LockTimeout(f"timed out after {timeout} s waiting for {path}")
+            raise LockTimeout(f"timed out after {timeout} s waiting for {path}: another thread of this "
+                              f"process (pid {os.getpid()}) holds it or waits for it")
         if not gate.retired:
             return gate
         gate.lock.release()  # retired while we queued: take the new one
@@ -385,6 +387,22 @@ def _clearer_error(error: BaseException, path: str) -> Optional[OSError]:
     return None
 
 
+def _record_holder(gate: _Gate, purpose: Optional[str]) -> None:
+    """Say who holds the lock, in its file: one system call."""
+    write_record(gate.fd, purpose, sync=bool(gate.network))
+
+
+def _naming_holder(error: LockTimeout, fd: int) -> LockTimeout:
+    """*error*, saying who holds the lock where its file's record and
+    /proc/locks allow (see holder.confirm)."""
+    try:
+        table = lock_table()
+        holder = confirm(read_record(fd), table.holders.get(table.key(os.fstat(fd)), []))
+    except OSError:
+        holder = None
+    return error if holder is None else LockTimeout(f"{error}; held by {describe(holder)}")
+
+
 class global_mutex:  # noqa: N801 - a context manager named like Toil's function
     """Context manager holding the mutex *mutex* scoped to *base_dir*.
 
@@ -399,15 +417,22 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
     reentrant: a thread that enters the same mutex twice waits for itself.
     A bad *mutex* raises ValueError here, before anything is touched; a
     missing *base_dir* raises FileNotFoundError on entry.
+
+    Each holder records who it is in the lock file (pid, host, command,
+    since when, and *purpose*: printable text of at most 200 UTF-8 bytes,
+    else TypeError or ValueError here), which ``python -m toilcoord
+    status`` and the message of a :class:`LockTimeout` show.
     """
 
-    __slots__ = ("path", "timeout", "_gate", "_epoch")
+    __slots__ = ("path", "timeout", "purpose", "_gate", "_epoch")
 
-    def __init__(self, base_dir: PathArg, mutex: str, timeout: Optional[float] = None) -> None:
+    def __init__(self, base_dir: PathArg, mutex: str, timeout: Optional[float] = None, *,
+                 purpose: Optional[str] = None) -> None:
         self.path = _mutex_path(base_dir, mutex)  # checks the name before anything else
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be None or a number >= 0, not {timeout!r}")
         self.timeout = timeout
+        self.purpose = purpose if purpose is None else check_purpose(purpose)
         self._gate: Optional[_Gate] = None
         self._epoch = -1
 
@@ -427,12 +452,17 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
             if gate.waited and gate.network:
                 _let_others_in(gate, deadline)
             _acquire(gate, self.path, deadline)
+        except LockTimeout as error:
+            named = _naming_holder(error, gate.fd)  # while the gate, and so its fd, is ours
+            gate.lock.release()
+            raise named from None
         except BaseException as error:
             gate.lock.release()
             clearer = _clearer_error(error, self.path)
             if clearer is not None:
                 raise clearer from None
             raise
+        _record_holder(gate, self.purpose)
         self._gate, self._epoch = gate, _epoch
 
     def __exit__(self, *exc_info: object) -> None:
