@@ -416,7 +416,16 @@ def _enter_shared(path: str, deadline: Optional[float]) -> _Readers:
             if readers.count:
                 readers.count += 1  # our shared lock is held already
                 return readers
-        _acquire(readers.gate, path, deadline, shared=True)  # count is 0: nobody else touches gate.fd
+        gate = readers.gate  # count is 0: nobody else touches gate.fd
+        locked = False
+        if gate.network is False and gate.fd >= 0:
+            try:  # the common case first: a local file nobody holds exclusively
+                fcntl.flock(gate.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                locked = _still_linked(gate, path)
+            except OSError:
+                pass  # the careful way below says what is wrong
+        if not locked:
+            _acquire(gate, path, deadline, shared=True)
         readers.count = 1
         return readers
     finally:
