@@ -201,6 +201,9 @@ def _wait_announced(gate: _Gate, path: str, deadline: Optional[float]) -> None:
             else:
                 _lock_until(gate.fd, path, deadline)
         finally:
+            # Removed (while held, as every lock file), so that a mutex no
+            # reader uses keeps no second file once nobody waits.
+            unlink_if_present(intent_path)
             _unlock(intent)
     finally:
         intent.lock.release()
