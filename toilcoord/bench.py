@@ -26,6 +26,7 @@ from .files import robust_rmtree
 from .mutex import global_mutex, retire_mutex_files
 from .procnames import get_process_name, process_name_exists
 from .rtlog import RealtimeLogger
+from .slots import ResourceSlots
 from .smoke import Forked, import_root
 
 __all__ = ["Row", "measure", "rtlog_burst", "run_bench", "summary_line"]
@@ -176,6 +177,28 @@ def bench_arena(directory: str, settings: Settings) -> Row:
 
     contenders = {"primitive": _timer(enter_leave), "floor": _timer(_acquire_release(directory, "bench"))}
     return _latency_row("arena enter+leave (vs the mutex)", interleaved(contenders, settings.rounds, settings.ops), 3)
+
+
+def bench_shared(directory: str, settings: Settings) -> Row:
+    def shared() -> None:
+        with global_mutex(directory, "bench", shared=True):
+            pass
+
+    contenders = {"primitive": _timer(shared), "floor": _timer(_acquire_release(directory, "bench"))}
+    return _latency_row("shared mutex acquire+release (vs the mutex)",
+                        interleaved(contenders, settings.rounds, settings.ops), 1.5)
+
+
+def bench_slots(directory: str, settings: Settings) -> Row:
+    slots = ResourceSlots(directory, "bench", 4)
+
+    def cycle() -> None:
+        with slots.acquire():
+            pass
+
+    contenders = {"primitive": _timer(cycle), "floor": _timer(_acquire_release(directory, "bench"))}
+    return _latency_row("slot acquire+release, 1 of 4 (vs the mutex)",
+                        interleaved(contenders, settings.rounds, settings.ops), 2)
 
 
 def bench_process_name(directory: str, settings: Settings) -> Row:
@@ -443,8 +466,8 @@ def bench_rtlog(procs: int, settings: Settings) -> List[Row]:
 
 # ------------------------------------------------------------------- table
 
-STEPS = ("mutex", "holder record", "contended mutex", "arena", "defer", "orphan scan", "process names", "rtlog burst",
-         "robust_rmtree", "import")
+STEPS = ("mutex", "holder record", "contended mutex", "arena", "shared mutex", "slots", "defer", "orphan scan",
+         "process names", "rtlog burst", "robust_rmtree", "import")
 
 
 def measure(directory: str, procs: int, quick: bool, progress: Callable[[str], None],
@@ -457,6 +480,8 @@ def measure(directory: str, procs: int, quick: bool, progress: Callable[[str], N
         ("holder record", lambda: [bench_holder_record(directory, settings)]),
         ("contended mutex", lambda: bench_contended(directory, procs, settings)),
         ("arena", lambda: [bench_arena(directory, settings)]),
+        ("shared mutex", lambda: [bench_shared(directory, settings)]),
+        ("slots", lambda: [bench_slots(directory, settings)]),
         ("defer", lambda: [bench_defer(directory, settings)]),
         ("orphan scan", lambda: [bench_orphans(directory, settings)]),
         ("process names", lambda: [bench_process_name(directory, settings)]),

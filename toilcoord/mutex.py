@@ -53,6 +53,8 @@ __all__ = ["global_mutex", "reap_unheld_mutex_files", "retire_mutex_files"]
 logger = logging.getLogger(__name__)
 
 _MUTEX_PREFIX = "toil-mutex-"
+#: A mutex's writer-intent file is its lock file's path plus this.
+INTENT_SUFFIX = ".writer-intent"
 #: Lock files kept open at most; the least recently used idle one is retired.
 _KEEP_AT_MOST = 128
 #: On a network filesystem, a process that had to wait for a mutex waits
@@ -69,7 +71,7 @@ class _Gate:
     file is on a network filesystem, when it was last released). A gate
     taken out of the table (``retired``) is never used again."""
 
-    __slots__ = ("lock", "fd", "retired", "members", "waited", "network", "released")
+    __slots__ = ("lock", "fd", "retired", "members", "waited", "network", "released", "announce")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -79,6 +81,7 @@ class _Gate:
         self.waited = False
         self.network: Optional[bool] = None  # known once the fd has been checked
         self.released = 0.0
+        self.announce = True  # an exclusive waiter holds the writer-intent file (not for that file itself)
 
 
 # Lock-file path -> gate. Read without the guard (a dict lookup is atomic);
@@ -157,7 +160,8 @@ def _drop(gate: _Gate) -> None:
 def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared: bool) -> bool:
     """Lock the kept fd; False only if not *block* and someone holds it."""
     operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-    if gate.network is False and block and deadline is None:
+    announce = gate.announce and not shared
+    if gate.network is False and block and deadline is None and not announce:
         # A local file: the kernel queues us; no need to know if we waited.
         try:
             fcntl.flock(gate.fd, operation)
@@ -174,11 +178,37 @@ def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared
     if not block:
         return False
     gate.waited = True
-    if deadline is not None:
+    if announce:
+        _wait_announced(gate, path, deadline)
+    elif deadline is not None:
         _lock_until(gate.fd, path, deadline, shared)
     else:
         safe_lock(gate.fd, shared=shared)
     return True
+
+
+def _wait_announced(gate: _Gate, path: str, deadline: Optional[float]) -> None:
+    """Wait for the exclusive lock on ``gate.fd`` while holding the file's
+    writer-intent file exclusively: shared holders pass through that file
+    (a brief shared lock) before taking theirs, so none starts while we
+    wait, and we get in once those inside leave (see :mod:`.rwlock`)."""
+    intent_path = path + INTENT_SUFFIX
+    intent = _hold_gate(intent_path, None if deadline is None else max(deadline - time.monotonic(), 0))
+    try:
+        intent.announce = False  # waiters on the intent file itself just queue
+        _acquire(intent, intent_path, deadline)
+        try:
+            if deadline is None:
+                safe_lock(gate.fd)
+            else:
+                _lock_until(gate.fd, path, deadline)
+        finally:
+            # Removed (while held, as every lock file), so that a mutex no
+            # reader uses keeps no second file once nobody waits.
+            unlink_if_present(intent_path)
+            _unlock(intent)
+    finally:
+        intent.lock.release()
 
 
 def _let_others_in(gate: _Gate, deadline: Optional[float]) -> None:
@@ -318,13 +348,16 @@ def retire_mutex_files() -> None:
     process holds, and close them. Runs at interpreter exit; a mutex used
     afterwards makes its file again."""
     with _gates_guard:
+        for path, readers in list(_readers.items()):
+            _retire_readers(path, readers)
         for path, gate in list(_gates.items()):
             _retire_gate(path, gate)
 
 
 def kept_lock_files() -> int:
     """How many lock files this process keeps open between acquisitions."""
-    return sum(gate.fd >= 0 for gate in list(_gates.values()))
+    shared = [gate for readers in list(_readers.values()) for gate in (readers.gate, readers.intent)]
+    return sum(gate.fd >= 0 for gate in list(_gates.values()) + shared)
 
 
 def reap_unheld_mutex_files(base_dir: PathArg) -> List[str]:
@@ -343,7 +376,116 @@ def _forget_parent_gates() -> None:
     global _gates_guard, _epoch
     _gates_guard = threading.Lock()
     _gates.clear()
+    _readers.clear()
     _epoch += 1
+
+
+# ----------------------------------------------------------- shared holders
+
+class _Readers:
+    """This process's shared holders of one lock file. Its threads share one
+    shared flock on ``gate.fd``, a file description apart from the exclusive
+    holders' gate, so the kernel excludes the two as it would two processes.
+    ``entry`` lets one thread in at a time: it passes the writer-intent file
+    (``intent``), and locks if it is the first. ``guard`` protects ``count``
+    (threads inside), so leaving never waits behind an entering thread,
+    which may be waiting for a writer that waits for us to leave."""
+
+    __slots__ = ("gate", "intent", "entry", "guard", "count", "retired")
+
+    def __init__(self) -> None:
+        self.gate, self.intent = _Gate(), _Gate()
+        self.entry, self.guard = threading.Lock(), threading.Lock()
+        self.count = 0
+        self.retired = False
+
+
+# Lock-file path -> this process's shared holders; changed under _gates_guard.
+_readers: Dict[str, _Readers] = {}
+
+
+def _enter_shared(path: str, deadline: Optional[float]) -> _Readers:
+    """Hold *path* shared for this thread (LockTimeout after *deadline*)."""
+    while True:
+        readers = _readers.get(path) or _readers_for(path)
+        if deadline is None:
+            readers.entry.acquire()
+        elif not readers.entry.acquire(timeout=min(max(deadline - time.monotonic(), 0), threading.TIMEOUT_MAX)):
+            raise LockTimeout(f"timed out waiting for {path}")
+        if not readers.retired:
+            break
+        readers.entry.release()
+    try:
+        _pass_intent(readers.intent, path + INTENT_SUFFIX, deadline)
+        with readers.guard:
+            if readers.count:
+                readers.count += 1  # our shared lock is held already
+                return readers
+        gate = readers.gate  # count is 0: nobody else touches gate.fd
+        locked = False
+        if gate.network is False and gate.fd >= 0:
+            try:  # the common case first: a local file nobody holds exclusively
+                fcntl.flock(gate.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                locked = _still_linked(gate, path)
+            except OSError:
+                pass  # the careful way below says what is wrong
+        if not locked:
+            _acquire(gate, path, deadline, shared=True)
+        readers.count = 1
+        return readers
+    finally:
+        readers.entry.release()
+
+
+def _readers_for(path: str) -> _Readers:
+    with _gates_guard:
+        readers = _readers.get(path)
+        if readers is None:
+            readers = _readers[path] = _Readers()
+            for old_path, old in list(_readers.items())[:max(len(_readers) - _KEEP_AT_MOST, 0)]:
+                _retire_readers(old_path, old)
+    return readers
+
+
+def _pass_intent(gate: _Gate, path: str, deadline: Optional[float]) -> None:
+    """Wait while a writer waits (holds the intent file at *path*), then go on."""
+    if gate.network is False:
+        # A local file, the common case: a non-blocking lock, and one fstat
+        # to know it is still linked (lock files are never renamed).
+        try:
+            fcntl.flock(gate.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            pass  # a writer waits, or the fd is gone: the careful way below
+        else:
+            linked = os.fstat(gate.fd).st_nlink
+            fcntl.flock(gate.fd, fcntl.LOCK_UN)
+            if linked:
+                return
+    _acquire(gate, path, deadline, shared=True)
+    _unlock(gate)
+
+
+def _leave_shared(readers: _Readers) -> None:
+    with readers.guard:
+        readers.count -= 1
+        if not readers.count:
+            _unlock(readers.gate)
+
+
+def _retire_readers(path: str, readers: _Readers) -> None:
+    """Retire idle *readers* (guard held), removing their files if unheld."""
+    if readers.count or not readers.entry.acquire(blocking=False):
+        return
+    try:
+        if readers.count:
+            return
+        del _readers[path]
+        readers.retired = True
+        for gate, gate_path in ((readers.gate, path), (readers.intent, path + INTENT_SUFFIX)):
+            if gate.fd >= 0:
+                _remove_unheld(gate_path, gate)
+    finally:
+        readers.entry.release()
 
 
 # ------------------------------------------------------------- the mutex
@@ -415,6 +557,13 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
     ``python -m toilcoord cleanup`` removes any left by killed processes.
     With *timeout* (seconds) the wait raises :class:`LockTimeout`. Not
     reentrant: a thread that enters the same mutex twice waits for itself.
+
+    With ``shared=True`` it is the reader side of a reader-writer lock:
+    any number of shared holders (threads and processes) at once, or one
+    exclusive holder (``shared=False``, the writer). A writer that waits
+    keeps new shared holders out (they pass through the writer-intent file
+    ``base_dir/toil-mutex-<mutex>.writer-intent``), so a stream of readers
+    never starves it.
     A bad *mutex* raises ValueError here, before anything is touched; a
     missing *base_dir* raises FileNotFoundError on entry.
 
@@ -424,20 +573,25 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
     status`` and the message of a :class:`LockTimeout` show.
     """
 
-    __slots__ = ("path", "timeout", "purpose", "_gate", "_epoch")
+    __slots__ = ("path", "timeout", "purpose", "shared", "_gate", "_readers", "_epoch")
 
     def __init__(self, base_dir: PathArg, mutex: str, timeout: Optional[float] = None, *,
-                 purpose: Optional[str] = None) -> None:
+                 purpose: Optional[str] = None, shared: bool = False) -> None:
         self.path = _mutex_path(base_dir, mutex)  # checks the name before anything else
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be None or a number >= 0, not {timeout!r}")
         self.timeout = timeout
         self.purpose = purpose if purpose is None else check_purpose(purpose)
+        self.shared = bool(shared)
         self._gate: Optional[_Gate] = None
+        self._readers: Optional[_Readers] = None
         self._epoch = -1
 
     def __enter__(self) -> None:
         timeout = self.timeout
+        if self.shared:
+            self._enter_shared()
+            return
         if timeout is None:
             deadline = None
             gate = _gates.get(self.path)  # the common case, inline: a kept file
@@ -465,7 +619,22 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
         _record_holder(gate, self.purpose)
         self._gate, self._epoch = gate, _epoch
 
+    def _enter_shared(self) -> None:
+        try:
+            readers = _enter_shared(self.path, None if self.timeout is None else time.monotonic() + self.timeout)
+        except BaseException as error:
+            clearer = _clearer_error(error, self.path)
+            if clearer is not None:
+                raise clearer from None
+            raise
+        self._readers, self._epoch = readers, _epoch
+
     def __exit__(self, *exc_info: object) -> None:
+        readers, self._readers = self._readers, None
+        if readers is not None:
+            if self._epoch == _epoch:
+                _leave_shared(readers)
+            return
         gate, self._gate = self._gate, None
         if gate is None or self._epoch != _epoch:
             return  # entered in the parent of this forked child: not ours
