@@ -207,9 +207,13 @@ def test_the_swap_reaches_every_user_of_the_names_in_toil(tmp_path):
 
 # ------------------------------------------------------------ real workflows
 
+#: Extra environment of a run, by name (default none).
+RUN_ENV = {"rtlog, TOILCOORD_RTLOG_UNSIGNED=1": {"TOILCOORD_RTLOG_UNSIGNED": "1"}}
+
 RUNS = {
     # name: (script and arguments, modes)
-    "rtlog": (["wf_rtlog.py"], ("0", "1", "workers")),
+    "rtlog": (["wf_rtlog.py"], ("0", "1", "workers", "leader")),
+    "rtlog, TOILCOORD_RTLOG_UNSIGNED=1": (["wf_rtlog.py"], ("leader",)),
     "deferred after SIGKILL": (["wf_deferred_kill.py"], ("0", "1", "workers", "leader")),
     "hot deployment, plain Job root": (["wf_hotdeploy.py", "plain"], ("0", "1")),
     "hot deployment, user Job root": (["wf_hotdeploy.py", "user"], ("0", "1")),
@@ -226,7 +230,8 @@ def run_workflow(name: str, mode: str, scratch: str) -> dict:
         try:
             process = subprocess.run([sys.executable, os.path.join(WORKFLOWS, script), os.path.join(directory, "js"),
                                       os.path.join(directory, "result.json")] + arguments, cwd=directory,
-                                     env=swap_env(mode, directory), stdin=subprocess.DEVNULL, stdout=log,
+                                     env=dict(swap_env(mode, directory), **RUN_ENV.get(name, {})),
+                                     stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT, timeout=WORKFLOW_TIMEOUT)
             returncode = process.returncode
         except subprocess.TimeoutExpired:
@@ -293,6 +298,12 @@ def test_realtime_logging_workflow(workflows):
     # Our workers, unmodified Toil's leader (no secret there, none here).
     mixed = outcome_of(workflows, "rtlog", "workers")
     assert mixed["messages"] == expected and mixed["workers_swapped"] == [True]
+    # Our leader, which Toil makes (secret None: it signs), drops unmodified Toil workers' unsigned records...
+    signing = outcome_of(workflows, "rtlog", "leader")
+    assert signing["messages"] == [] and signing["workers_swapped"] == [False]
+    # ...unless its own environment opts out (docs/rtlog.md).
+    unsigned = outcome_of(workflows, "rtlog, TOILCOORD_RTLOG_UNSIGNED=1", "leader")
+    assert unsigned["messages"] == expected and unsigned["received"] == 20 and unsigned["workers_swapped"] == [False]
 
 
 def test_deferred_function_of_a_sigkilled_job_workflow(workflows):
