@@ -968,6 +968,71 @@ def test_opting_out_of_the_secret_admits_toil_workers(received, monkeypatch, opt
     assert os.environ[PREFIX + "SECRET"] == "an outer leader's secret"
 
 
+# A worker of unmodified Toil: its JSONDatagramHandler, unsigned, by UDP to
+# the address the leader exported.
+TOIL_WORKER = """
+import json, logging, logging.handlers, os, sys
+class JSONDatagramHandler(logging.handlers.DatagramHandler):
+    def makePickle(self, record):
+        return json.dumps(record.__dict__).encode("utf-8")
+host, port = os.environ["TOIL_RT_LOGGING_ADDRESS"].rsplit(":", 1)
+logger = logging.getLogger("toil-rt")
+logger.setLevel(logging.INFO)
+logger.addHandler(JSONDatagramHandler(host, int(port)))
+logger.info("from an unmodified Toil worker %s", sys.argv[1])
+"""
+
+
+def test_the_leaders_environment_can_opt_out_of_signing(received, monkeypatch, caplog):
+    monkeypatch.setenv("TOILCOORD_RTLOG_UNSIGNED", "1")
+    monkeypatch.setenv(PREFIX + "SECRET", "an outer leader's secret")
+    batch = BatchSystem()
+    with caplog.at_level(logging.WARNING, logger="toilcoord.rtlog"):
+        with RealtimeLogger(batch, "INFO", "127.0.0.1", 0):  # as Toil's leader makes it: secret None
+            assert PREFIX + "SECRET" not in os.environ and PREFIX + "SECRET" not in batch.names
+            for number in range(3):
+                worker = run_python(TOIL_WORKER, str(number))
+                assert worker.returncode == 0, worker.stderr
+                received.wait_for("from an unmodified Toil worker %d" % number)
+            ours = run_python("from toilcoord.rtlog import RealtimeLogger; RealtimeLogger.info('from ours')")
+            assert ours.returncode == 0, ours.stderr
+            received.wait_for("from ours")
+            assert leader_server().statistics()["forged"] == 0
+    warnings = [r.getMessage() for r in caplog.records if "TOILCOORD_RTLOG_UNSIGNED" in r.getMessage()]
+    assert len(warnings) == 1 and "any process on this node" in warnings[0], warnings
+    assert os.environ[PREFIX + "SECRET"] == "an outer leader's secret"
+
+
+@pytest.mark.parametrize("value", ["0", "", "yes"])
+def test_any_other_value_keeps_the_leader_signing(received, monkeypatch, caplog, value):
+    monkeypatch.setenv("TOILCOORD_RTLOG_UNSIGNED", value)
+    with caplog.at_level(logging.WARNING, logger="toilcoord.rtlog"):
+        with RealtimeLogger(host="127.0.0.1"):
+            assert re.fullmatch("[0-9a-f]{64}", os.environ[PREFIX + "SECRET"])
+            worker = run_python(TOIL_WORKER, "dropped")
+            assert worker.returncode == 0, worker.stderr
+            wait_until(lambda: leader_server().statistics()["forged"] == 1)
+    assert received.messages() == []
+    ignored = [r.getMessage() for r in caplog.records if "TOILCOORD_RTLOG_UNSIGNED" in r.getMessage()]
+    assert ignored == (["Real-time logging: TOILCOORD_RTLOG_UNSIGNED='yes' ignored (1 or 0 only); signing"]
+                       if value == "yes" else [])
+
+
+def test_only_the_leaders_environment_counts(received, monkeypatch):
+    with RealtimeLogger(host="127.0.0.1"):  # a worker that sets the variable signs all the same
+        worker = run_python("from toilcoord.rtlog import RealtimeLogger; RealtimeLogger.info('signed')",
+                            env=child_env(TOILCOORD_RTLOG_UNSIGNED="1"))
+        assert worker.returncode == 0, worker.stderr
+        received.wait_for("signed")
+        toil_worker = run_python(TOIL_WORKER, "dropped", env=child_env(TOILCOORD_RTLOG_UNSIGNED="1"))
+        assert toil_worker.returncode == 0, toil_worker.stderr
+        wait_until(lambda: leader_server().statistics()["forged"] == 1)
+    monkeypatch.setenv("TOILCOORD_RTLOG_UNSIGNED", "1")
+    with RealtimeLogger(host="127.0.0.1", secret="the caller's own"):  # an explicit secret wins
+        assert os.environ[PREFIX + "SECRET"] == "the caller's own"
+    assert received.messages() == ["signed"]
+
+
 def test_received_text_cannot_fake_lines_or_drive_a_terminal(received):
     fields = {key: HOSTILE_TEXT for key in ("threadName", "processName", "funcName", "filename", "module",
                                              "exc_text", "stack_info", "message", "asctime", "custom")}

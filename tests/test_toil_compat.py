@@ -207,9 +207,13 @@ def test_the_swap_reaches_every_user_of_the_names_in_toil(tmp_path):
 
 # ------------------------------------------------------------ real workflows
 
+#: Extra environment of a run, by name (default none).
+RUN_ENV = {"rtlog, TOILCOORD_RTLOG_UNSIGNED=1": {"TOILCOORD_RTLOG_UNSIGNED": "1"}}
+
 RUNS = {
     # name: (script and arguments, modes)
-    "rtlog": (["wf_rtlog.py"], ("0", "1", "workers")),
+    "rtlog": (["wf_rtlog.py"], ("0", "1", "workers", "leader")),
+    "rtlog, TOILCOORD_RTLOG_UNSIGNED=1": (["wf_rtlog.py"], ("leader",)),
     "deferred after SIGKILL": (["wf_deferred_kill.py"], ("0", "1", "workers", "leader")),
     "hot deployment, plain Job root": (["wf_hotdeploy.py", "plain"], ("0", "1")),
     "hot deployment, user Job root": (["wf_hotdeploy.py", "user"], ("0", "1")),
@@ -226,7 +230,8 @@ def run_workflow(name: str, mode: str, scratch: str) -> dict:
         try:
             process = subprocess.run([sys.executable, os.path.join(WORKFLOWS, script), os.path.join(directory, "js"),
                                       os.path.join(directory, "result.json")] + arguments, cwd=directory,
-                                     env=swap_env(mode, directory), stdin=subprocess.DEVNULL, stdout=log,
+                                     env=dict(swap_env(mode, directory), **RUN_ENV.get(name, {})),
+                                     stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT, timeout=WORKFLOW_TIMEOUT)
             returncode = process.returncode
         except subprocess.TimeoutExpired:
@@ -293,6 +298,12 @@ def test_realtime_logging_workflow(workflows):
     # Our workers, unmodified Toil's leader (no secret there, none here).
     mixed = outcome_of(workflows, "rtlog", "workers")
     assert mixed["messages"] == expected and mixed["workers_swapped"] == [True]
+    # Our leader, which Toil makes (secret None: it signs), drops unmodified Toil workers' unsigned records...
+    signing = outcome_of(workflows, "rtlog", "leader")
+    assert signing["messages"] == [] and signing["workers_swapped"] == [False]
+    # ...unless its own environment opts out (docs/rtlog.md).
+    unsigned = outcome_of(workflows, "rtlog, TOILCOORD_RTLOG_UNSIGNED=1", "leader")
+    assert unsigned["messages"] == expected and unsigned["received"] == 20 and unsigned["workers_swapped"] == [False]
 
 
 def test_deferred_function_of_a_sigkilled_job_workflow(workflows):
@@ -326,6 +337,147 @@ def test_file_store_arena_and_mutex_workflow(workflows):
         assert result["stores"] == ["CachingFileStore"]
         assert result["swapped"] == [mode in ("1", "workers")]
         assert result["contents"] == results["0"]["contents"]
+
+
+# ------------------------------------- restart under the other implementation
+
+#: (killed under, restarted under, the killed side's cleanup run first):
+#: Toil's own and ours first, as the reference.
+RESTARTS = (("0", "0", False), ("1", "1", False), ("1", "0", False), ("0", "1", False),
+            ("1", "0", True), ("0", "1", True))
+#: What a user runs on the killed workflow's coordination directory before
+#: restarting under the other implementation (docs/toil.md).
+CLEANUP_FIRST = {
+    "1": [sys.executable, "-m", "toilcoord", "cleanup", "--dir"],
+    "0": [sys.executable, "-c", "import sys; from toil.deferred import DeferredFunctionManager as M; "
+                                "M.cleanupWorker(sys.argv[1])"],
+}
+KILL_WAIT = 180
+
+
+def restart_env(mode: str, directory: str) -> dict:
+    env = swap_env(mode, directory)
+    env.pop("TOIL_COORDINATION_DIR_OVERRIDE", None)  # the workflow fixes its own, for both runs
+    env.pop("TOIL_WORKDIR_OVERRIDE", None)
+    return env
+
+
+def kill_mid_run(mode: str, directory: str) -> dict:
+    """Start wf_restart.py, wait until its victim job has deferred its
+    function, then SIGKILL the leader's session and the victim worker's
+    process group (single_machine starts each worker in its own session)."""
+    script = os.path.join(WORKFLOWS, "wf_restart.py")
+    ready = os.path.join(directory, "shared", "ready")
+    with open(os.path.join(directory, "log-killed.txt"), "w") as log:
+        leader = subprocess.Popen([sys.executable, script, os.path.join(directory, "js"),
+                                   os.path.join(directory, "killed.json"), "start"], cwd=directory,
+                                  env=restart_env(mode, directory), stdin=subprocess.DEVNULL, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + KILL_WAIT
+            while not os.path.exists(ready) and leader.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # another process's file: nothing to block on
+        finally:
+            killpg(leader.pid)
+            leader.wait()
+    if not os.path.exists(ready):
+        with open(os.path.join(directory, "log-killed.txt")) as log:
+            raise AssertionError(f"the victim job never started (mode {mode}):\n{log.read()[-3000:]}")
+    with open(ready) as stream:
+        killpg(json.load(stream)["worker_group"])
+    return {"finished_before_the_kill": os.path.exists(os.path.join(directory, "killed.json"))}
+
+
+def killpg(group: int) -> None:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # all gone already
+
+
+def workflow_coordination_dir(directory: str) -> str:
+    coordination = os.path.join(directory, "coordination")
+    (workflow,) = [name for name in os.listdir(coordination) if name.startswith("toilwf-")]
+    return os.path.join(coordination, workflow)
+
+
+def run_restart(killed: str, restarted: str, cleanup_first: bool, scratch: str) -> dict:
+    directory = os.path.join(scratch, "restart-%s-%s%s" % (killed, restarted, "-cleanup" * cleanup_first))
+    os.makedirs(directory)
+    outcome = kill_mid_run(killed, directory)
+    if cleanup_first:
+        cleanup = subprocess.run(CLEANUP_FIRST[killed] + [workflow_coordination_dir(directory)], cwd=directory,
+                                 env=swap_env("0", directory), stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, timeout=120)
+        assert cleanup.returncode == 0, cleanup.stderr[-3000:]
+    with open(os.path.join(directory, "log-restarted.txt"), "w") as log:
+        process = subprocess.run([sys.executable, os.path.join(WORKFLOWS, "wf_restart.py"),
+                                  os.path.join(directory, "js"), os.path.join(directory, "result.json"), "restart"],
+                                 cwd=directory, env=restart_env(restarted, directory), stdin=subprocess.DEVNULL,
+                                 stdout=log, stderr=subprocess.STDOUT, timeout=WORKFLOW_TIMEOUT)
+    with open(os.path.join(directory, "log-restarted.txt")) as log:
+        outcome.update(returncode=process.returncode, log=log.read()[-4000:], directory=directory)
+    try:
+        with open(os.path.join(directory, "result.json")) as stream:
+            outcome["result"] = json.load(stream)
+    except FileNotFoundError:
+        outcome["result"] = {}
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def restarts(request, tmp_path_factory):
+    scratch = str(tmp_path_factory.mktemp("toil-restarts"))
+    with ThreadPoolExecutor(2) as pool:
+        futures = {pair: pool.submit(run_restart, *pair, scratch) for pair in RESTARTS}
+        outcomes = {pair: future.result() for pair, future in futures.items()}
+    lines = ["", "A workflow SIGKILLed mid-run, restarted with --restart on the same job store:"]
+    for (killed, restarted, cleanup_first), outcome in outcomes.items():
+        names = {"0": "Toil", "1": "toilcoord"}
+        lines.append("  killed under %-9s %-22s restarted under %-9s exit %s: %s" % (
+            names[killed], "(its cleanup run first)" if cleanup_first else "", names[restarted],
+            outcome["returncode"], json.dumps(outcome["result"], sort_keys=True)[:200]))
+    reporter = terminal(request)
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(line)
+    report = os.environ.get("TOILCOORD_COMPAT_TABLE")
+    if report:
+        with open(report, "a") as stream:
+            stream.write("\n".join(lines) + "\n")
+    return outcomes
+
+
+def restarted_result(restarts, killed, restarted, cleanup_first=False):
+    outcome = restarts[(killed, restarted, cleanup_first)]
+    assert not outcome["finished_before_the_kill"]
+    assert outcome["returncode"] == 0 and outcome["result"], f"{killed} -> {restarted} failed:\n{outcome['log']}"
+    result = dict(outcome["result"])
+    assert result.pop("leader_swapped") == (restarted == "1")
+    swapped = {"0": "False", "1": "True"}
+    assert result.pop("attempts") == ["killed, swapped " + swapped[killed], "restarted, swapped " + swapped[restarted]]
+    assert result.pop("result") == [0, 1, 4, 9, "victim finished"]
+    return result
+
+
+def test_a_workflow_killed_under_either_restarts_under_the_same(restarts):
+    for mode in ("0", "1"):
+        assert restarted_result(restarts, mode, mode) == {"deferred": ["deferred function ran"], "state_files": []}
+
+
+@pytest.mark.parametrize("killed, restarted", [("1", "0"), ("0", "1")])
+def test_a_workflow_killed_under_one_restarts_under_the_other(restarts, killed, restarted):
+    """Each side's workers leave the other's state file alone, and Toil's
+    batch-system cleanup at the end of the restarted run (cleanWorkDir
+    "always") removes the workflow's coordination directory with it: the
+    killed job's deferred function never runs (docs/toil.md)."""
+    assert restarted_result(restarts, killed, restarted) == {"deferred": [], "state_files": []}
+
+
+@pytest.mark.parametrize("killed, restarted", [("1", "0"), ("0", "1")])
+def test_the_killed_sides_cleanup_before_the_restart_runs_it_once(restarts, killed, restarted):
+    assert restarted_result(restarts, killed, restarted, cleanup_first=True) == {
+        "deferred": ["deferred function ran"], "state_files": []}
 
 
 # ------------------------------------------------- one node, both at once

@@ -71,6 +71,13 @@ class ResourceRootError(NotADirectoryRuntimeError):
     ``except`` clause catches it."""
 
 
+class _MalformedCommandError(ValueError, RuntimeError):
+    """A command :meth:`ModuleDescriptor.fromCommand` cannot read. Toil
+    raises RuntimeError for a wrong item count and ValueError for a bad
+    ``fromVirtualEnv``: this is both, so either ``except`` clause catches
+    either mistake."""
+
+
 # Copies downloaded privately because the copy at "$JTRES_ROOT/<hash>" (the
 # key) was not trusted; localDirPath answers with these.
 _private_copies: Dict[str, str] = {}
@@ -677,12 +684,14 @@ class ModuleDescriptor(NamedTuple):
 
     @classmethod
     def fromCommand(cls, command: Sequence[str]) -> "ModuleDescriptor":
-        """The descriptor :meth:`toCommand` gave *command* for."""
+        """The descriptor :meth:`toCommand` gave *command* for. A malformed
+        command raises an exception that is both a ValueError and the
+        RuntimeError Toil raises for a wrong item count."""
         if len(command) != 3:
-            raise ValueError(f"a module descriptor command has 3 items, not {len(command)}: {command!r}")
+            raise _MalformedCommandError(f"a module descriptor command has 3 items, not {len(command)}: {command!r}")
         dirPath, name, fromVirtualEnv = command
         if fromVirtualEnv not in ("True", "False"):
-            raise ValueError(f"fromVirtualEnv must be 'True' or 'False', not {fromVirtualEnv!r}")
+            raise _MalformedCommandError(f"fromVirtualEnv must be 'True' or 'False', not {fromVirtualEnv!r}")
         return cls(dirPath=dirPath, name=name, fromVirtualEnv=fromVirtualEnv == "True")
 
     def makeLoadable(self) -> "ModuleDescriptor":

@@ -8,7 +8,8 @@ On the leader::
 starts a receiver on a background thread and exports
 ``TOIL_RT_LOGGING_ADDRESS`` / ``TOIL_RT_LOGGING_LEVEL`` (plus
 ``TOIL_RT_LOGGING_LOCAL_ADDRESS`` and, unless the leader opted out with
-``secret=False``, a random ``TOIL_RT_LOGGING_SECRET``) for the workers. In
+``secret=False`` or ``TOILCOORD_RTLOG_UNSIGNED=1``, a random
+``TOIL_RT_LOGGING_SECRET``) for the workers. In
 a worker::
 
     RealtimeLogger.info("step %d of %d", i, n)
@@ -69,6 +70,11 @@ _LONG_TEXT = ("msg", "exc_text", "stack_info")
 _FIELD_TYPES = rtwire.FIELD_TYPES
 
 _SO_RCVBUFFORCE = 33  # Linux; the socket module does not name it
+
+#: The leader's own opt-out of signing, for a leader it does not construct
+#: itself (Toil's leader makes the RealtimeLogger and cannot pass
+#: ``secret=False``): "1" there accepts unsigned records.
+UNSIGNED_VARIABLE = "TOILCOORD_RTLOG_UNSIGNED"
 
 
 def parse_level(level: Union[str, int]) -> int:
@@ -794,6 +800,18 @@ def _interface_ipv4(name: str) -> Optional[str]:
 # ------------------------------------------------------------ Toil's facade
 
 
+def _unsigned_by_environment() -> bool:
+    """Whether this process (a leader) was told by its own environment not
+    to sign. A value other than "1", "0" or "" is a mistake that must not
+    weaken the leader: it keeps signing."""
+    value = os.environ.get(UNSIGNED_VARIABLE, "")
+    if value == "1":
+        return True
+    if value not in ("", "0"):
+        log.warning("Real-time logging: %s=%r ignored (1 or 0 only); signing", UNSIGNED_VARIABLE, value[:40])
+    return False
+
+
 class _RealtimeLoggerMeta(type):
     """Lets ``RealtimeLogger.info(...)`` etc. reach the worker's logger."""
 
@@ -827,7 +845,11 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
     leader; the leader drops unsigned, wrongly signed and replayed datagrams.
     A str is the secret itself. ``False`` (or "") opts out: no secret, so
     Toil's own workers, which cannot sign, are heard -- and so is anyone
-    who can reach the socket.
+    who can reach the socket. ``TOILCOORD_RTLOG_UNSIGNED=1`` in the
+    leader's own environment opts out the same way where ``secret`` is None
+    (a leader Toil makes), even over an inherited ``TOIL_RT_LOGGING_SECRET``,
+    and logs one WARNING per leader saying so; "0" or unset keeps signing,
+    any other value is ignored with a WARNING. Workers never read it.
 
     Everywhere, ``RealtimeLogger.getLogger()`` (and ``RealtimeLogger.logger``,
     always that Logger, as in Toil once used) is the ``toil-rt`` logger,
@@ -907,7 +929,8 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
     @classmethod
     def _startServer(cls, batchSystem: Any, level: int, host: Optional[str], port: int,
                      secret: Union[str, bool, None], localSocket: bool) -> None:
-        secret = cls._leaderSecret(secret)
+        unsigned_by_environment = secret is None and _unsigned_by_environment()
+        secret = None if unsigned_by_environment else cls._leaderSecret(secret)
         if host == "localhost":
             host = "127.0.0.1"  # "localhost" may resolve to ::1 on the workers
         advertised = host or advertised_host()
@@ -933,6 +956,9 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
             raise
         cls._resetLogger()  # from now on this process logs locally
         log.info("Real-time logging listening on %s", variables["ADDRESS"])
+        if unsigned_by_environment:
+            log.warning("Real-time logging unsigned (%s=1): records from any process on this node, and from "
+                        "anyone who can reach %s, are accepted", UNSIGNED_VARIABLE, variables["ADDRESS"])
 
     @classmethod
     def _leaderSecret(cls, secret: Union[str, bool, None]) -> Optional[str]:
