@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from toilcoord import bench
+from toilcoord._tools import bench
 
 from conftest import run_python
 
@@ -27,7 +27,7 @@ def test_a_slowed_mutex_misses_its_target_and_the_run_exits_1():
     # against a floor of microseconds): the target must be reported missed.
     done = run_python("""
         import sys, time
-        from toilcoord import bench
+        from toilcoord._tools import bench
         real = bench.global_mutex
 
         class slow_mutex(real):

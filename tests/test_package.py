@@ -83,7 +83,8 @@ def test_a_vendored_copy_works_under_another_name(tmp_path):
     vendor.mkdir(parents=True)
     (tmp_path / "mypipeline" / "__init__.py").write_text("")
     (vendor / "__init__.py").write_text("")
-    shutil.copytree(PACKAGE, vendor / "toilcoord", ignore=shutil.ignore_patterns("__pycache__"))
+    # Without the tooling (bench, torture), as a pipeline may vendor it.
+    shutil.copytree(PACKAGE, vendor / "toilcoord", ignore=shutil.ignore_patterns("__pycache__", "_tools"))
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     code = """
 import sys
@@ -101,6 +102,11 @@ print(ModuleDescriptor.forModule("mypipeline._vendor.toilcoord.locks").belongsTo
     smoke = subprocess.run([sys.executable, "-m", "mypipeline._vendor.toilcoord"], cwd=str(tmp_path), env=env,
                            capture_output=True, text=True, timeout=90)
     assert smoke.returncode == 0, smoke.stdout + smoke.stderr
+    bench = subprocess.run([sys.executable, "-m", "mypipeline._vendor.toilcoord", "bench"], cwd=str(tmp_path),
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert bench.returncode == 2 and bench.stderr == (
+        "python -m mypipeline._vendor.toilcoord: error: bench is not in this copy of mypipeline._vendor.toilcoord "
+        "(its _tools/ folder was left out when it was vendored)\n"), bench.stderr
 
 
 def test_without_fcntl_the_import_says_posix_is_needed():

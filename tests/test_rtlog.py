@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from toilcoord.bench import rtlog_burst
+from toilcoord._tools.bench import rtlog_burst
 from toilcoord.rtlog import (
     RECEIVED_MARK,
     RealtimeLogger,

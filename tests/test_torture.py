@@ -28,7 +28,7 @@ from toilcoord.deferred import DeferredFunctionManager
 from toilcoord.mounts import filesystem_info, parse_mountinfo
 from toilcoord.mutex import retire_mutex_files
 from toilcoord.rtlog import RealtimeLogHandler, RealtimeLogServer
-from toilcoord.torture import check_journal
+from toilcoord._tools.torture import check_journal
 
 SEED = int(os.environ.get("TOILCOORD_FUZZ_SEED", "20261121"))
 
@@ -111,15 +111,15 @@ def test_bad_torture_arguments_are_one_line_usage_errors(tmp_path, args):
     assert os.listdir(tmp_path) == []
 
 
-def test_the_package_never_imports_the_torture():
-    done = run_python("import sys, toilcoord; print('toilcoord.torture' in sys.modules)")
+def test_the_package_never_imports_its_tooling():
+    done = run_python("import sys, toilcoord; print(any(name.startswith('toilcoord._tools') for name in sys.modules))")
     assert done.stdout.strip() == "False", done.stderr
 
 
 # A run whose primitive is sabotaged must fail, on the matching line.
 SABOTAGED = """
 import contextlib, sys
-import toilcoord.torture as torture
+import toilcoord._tools.torture as torture
 {sabotage}
 ok = torture.run_torture(sys.argv[1], seconds=float(sys.argv[2]), procs=3, seed=1)
 sys.exit(0 if ok else 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from . import __version__
 from .mounts import filesystem_info
@@ -101,10 +101,25 @@ def _as_json(args: argparse.Namespace) -> bool:
     return args.json or getattr(args, "sub_json", False)
 
 
+def _tool(name: str) -> Any:
+    """The tooling module *name* (``_tools/``), which a vendored copy may
+    leave out: then one line says so."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"{__name__.rpartition('.')[0]}._tools.{name}")
+    except ModuleNotFoundError as error:
+        if not (error.name or "").endswith(("._tools", f"._tools.{name}")):
+            raise
+        raise UsageError(f"{name} is not in this copy of {__name__.rpartition('.')[0]} "
+                               "(its _tools/ folder was left out when it was vendored)") from None
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.procs < 1:
         raise UsageError(f"--procs must be at least 1, not {args.procs}")
-    from .bench import STEPS, run_bench
+    bench = _tool("bench")
+    STEPS, run_bench = bench.STEPS, bench.run_bench
     only = None if args.only is None else [label.strip() for label in args.only.split(",")]
     unknown = sorted(set(only or ()) - set(STEPS))
     if unknown:
@@ -118,7 +133,7 @@ def _torture(args: argparse.Namespace) -> int:
     directory = _usable_directory(args.sub_dir or args.dir)
     if args.split_dir is not None and directory is None:
         raise UsageError("torture --split-dir needs --dir: the same directory through another mount")
-    from .torture import main as torture
+    torture = _tool("torture").main
     return torture(directory, args.seconds, args.procs, args.seed, args.split_dir)
 
 

@@ -80,11 +80,11 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-from .arena import LastProcessStandingArena
-from .deferred import DeferredFunction, DeferredFunctionManager
-from .mutex import global_mutex, kept_lock_files, retire_mutex_files
-from .smoke import left_in
-from .procnames import NAME_PREFIX, destroy_all_process_names, get_process_name, process_name_exists
+from ..arena import LastProcessStandingArena
+from ..deferred import DeferredFunction, DeferredFunctionManager
+from ..mutex import global_mutex, kept_lock_files, retire_mutex_files
+from ..smoke import left_in
+from ..procnames import NAME_PREFIX, destroy_all_process_names, get_process_name, process_name_exists
 
 __all__ = ["Invariant", "check_journal", "main", "run_torture"]
 
@@ -436,7 +436,7 @@ class _Worker:
     def _cleanup(self) -> None:
         """What a batch system's epilog runs, while every other worker
         still uses the directory."""
-        from .cleanup import cleanup_directory
+        from ..cleanup import cleanup_directory
 
         _set_phase(_CLEANUP)
         for _ in cleanup_directory(self.coord):
@@ -919,7 +919,7 @@ def _final_checks(layout: _Layout) -> Tuple[bool, List[str], List[str], List[str
     """As the last process standing: take the mutex and the arena once
     more, then ``cleanup``. Returns (elected, markers left, what cleanup
     said, what is left in the coordination directory)."""
-    from .cleanup import cleanup_directory
+    from ..cleanup import cleanup_directory
 
     _become("final", layout.journal)
     identity = _make_identity(layout, "final")

@@ -20,14 +20,14 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
-from .arena import LastProcessStandingArena
-from .deferred import DeferredFunctionManager
-from .files import robust_rmtree
-from .mutex import global_mutex, retire_mutex_files
-from .procnames import get_process_name, process_name_exists
-from .rtlog import RealtimeLogger
-from .slots import ResourceSlots
-from .smoke import Forked, import_root
+from ..arena import LastProcessStandingArena
+from ..deferred import DeferredFunctionManager
+from ..files import robust_rmtree
+from ..mutex import global_mutex, retire_mutex_files
+from ..procnames import get_process_name, process_name_exists
+from ..rtlog import RealtimeLogger
+from ..slots import ResourceSlots
+from ..smoke import Forked, import_root
 
 __all__ = ["Row", "measure", "rtlog_burst", "run_bench", "summary_line"]
 
@@ -148,7 +148,7 @@ def bench_mutex(directory: str, settings: Settings) -> Row:
 
 def _unrecorded(cycle: Callable[[], None]) -> Timer:
     """*cycle* timed as the mutex was before holders recorded themselves."""
-    from . import mutex
+    from .. import mutex
 
     def timed(n: int) -> float:
         recording, mutex._record_holder = mutex._record_holder, lambda gate, purpose: None
@@ -430,7 +430,7 @@ def bench_import(directory: str, settings: Settings) -> Row:
     private pycache), beside importing the standard modules it builds on;
     list the heavy modules it pulls in (of json, zipfile, urllib,
     socketserver, hmac, pickle, subprocess, tempfile)."""
-    package = __name__.rpartition(".")[0]
+    package = import_root()[1]
     env = dict(os.environ, PYTHONPATH=import_root()[0])
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     command = [sys.executable, "-S", "-X", "pycache_prefix=" + os.path.join(directory, "pycache"), "-c"]
@@ -642,7 +642,7 @@ def _start_workers(procs: int, records: int) -> List[subprocess.Popen]:
     try:
         for _ in range(procs):
             workers.append(subprocess.Popen(
-                [sys.executable, "-c", _BURST_WORKER, __package__, str(records)],
+                [sys.executable, "-c", _BURST_WORKER, import_root()[1], str(records)],
                 env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True))
     except BaseException:
         for worker in workers:
