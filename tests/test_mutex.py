@@ -12,6 +12,7 @@ import types
 
 import pytest
 
+from toilcoord import gates as gates_module
 from toilcoord import mutex as mutex_module
 from toilcoord.locks import ForeignFileError, LockTimeout, check_name, safe_unlock_and_close, take_over
 from toilcoord.mutex import global_mutex, retire_mutex_files
@@ -43,7 +44,7 @@ def start_holder(children, directory, mutex="m"):
 
 def no_gate_in_use():
     """True when no thread of this process holds or waits for a mutex."""
-    return not any(gate.lock.locked() for gate in mutex_module._gates.values())
+    return not any(gate.lock.locked() for gate in gates_module._gates.values())
 
 
 # ----------------------------------------------------------- the potato race
@@ -470,7 +471,7 @@ def test_the_filesystem_is_checked_on_first_open_only(tmp_path, monkeypatch):
 
     checked = []
     real = locks.ensure_filesystem_lockable
-    monkeypatch.setattr(mutex_module, "ensure_filesystem_lockable",
+    monkeypatch.setattr(gates_module, "ensure_filesystem_lockable",
                         lambda path, *args, **kwargs: checked.append(path) or real(path, *args, **kwargs))
     for _ in range(5):
         with global_mutex(tmp_path, "m"):
@@ -607,7 +608,7 @@ def test_on_a_network_filesystem_a_free_name_is_created_and_adopted(tmp_path, mo
     # The stale-name path: our kept file was unlinked by someone else; the
     # exclusive create that forces a server lookup finds the name free and
     # makes the new lock file, which we lock instead.
-    monkeypatch.setattr(mutex_module, "names_may_be_stale", lambda device, path: True)
+    monkeypatch.setattr(gates_module, "names_may_be_stale", lambda device, path: True)
     with global_mutex(tmp_path, "m"):
         pass
     os.unlink(tmp_path / MUTEX_FILE)  # as a holder elsewhere would, at its exit
@@ -632,7 +633,7 @@ def test_a_stale_handle_makes_us_reopen(tmp_path, monkeypatch):
 
 def test_the_lock_file_is_open_for_writing_and_private(tmp_path):
     with global_mutex(tmp_path, "m"):
-        fd = mutex_module._gates[str(tmp_path / MUTEX_FILE)].fd
+        fd = gates_module._gates[str(tmp_path / MUTEX_FILE)].fd
         with open(f"/proc/self/fdinfo/{fd}") as info:
             flags = int(next(line for line in info if line.startswith("flags:")).split()[1], 8)
     # NFSv4 grants an exclusive flock only on a file open for writing.
@@ -654,11 +655,11 @@ def test_a_fifo_at_the_lock_path_is_a_clear_error_not_a_hang(tmp_path, timeout):
 
 def test_idle_lock_files_kept_open_are_bounded(tmp_path):
     from toilcoord.mutex import kept_lock_files
-    for number in range(mutex_module._KEEP_AT_MOST + 40):
+    for number in range(gates_module._KEEP_AT_MOST + 40):
         with global_mutex(tmp_path, f"m{number}"):
             pass
-    assert kept_lock_files() == mutex_module._KEEP_AT_MOST
-    assert len(os.listdir(tmp_path)) == mutex_module._KEEP_AT_MOST, "those let go of are removed"
+    assert kept_lock_files() == gates_module._KEEP_AT_MOST
+    assert len(os.listdir(tmp_path)) == gates_module._KEEP_AT_MOST, "those let go of are removed"
     assert left_after_exit(tmp_path) == []
 
 
@@ -689,9 +690,9 @@ def releaser_once_blocked(holder):
 def test_on_a_network_filesystem_a_contended_holder_lets_others_in(tmp_path, monkeypatch, children):
     # Another node's waiter asks the NFS server later than this node's next
     # request would: after a contended release, a process pauses briefly.
-    monkeypatch.setattr(mutex_module, "names_may_be_stale", lambda device, path: True)
+    monkeypatch.setattr(gates_module, "names_may_be_stale", lambda device, path: True)
     pauses = []
-    monkeypatch.setattr(mutex_module, "time", clock_noting_sleeps(pauses, really=True))
+    monkeypatch.setattr(gates_module, "time", clock_noting_sleeps(pauses, really=True))
     with global_mutex(tmp_path, "m"):
         pass
     with global_mutex(tmp_path, "m"):
@@ -704,13 +705,13 @@ def test_on_a_network_filesystem_a_contended_holder_lets_others_in(tmp_path, mon
     with global_mutex(tmp_path, "m"):  # at once: first a pause
         pass
     release_later.join()
-    assert len(pauses) == 1 and 0 < pauses[0] <= mutex_module._HANDOFF
+    assert len(pauses) == 1 and 0 < pauses[0] <= gates_module._HANDOFF
     assert left_after_exit(tmp_path) == []
 
 
 def test_on_a_local_filesystem_nobody_pauses(tmp_path, monkeypatch, children):
     pauses = []
-    monkeypatch.setattr(mutex_module, "time", clock_noting_sleeps(pauses))
+    monkeypatch.setattr(gates_module, "time", clock_noting_sleeps(pauses))
     holder = start_holder(children, tmp_path)
     release_later = releaser_once_blocked(holder)
     with global_mutex(tmp_path, "m"):  # a blocking wait, not a polling one
@@ -725,7 +726,7 @@ def test_on_a_local_filesystem_nobody_pauses(tmp_path, monkeypatch, children):
 
 @pytest.fixture
 def fresh_directory_checks(monkeypatch):
-    monkeypatch.setattr(mutex_module, "_checked_directories", {})
+    monkeypatch.setattr(gates_module, "_checked_directories", {})
 
 
 @pytest.mark.usefixtures("fresh_directory_checks")

@@ -269,8 +269,8 @@ def test_names_across_pid_namespaces(tmp_path, children):
 
 @pytest.fixture
 def fresh_directory_checks(monkeypatch):
-    from toilcoord import mutex
-    monkeypatch.setattr(mutex, "_checked_directories", {})
+    from toilcoord import gates
+    monkeypatch.setattr(gates, "_checked_directories", {})
 
 
 @pytest.mark.usefixtures("fresh_directory_checks")

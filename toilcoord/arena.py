@@ -8,7 +8,8 @@ import time
 from typing import Iterator, Optional, Tuple
 
 from .locks import PathArg, check_name, fork_epoch, safe_lock
-from .mutex import _acquire, _Gate, _hold_gate, _unlock, global_mutex, remove_unheld_lock_file
+from .gates import _acquire, _Gate, _hold_gate, _unlock, remove_unheld_lock_file
+from .mutex import global_mutex
 
 __all__ = ["LastProcessStandingArena", "reap_dead_arenas"]
 

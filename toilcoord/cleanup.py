@@ -128,7 +128,7 @@ def _arenas_step(directory: str) -> Iterator[Finding]:
 
 def _mutexes_step(directory: str) -> Iterator[Finding]:
     """mutex"""
-    from .mutex import reap_unheld_mutex_files
+    from .gates import reap_unheld_mutex_files
 
     for path in reap_unheld_mutex_files(directory):
         yield Finding("removed", "mutex", os.path.basename(path), "dead", "nobody held it")

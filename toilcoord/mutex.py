@@ -24,360 +24,49 @@ import atexit
 import errno
 import fcntl
 import functools
-import logging
 import os
-import stat
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
-from .locks import (
-    ForeignFileError,
-    LockTimeout,
-    PathArg,
-    _OPEN_OR_CREATE,
-    _close_tracked,
-    _create_if_free,
-    _lock_until,
-    _open_tracked,
-    check_name,
-    ensure_filesystem_lockable,
-    safe_lock,
+from . import gates
+from .gates import (
+    _KEEP_AT_MOST,
+    _MUTEX_PREFIX,
+    INTENT_SUFFIX,
+    _acquire,
+    _Gate,
+    _gates,
+    _hold_gate,
+    _let_others_in,
+    _remove_unheld,
+    _still_linked,
+    _unlock,
+    _unlock_failed,
+    kept_gate_files,
+    reap_unheld_mutex_files,
+    retire_gates,
 )
-from .files import unlink_if_present
 from .holder import check_purpose, confirm, describe, lock_table, read_record, write_record
-from .mounts import names_may_be_stale
+from .locks import LockTimeout, PathArg, check_name
 
 __all__ = ["global_mutex", "reap_unheld_mutex_files", "retire_mutex_files"]
-
-logger = logging.getLogger(__name__)
-
-_MUTEX_PREFIX = "toil-mutex-"
-#: A mutex's writer-intent file is its lock file's path plus this.
-INTENT_SUFFIX = ".writer-intent"
-#: Lock files kept open at most; the least recently used idle one is retired.
-_KEEP_AT_MOST = 128
-#: On a network filesystem, a process that had to wait for a mutex waits
-#: this long after releasing it before taking it again, so that waiters on
-#: other nodes (whose lock requests travel further) get their turn.
-_HANDOFF = 0.01
-
-
-class _Gate:
-    """This process's state for one lock file. Threads queue on ``lock``;
-    the thread that holds it owns the rest: ``fd``, the kept lock file (-1
-    when none); ``members``, the arena memberships held through it;
-    fairness bookkeeping (whether the last lock had to wait, whether the
-    file is on a network filesystem, when it was last released). A gate
-    taken out of the table (``retired``) is never used again."""
-
-    __slots__ = ("lock", "fd", "retired", "members", "waited", "network", "released", "announce")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.fd = -1
-        self.retired = False
-        self.members = 0
-        self.waited = False
-        self.network: Optional[bool] = None  # known once the fd has been checked
-        self.released = 0.0
-        self.announce = True  # an exclusive waiter holds the writer-intent file (not for that file itself)
-
-
-# Lock-file path -> gate. Read without the guard (a dict lookup is atomic);
-# gates are added and taken out only under it.
-_gates: Dict[str, _Gate] = {}
-_gates_guard = threading.Lock()
-_epoch = 0  # changes in every forked child
-
-
-def _gate_for(path: str) -> _Gate:
-    gate = _gates.get(path)
-    if gate is None:
-        with _gates_guard:
-            gate = _gates.get(path)
-            if gate is None:
-                gate = _gates[path] = _Gate()
-                if len(_gates) > _KEEP_AT_MOST:
-                    _retire_idle(len(_gates) - _KEEP_AT_MOST)
-    return gate
-
-
-def _hold_gate(path: str, timeout: Optional[float] = None) -> _Gate:
-    """The current gate of *path*, its lock held (within *timeout* seconds,
-    else LockTimeout)."""
-    if timeout is None:
-        gate = _gates.get(path)
-        if gate is not None and gate.lock.acquire() and not gate.retired:
-            return gate  # the common case
-        if gate is not None:
-            gate.lock.release()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        gate = _gate_for(path)
-        if deadline is None:
-            gate.lock.acquire()
-        # Lock.acquire refuses timeouts beyond TIMEOUT_MAX (float("inf") too).
-        elif not gate.lock.acquire(timeout=min(max(deadline - time.monotonic(), 0), threading.TIMEOUT_MAX)):
-            raise LockTimeout(f"timed out after {timeout} s waiting for {path}: another thread of this "
-                              f"process (pid {os.getpid()}) holds it or waits for it")
-        if not gate.retired:
-            return gate
-        gate.lock.release()  # retired while we queued: take the new one
-
-
-def _retire_gate(path: str, gate: _Gate) -> Optional[bool]:
-    """Retire *gate* if no thread uses it and no membership holds it; the
-    guard is held. None if it was not retired, else whether its file was
-    removed."""
-    if gate.members or not gate.lock.acquire(blocking=False):
-        return None
-    try:
-        del _gates[path]
-        gate.retired = True
-        return gate.fd >= 0 and _remove_unheld(path, gate)
-    finally:
-        gate.lock.release()
-
-
-def _retire_idle(count: int) -> None:
-    """Retire *count* idle gates, oldest first (guard held)."""
-    for path, gate in list(_gates.items()):
-        if count <= 0:
-            return
-        count -= _retire_gate(path, gate) is not None
-
-
-# ------------------------------------------------------------ the lock file
-
-def _drop(gate: _Gate) -> None:
-    """Close the kept fd (releasing any lock on it): its file is garbage."""
-    fd, gate.fd = gate.fd, -1
-    if fd >= 0:
-        _close_tracked(fd)
-
-
-def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared: bool) -> bool:
-    """Lock the kept fd; False only if not *block* and someone holds it."""
-    operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-    announce = gate.announce and not shared
-    if gate.network is False and block and deadline is None and not announce:
-        # A local file: the kernel queues us; no need to know if we waited.
-        try:
-            fcntl.flock(gate.fd, operation)
-        except OSError:
-            safe_lock(gate.fd, shared=shared)  # retries EIO, ENOLCK; raises the rest
-        return True
-    try:  # the common case first, without safe_lock's retry machinery
-        fcntl.flock(gate.fd, operation | fcntl.LOCK_NB)
-        return True
-    except OSError as error:
-        if error.errno not in (errno.EAGAIN, errno.EACCES):
-            safe_lock(gate.fd, block=block, shared=shared)  # retries EIO, ENOLCK; raises the rest
-            return True
-    if not block:
-        return False
-    gate.waited = True
-    if announce:
-        _wait_announced(gate, path, deadline)
-    elif deadline is not None:
-        _lock_until(gate.fd, path, deadline, shared)
-    else:
-        safe_lock(gate.fd, shared=shared)
-    return True
-
-
-def _wait_announced(gate: _Gate, path: str, deadline: Optional[float]) -> None:
-    """Wait for the exclusive lock on ``gate.fd`` while holding the file's
-    writer-intent file exclusively: shared holders pass through that file
-    (a brief shared lock) before taking theirs, so none starts while we
-    wait, and we get in once those inside leave (see :mod:`.rwlock`)."""
-    intent_path = path + INTENT_SUFFIX
-    intent = _hold_gate(intent_path, None if deadline is None else max(deadline - time.monotonic(), 0))
-    try:
-        intent.announce = False  # waiters on the intent file itself just queue
-        _acquire(intent, intent_path, deadline)
-        try:
-            if deadline is None:
-                safe_lock(gate.fd)
-            else:
-                _lock_until(gate.fd, path, deadline)
-        finally:
-            # Removed (while held, as every lock file), so that a mutex no
-            # reader uses keeps no second file once nobody waits.
-            unlink_if_present(intent_path)
-            _unlock(intent)
-    finally:
-        intent.lock.release()
-
-
-def _let_others_in(gate: _Gate, deadline: Optional[float]) -> None:
-    """Called when the last lock had to wait, on a network filesystem:
-    pause before taking the lock again, since the server grants it to
-    whoever asks first, and this node's next request would mostly beat
-    another node's waiter."""
-    pause = gate.released + _HANDOFF - time.monotonic()
-    if deadline is not None:
-        pause = min(pause, deadline - time.monotonic())
-    if pause > 0:
-        time.sleep(pause)
-
-
-def _acquire(gate: _Gate, path: str, deadline: Optional[float] = None, block: bool = True,
-             shared: bool = False) -> bool:
-    """Lock the file at *path* through ``gate.fd`` (exclusively unless
-    *shared*), opening or creating it as needed; False only if not *block*
-    and another process holds it."""
-    gate.waited = False
-    while True:
-        if gate.fd < 0:
-            _check_directory(os.path.dirname(path))
-            ensure_filesystem_lockable(os.path.dirname(path), hint="Keep lock files on other storage.")  # cached
-            gate.fd = _open_tracked(path, _OPEN_OR_CREATE, owned=True)
-            gate.network = None
-        try:
-            if not _lock(gate, path, deadline, block, shared):
-                return False
-            if _still_linked(gate, path):
-                return True
-        except OSError as error:
-            if error.errno != errno.ESTALE:  # its file is gone from the server
-                raise
-        _drop(gate)
-
-
-# Directories checked by _check_directory: each is refused or warned about once.
-_checked_directories: Dict[str, bool] = {}
-
-
-def _check_directory(directory: str) -> None:
-    """Refuse a lock directory anyone can write without the sticky bit
-    (they could unlink a held lock file: two holders), or one of another
-    user's; warn once about one others can write (a sticky /tmp): they can
-    plant files where ours go, which are then refused."""
-    if _checked_directories.get(directory):
-        return
-    info = os.stat(directory)
-    if not stat.S_ISDIR(info.st_mode):
-        raise NotADirectoryError(errno.ENOTDIR, "not a directory", directory)
-    euid = os.geteuid()
-    if info.st_uid not in (euid, 0):
-        raise ForeignFileError(errno.EPERM, f"the directory belongs to uid {info.st_uid}, not to this user "
-                               f"(uid {euid}): a coordination directory must belong to one user", directory)
-    if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
-        raise ForeignFileError(errno.EPERM, "anyone may remove files in this directory (writable by all, "
-                               "not sticky): use a directory of your own for coordination", directory)
-    if info.st_mode & 0o022:
-        logger.warning("%s is writable by other users, who can put files where toilcoord keeps its own "
-                       "(those are refused, never used); a directory of your own is safer", directory)
-    _checked_directories[directory] = True
-
-
-def _still_linked(gate: _Gate, path: str) -> bool:
-    """True if the locked ``gate.fd`` is the file linked at *path*. Where
-    the file was replaced, ``gate.fd`` may be swapped for the new one."""
-    opened = os.fstat(gate.fd)  # after the lock: fresh from an NFS server
-    if opened.st_nlink == 0:
-        return False
-    if gate.network is None:  # once per opened file
-        gate.network = names_may_be_stale(opened.st_dev, path)
-    if gate.network:
-        # An exclusive create makes the client look the name up at the
-        # server. If it succeeds, our file was unlinked and the new one
-        # is the lock file now: lock that instead.
-        fresh = _create_if_free(path)
-        if fresh is not None:
-            _drop(gate)
-            gate.fd = fresh  # on the same device: gate.network stands
-            return False
-    try:
-        linked = os.lstat(path)
-    except OSError as error:
-        if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
-            return False
-        raise
-    return linked.st_ino == opened.st_ino and linked.st_dev == opened.st_dev
-
-
-def _unlock(gate: _Gate) -> None:
-    try:
-        fcntl.flock(gate.fd, fcntl.LOCK_UN)
-    except OSError as error:
-        _unlock_failed(gate, error)
-
-
-def _unlock_failed(gate: _Gate, error: OSError) -> None:
-    # Closing releases the lock all the same; the next acquisition reopens.
-    logger.warning("unlocking %d failed with %s; closing it instead",
-                   gate.fd, errno.errorcode.get(error.errno, error.errno))
-    _drop(gate)
-
-
-def _remove_unheld(path: str, gate: _Gate) -> bool:
-    """Remove the lock file if no process holds it, and close ``gate.fd``;
-    True if removed. The unlink happens while holding the lock, as every
-    unlink of a lock file must: whoever waits on it then sees it gone and
-    starts again. The lock is taken as any acquirer takes it, so on NFS
-    the file is known to be linked at the server, not only in a cache."""
-    try:
-        if _acquire(gate, path, block=False):
-            unlink_if_present(path)
-            return True
-    except OSError as error:
-        logger.debug("not removing lock file %s: %s", path, error)
-    finally:
-        _drop(gate)
-    return False
-
-
-def remove_unheld_lock_file(path: str) -> bool:
-    """Remove the lock file at *path* (absolute) if no process holds it, as
-    a mutex acquirer would lock it; True if removed (if the file was gone,
-    the one made to lock is removed again). A lock file this process keeps
-    is retired with it; one it holds, or that an arena membership of it
-    holds, is left."""
-    with _gates_guard:
-        gate = _gates.get(path)
-        if gate is not None:
-            return bool(_retire_gate(path, gate))
-    return _remove_unheld(path, _Gate())
 
 
 def retire_mutex_files() -> None:
     """Remove the lock files this process keeps open, of mutexes that no
     process holds, and close them. Runs at interpreter exit; a mutex used
     afterwards makes its file again."""
-    with _gates_guard:
+    with gates._gates_guard:
         for path, readers in list(_readers.items()):
             _retire_readers(path, readers)
-        for path, gate in list(_gates.items()):
-            _retire_gate(path, gate)
+        retire_gates()
 
 
 def kept_lock_files() -> int:
     """How many lock files this process keeps open between acquisitions."""
     shared = [gate for readers in list(_readers.values()) for gate in (readers.gate, readers.intent)]
-    return sum(gate.fd >= 0 for gate in list(_gates.values()) + shared)
-
-
-def reap_unheld_mutex_files(base_dir: PathArg) -> List[str]:
-    """Remove the lock files in *base_dir* of mutexes nobody holds; return
-    their paths. Safe at any time: a process that later locks a removed
-    file sees it gone and makes a new one."""
-    with os.scandir(base_dir) as entries:
-        candidates = sorted(os.path.abspath(entry.path) for entry in entries
-                            if entry.name.startswith(_MUTEX_PREFIX) and entry.is_file(follow_symlinks=False))
-    return [path for path in candidates if remove_unheld_lock_file(path)]
-
-
-def _forget_parent_gates() -> None:
-    # The kept fds were closed by locks' own fork handler (they are in
-    # _held_fds); another thread may have held the guard at fork time.
-    global _gates_guard, _epoch
-    _gates_guard = threading.Lock()
-    _gates.clear()
-    _readers.clear()
-    _epoch += 1
+    return kept_gate_files() + sum(gate.fd >= 0 for gate in shared)
 
 
 # ----------------------------------------------------------- shared holders
@@ -400,7 +89,7 @@ class _Readers:
         self.retired = False
 
 
-# Lock-file path -> this process's shared holders; changed under _gates_guard.
+# Lock-file path -> this process's shared holders; changed under gates._gates_guard.
 _readers: Dict[str, _Readers] = {}
 
 
@@ -438,7 +127,7 @@ def _enter_shared(path: str, deadline: Optional[float]) -> _Readers:
 
 
 def _readers_for(path: str) -> _Readers:
-    with _gates_guard:
+    with gates._gates_guard:
         readers = _readers.get(path)
         if readers is None:
             readers = _readers[path] = _Readers()
@@ -617,7 +306,7 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
                 raise clearer from None
             raise
         _record_holder(gate, self.purpose)
-        self._gate, self._epoch = gate, _epoch
+        self._gate, self._epoch = gate, gates._epoch
 
     def _enter_shared(self) -> None:
         try:
@@ -627,16 +316,16 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
             if clearer is not None:
                 raise clearer from None
             raise
-        self._readers, self._epoch = readers, _epoch
+        self._readers, self._epoch = readers, gates._epoch
 
     def __exit__(self, *exc_info: object) -> None:
         readers, self._readers = self._readers, None
         if readers is not None:
-            if self._epoch == _epoch:
+            if self._epoch == gates._epoch:
                 _leave_shared(readers)
             return
         gate, self._gate = self._gate, None
-        if gate is None or self._epoch != _epoch:
+        if gate is None or self._epoch != gates._epoch:
             return  # entered in the parent of this forked child: not ours
         try:
             try:
@@ -649,5 +338,9 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
             gate.lock.release()
 
 
-os.register_at_fork(after_in_child=_forget_parent_gates)
+def _forget_parent_readers() -> None:
+    _readers.clear()  # their fds were closed by locks' own fork handler
+
+
+os.register_at_fork(after_in_child=_forget_parent_readers)
 atexit.register(retire_mutex_files)

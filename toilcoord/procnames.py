@@ -18,7 +18,7 @@ import threading
 from typing import Dict, List
 
 from .locks import HeldFile, PathArg, check_name, discard_taken, locked_file_is, take_over
-from .mutex import _check_directory
+from .gates import _check_directory
 
 __all__ = [
     "NAME_PREFIX",

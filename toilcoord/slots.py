@@ -26,10 +26,11 @@ import os
 import time
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
-from . import mutex
+from . import gates
 from .files import unlink_if_present
 from .locks import LockTimeout, PathArg, check_name
-from .mutex import _MUTEX_PREFIX, _Gate, _acquire, _gate_for, _hold_gate, _unlock, global_mutex
+from .gates import _MUTEX_PREFIX, _acquire, _Gate, _gate_for, _hold_gate, _unlock
+from .mutex import global_mutex
 
 __all__ = ["ResourceSlots", "ids_environment"]
 
@@ -72,11 +73,11 @@ class ResourceSlots:
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be None or a number >= 0, not {timeout!r}")
         held = self._take(n, None if timeout is None else time.monotonic() + timeout)
-        epoch = mutex._epoch
+        epoch = gates._epoch
         try:
             yield tuple(self.ids[index] for index, _ in held)
         finally:
-            if epoch == mutex._epoch:  # not in a forked child of the holder
+            if epoch == gates._epoch:  # not in a forked child of the holder
                 _let_go(held)
 
     def _take(self, n: int, deadline: Optional[float]) -> List[Tuple[int, _Gate]]:

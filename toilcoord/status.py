@@ -18,12 +18,12 @@ import stat
 import time
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
+from .gates import _MUTEX_PREFIX
 from .holder import Holder, LockTable, confirm, describe, lock_table, read_record
 from .mounts import names_may_be_stale
 
 __all__ = ["directory_status", "format_status"]
 
-_MUTEX_PREFIX = "toil-mutex-"  # as mutex._MUTEX_PREFIX
 _NAME_PREFIX = "toil-proc-"  # as procnames.NAME_PREFIX
 _ARENA_SUFFIX = "-arena-live"  # as arena._LIVE_SUFFIX
 _DEFERRED_DIR = "deferred"  # as DeferredFunctionManager.STATE_DIR_STEM
