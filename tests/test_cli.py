@@ -342,8 +342,12 @@ def test_the_readme_epilog_line_works_as_written(tmp_path, children, users_direc
     with open(os.path.join(site, "toilcoord-checkout.pth"), "w") as pth:
         pth.write(ROOT + "\n")
     import pwd
-    line = f'cd / && {venv}/bin/python -I -m toilcoord cleanup --dir "$COORD" --user "$JOB_USER" || true'
-    env = {"PATH": "/usr/bin:/bin", "COORD": users_directory, "JOB_USER": pwd.getpwuid(other_user[0]).pw_name}
+    # The README's line, with this venv's interpreter and this test's directory.
+    with open(os.path.join(ROOT, "README.md")) as readme:
+        [line] = [text.strip() for text in readme if text.startswith("cd / && /usr/bin/python3 -I -m toilcoord cleanup")]
+    assert '--dir "/scratch/$SLURM_JOB_USER/coord"' in line
+    line = line.replace("/usr/bin/python3", f"{venv}/bin/python").replace("/scratch/$SLURM_JOB_USER/coord", "$COORD")
+    env = {"PATH": "/usr/bin:/bin", "COORD": users_directory, "SLURM_JOB_USER": pwd.getpwuid(other_user[0]).pw_name}
     done = subprocess.run(["/bin/sh", "-c", line], env=env,
                           capture_output=True, text=True, timeout=120)
     assert "removed 1 of dead processes" in done.stdout, done.stdout + done.stderr

@@ -185,7 +185,8 @@ def _print_cleanup_json(reports: list) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .cleanup import check_directory, run_watched
+    from .cleanup import check_directory
+    from .watchdog import run_watched
     directory = args.sub_dir
     if not directory:
         raise UsageError("--dir is empty (an unset variable?)")
