@@ -45,7 +45,7 @@ from .modules import (
     ResourceException,
     VirtualEnvResource,
 )
-from .threads import ExceptionalThread, cgroup_cpu_limit, cpu_count
+from .threads import ExceptionalThread, cgroup_cpu_limit, cpu_count, cpu_count_sources, memory_limit
 from .files import robust_rmtree
 
 __version__ = "0.1.0"
@@ -87,5 +87,39 @@ __all__ = [
     "ExceptionalThread",
     "cgroup_cpu_limit",
     "cpu_count",
+    "cpu_count_sources",
+    "memory_limit",
     "robust_rmtree",
+    # beyond Toil: slots, a safe coordination directory, termination, status
+    "CoordinationDirError",
+    "ResourceSlots",
+    "coordination_dir",
+    "directory_status",
+    "ids_environment",
+    "install_termination_cleanup",
+    "job_private_reasons",
 ]
+
+# Beyond Toil's names: imported on first use, so that `import toilcoord`
+# stays as light as the Toil-compatible core (a few milliseconds less).
+_LAZY = {
+    "ResourceSlots": "slots", "ids_environment": "slots",
+    "CoordinationDirError": "coorddir", "coordination_dir": "coorddir", "job_private_reasons": "coorddir",
+    "install_termination_cleanup": "termination",
+    "directory_status": "status",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))
