@@ -221,3 +221,29 @@ def test_a_directory_that_cannot_be_read_is_one_line_and_exit_1(tmp_path, where)
 def test_usage_errors_exit_2(args):
     run = status_cli(*args)
     assert run.returncode == 2 and "Traceback" not in run.stderr
+
+
+# Holds 2 of the slots "gpus" (ids 0, 1, 2) in argv[1] with purpose argv[2].
+HOLD_SLOTS = """
+import sys
+from toilcoord.slots import ResourceSlots
+with ResourceSlots(sys.argv[1], "gpus", ["0", "1", "2"]).acquire(2, purpose=sys.argv[2]) as ids:
+    print(",".join(ids), flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_slots_are_shown_with_who_holds_which(tmp_path, children):
+    holder = start(children, HOLD_SLOTS, tmp_path, "training run 7")
+    assert holder.stdout.readline() == "0,1\n"
+    open(tmp_path / "toil-mutex-gpus.slot-2", "w").close()  # a slot someone used once, free now
+    report = directory_status(str(tmp_path))
+    slots = {entry["slot"]: entry for entry in report["slots"]}
+    assert sorted(slots) == ["0", "1", "2"] and {entry["name"] for entry in report["slots"]} == {"gpus"}
+    for held in "01":
+        assert slots[held]["held"] is True
+        assert (slots[held]["holder"]["pid"], slots[held]["holder"]["purpose"]) == (holder.pid, "training run 7")
+    assert (slots["2"]["held"], slots["2"]["holder"]) == (False, None)
+    assert not any(entry["name"].startswith("gpus.slot-") for entry in report["mutexes"])
+    assert "gpus slot 1  held  by pid %d" % holder.pid in format_status(report)
+    release(holder)

@@ -30,6 +30,7 @@ from . import gates
 from .files import unlink_if_present
 from .locks import LockTimeout, PathArg, check_name
 from .gates import _MUTEX_PREFIX, _acquire, _Gate, _gate_for, _hold_gate, _unlock
+from .holder import check_purpose, write_record
 from .mutex import global_mutex
 
 __all__ = ["ResourceSlots", "ids_environment"]
@@ -61,18 +62,24 @@ class ResourceSlots:
         self._head = os.path.join(directory, _MUTEX_PREFIX + name + _HEAD)
 
     @contextlib.contextmanager
-    def acquire(self, n: int = 1, timeout: Optional[float] = None) -> Iterator[Tuple[str, ...]]:
+    def acquire(self, n: int = 1, timeout: Optional[float] = None, *,
+                purpose: Optional[str] = None) -> Iterator[Tuple[str, ...]]:
         """Hold *n* slots for the ``with`` block, which gets their ids.
 
         Waits in turn (see the module) for at most *timeout* seconds, then
         raises :class:`LockTimeout`; ValueError if *n* is not between 1 and
         the number of slots. Threads of one process hold slots apart, like
-        processes. Not reentrant."""
+        processes. Not reentrant. Each slot held records who holds it, with
+        *purpose*, as :func:`~.mutex.global_mutex` does (``status`` shows
+        it)."""
         if type(n) is not int or not 1 <= n <= len(self.ids):
             raise ValueError(f"n must be an int from 1 to {len(self.ids)} (the number of slots), not {n!r}")
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be None or a number >= 0, not {timeout!r}")
+        purpose = check_purpose(purpose)
         held = self._take(n, None if timeout is None else time.monotonic() + timeout)
+        for _, gate in held:
+            write_record(gate.fd, purpose, sync=bool(gate.network))
         epoch = gates._epoch
         try:
             yield tuple(self.ids[index] for index, _ in held)

@@ -25,6 +25,7 @@ from .mounts import names_may_be_stale
 __all__ = ["directory_status", "format_status"]
 
 _NAME_PREFIX = "toil-proc-"  # as procnames.NAME_PREFIX
+_SLOT = ".slot-"  # as slots._SLOT
 _ARENA_SUFFIX = "-arena-live"  # as arena._LIVE_SUFFIX
 _DEFERRED_DIR = "deferred"  # as DeferredFunctionManager.STATE_DIR_STEM
 #: Entries looked at, at most, in the directory and in its deferred/.
@@ -45,6 +46,8 @@ def directory_status(path: str) -> dict:
       when not held or not known), ``waiters`` (from /proc/locks; None when
       the file is not listed there: a network filesystem, or no lock on it
       seen from this PID namespace);
+    * ``slots``: one per slot of a :class:`~.slots.ResourceSlots`, as a
+      mutex is, with ``name`` the slots' name and ``slot`` its id;
     * ``process_names``: ``name``, ``owner_uid``, ``alive``;
     * ``arenas``: ``name``, ``owner_uid``, ``members`` (live members listed in
       /proc/locks), ``live`` (None where that cannot tell: not local);
@@ -61,7 +64,7 @@ def directory_status(path: str) -> dict:
     try:
         local = not names_may_be_stale(os.fstat(dir_fd).st_dev, path)
         report: dict = {"directory": os.path.abspath(path), "host": os.uname().nodename, "time": time.time(),
-                        "mutexes": [], "process_names": [], "arenas": [], "skipped": [], "truncated": False}
+                        "mutexes": [], "slots": [], "process_names": [], "arenas": [], "skipped": [], "truncated": False}
         table = lock_table()
         names, report["truncated"] = _listing(dir_fd)
         for name in names:
@@ -108,6 +111,10 @@ def _add_entry(report: dict, dir_fd: int, name: str, table: LockTable, local: bo
     finally:
         os.close(fd)
     entry["owner_uid"] = info.st_uid
+    slots, slot_mark, slot = entry["name"].rpartition(_SLOT) if kind == "mutexes" else ("", "", "")
+    if slot_mark and slots and slot:  # one slot of a ResourceSlots: a lock file like a mutex's
+        entry["name"], entry["slot"] = slots, slot
+        kind = "slots"
     report[kind].append(entry)
 
 
@@ -273,6 +280,9 @@ def format_status(report: dict) -> str:
     lines = [f"{_shown(report['directory'])} on {_shown(report['host'])} at {when}"]
     lines += _section("mutexes", report["mutexes"], lambda m: (
         f"{_shown(m['name'])}  {_yes_no(m['held'], 'held', 'free')}  waiters {_unknown(m['waiters'])}"
+        + (f"  by {describe(Holder(**m['holder']))}" if m["holder"] else ("  by an unrecorded holder" if m["held"] else ""))))
+    lines += _section("slots", report["slots"], lambda m: (
+        f"{_shown(m['name'])} slot {_shown(m['slot'])}  {_yes_no(m['held'], 'held', 'free')}"
         + (f"  by {describe(Holder(**m['holder']))}" if m["holder"] else ("  by an unrecorded holder" if m["held"] else ""))))
     lines += _section("process names", report["process_names"], lambda p: (
         f"{_shown(p['name'])}  {_yes_no(p['alive'], 'alive', 'dead')}  uid {p['owner_uid']}"))
