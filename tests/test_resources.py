@@ -153,6 +153,18 @@ def test_pickle_round_trip_never_imports(root):
             Resource.unpickle(bad)
 
 
+def test_pickle_names_the_defining_module_and_reads_the_old_layout():
+    # Resources moved from toilcoord.modules to toilcoord.resources: a string
+    # encoded by a leader running the old layout still decodes, by bare name.
+    resource = DirectoryResource("n", "a" * 32, "file:///x", "b" * 32)
+
+    assert resource.pickle().startswith(DirectoryResource.__module__ + ".DirectoryResource:")
+    assert DirectoryResource.__module__.endswith(".resources")
+    for old in ("toilcoord.modules.DirectoryResource:", "toilcoord.modules.VirtualEnvResource:"):
+        decoded = Resource.unpickle(old + json.dumps(list(resource)))
+        assert type(decoded).__name__ == old.split(".")[-1][:-1] and tuple(decoded) == tuple(resource)
+
+
 def test_lookup_rejects_a_resource_registered_under_another_path(tmp_path, root, monkeypatch):
     resource = FileResource("n", "a" * 32, "file:///x", "b" * 32)
     leader_path = str(tmp_path / "x")
