@@ -1,5 +1,5 @@
 """Unpacking a shipped ZIP archive without trusting it (used by
-:class:`~.modules.DirectoryResource`).
+:class:`~.resources.DirectoryResource`).
 
 Every member is checked before anything is written: its name (no NUL or
 other control character, no absolute path, no ``..`` component), its kind
@@ -19,7 +19,7 @@ import zipfile
 import zlib
 from typing import IO, List
 
-from .modules import ResourceException
+from .resource_errors import ResourceException
 
 # Generous bounds for a shipped directory or site-packages; beyond them an
 # archive is refused rather than fill the node's disk.
