@@ -224,6 +224,21 @@ def _local_sockets(server: "RealtimeLogServer") -> Tuple[Any, Any, Optional[str]
         return None, None, None
 
 
+def _shut_down(owner_socket: Any, *sockets: Any) -> None:
+    """Shut the sockets down, the owner check first. This wakes a blocked
+    recv() (or accept()), which returns b"" once the queue is empty;
+    unconnected sockets report ENOTCONN but are shut down all the same
+    (Linux)."""
+    import socket
+
+    for sock in (owner_socket, *sockets):
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR if sock is owner_socket else socket.SHUT_RD)
+            except OSError:
+                pass
+
+
 def _closed_on_error(make: Callable[[Any], None], sock: Any) -> Any:
     """``sock`` after ``make(sock)`` (bind, listen...); closed if that raised."""
     try:
@@ -361,18 +376,8 @@ class RealtimeLogServer:
         """Stop receiving once what is already queued has been re-logged (for
         at most :attr:`shutdown_drain_seconds`), and wait for
         :meth:`serve_forever` to return. Call from another thread."""
-        import socket
-
         self._readers.stop(self.shutdown_drain_seconds)
-        for sock in (self.owner_socket, self.socket, self.local_socket):  # the owner check first
-            if sock is not None:
-                try:
-                    # Wakes the blocked recv() (or accept()), which returns
-                    # b"" once the queue is empty; unconnected sockets report
-                    # ENOTCONN but are shut down all the same (Linux).
-                    sock.shutdown(socket.SHUT_RDWR if sock is self.owner_socket else socket.SHUT_RD)
-                except OSError:
-                    pass
+        _shut_down(self.owner_socket, self.socket, self.local_socket)
         if self._started:
             self._finished.wait()
 
