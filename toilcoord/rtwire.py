@@ -1,15 +1,18 @@
-"""The real-time logging wire as pure functions: signing and checking
-datagrams, validating and cleaning what a leader receives, formatting a
-received message within a size limit, and per-sender numbering (losses and
-replays). No sockets and no threads here; :mod:`toilcoord.rtlog` uses these
-on both ends.
+"""The real-time logging wire, as pure functions: the datagram's fields,
+encoding a ``logging.LogRecord`` into one datagram within a size limit,
+signing and checking datagrams, decoding and validating what a leader
+receives into a record it may re-log (text escaped, message formatted within
+a size limit), and per-sender numbering (losses, replay window). No sockets
+and no threads here: :mod:`toilcoord.rthandler` (the worker's sending
+handler) and :mod:`toilcoord.rtserver` (the leader's receiver) use these.
 
 A datagram is one JSON object with a ``logging.LogRecord``'s fields. This
 package adds ``rt_seq`` (0, 1, 2, ... per sender) and ``rt_sender``; with a
 secret, ``rt_hmac`` comes first: ``{"rt_hmac":"<64 hex>",`` followed by the
 unsigned object without its opening brace, the MAC being HMAC-SHA256 over
 exactly those bytes -- sequence number and sender included, so a replay is
-recognisable and cannot be renumbered.
+recognisable and cannot be renumbered. ``json`` and ``hmac`` are imported
+when first used, keeping ``import toilcoord`` light.
 """
 from __future__ import annotations
 
@@ -18,9 +21,18 @@ import re
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["SenderTable", "format_message", "sanitize", "sanitize_fields", "sign", "validate", "verify"]
+__all__ = [
+    "Encoder", "SenderTable", "format_message", "load", "make_record", "record_template", "sanitize",
+    "sanitize_fields", "sign", "split_address", "validate", "verify",
+]
 
 SEQ, SENDER, MAC = "rt_seq", "rt_sender", "rt_hmac"
+# Set on every record a leader re-logs, so that no sending handler of ours
+# ever forwards it again (no feedback loop, whatever handlers exist).
+RECEIVED_MARK = "rt_received"
+# The leader's owner check: a listening stream socket at the local socket's
+# name plus this suffix (see rtserver.RealtimeLogServer.make_owner_socket).
+OWNER_SUFFIX = ".owner"
 MAC_HEAD = b'{"rt_hmac":"'
 MAC_END = len(MAC_HEAD) + 64
 MAC_BODY = MAC_END + 2
@@ -46,6 +58,98 @@ def verify(key: bytes, data: bytes) -> bool:
         return False
     expected = hmac.digest(key, memoryview(data)[MAC_BODY:], "sha256").hex().encode("ascii")
     return hmac.compare_digest(expected, data[len(MAC_HEAD):MAC_END])
+
+
+def split_address(address: str) -> Tuple[str, int]:
+    """``"host:port"`` or ``"[v6addr]:port"`` (a leader's advertised UDP
+    address) as (host, port); ValueError if it is neither."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("real-time logging address must be host:port, not %r" % (address,))
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+# ------------------------------------------------------------- encoding
+
+_TRUNCATED = "[rtlog: %d characters cut to fit one datagram]"
+_TRUNCATION_ROOM = len(_TRUNCATED) + 20
+# Text fields that may be long, in the order they are cut; msg keeps its head,
+# tracebacks keep their tail (the exception itself is at the end).
+_LONG_TEXT = ("msg", "exc_text", "stack_info")
+
+
+class Encoder:
+    """A worker's half of the wire: :meth:`fields` are a record's attributes
+    as sent, :meth:`encode` makes them one numbered JSON datagram, cut to
+    fit with a visible marker and, with ``key``, signed."""
+
+    def __init__(self, key: Optional[bytes]) -> None:
+        import json
+
+        self.key = key
+        self._dumps = json.JSONEncoder(separators=(",", ":"), default=str).encode
+        self._exception_formatter = logging.Formatter()
+
+    def fields(self, record: logging.LogRecord) -> Dict[str, Any]:
+        """The record's attributes as sent: message formatted (args dropped),
+        traceback as ``exc_text`` (exc_info dropped)."""
+        fields = record.__dict__.copy()
+        fields["msg"] = record.getMessage()
+        fields["args"] = None
+        if record.exc_info:
+            if not record.exc_text:  # cached on the record, as logging.Formatter does
+                record.exc_text = self._exception_formatter.formatException(record.exc_info)
+            fields["exc_text"] = record.exc_text
+        fields["exc_info"] = None
+        fields.pop("message", None)  # a copy of msg left by an earlier formatter
+        return fields
+
+    def encode(self, fields: Dict[str, Any], seq: int, sender: str, max_size: int) -> bytes:
+        """The datagram for ``fields`` (from :meth:`fields`; changed in place),
+        numbered ``seq`` of ``sender``, at most ``max_size`` bytes. Extra
+        attributes JSON cannot encode are sent as ``str()``."""
+        fields[SEQ] = seq
+        fields[SENDER] = sender
+        limit = max_size - (SIGNED_OVERHEAD if self.key else 0)
+        try:
+            body = self._dumps(fields)
+        except (TypeError, ValueError):  # e.g. an extra dict with tuple keys
+            fields = _stringify_extras(fields)
+            body = self._dumps(fields)
+        if len(body) > limit:
+            body = self._fit(fields, body, limit)
+        data = body.encode("ascii")  # JSONEncoder escapes all non-ASCII
+        return data if self.key is None else sign(self.key, data)
+
+    def _fit(self, fields: Dict[str, Any], body: str, limit: int) -> str:
+        """Cut the longest text fields, longest first, until ``body`` fits."""
+        for name in sorted(_LONG_TEXT, key=lambda key: len(fields.get(key) or ""), reverse=True):
+            excess = len(body) - limit
+            text = fields.get(name)
+            if excess <= 0 or not text:
+                break
+            # Every character encodes to at least one byte, so cutting this
+            # many characters (marker included) always removes enough bytes.
+            fields[name] = _cut(text, excess + _TRUNCATION_ROOM, keep_tail=name != "msg")
+            body = self._dumps(fields)
+        if len(body) > limit:  # huge extra attributes: send the bare record
+            fields = {key: fields[key] for key in FIELD_TYPES if key in fields and key not in _LONG_TEXT}
+            fields["msg"] = "[rtlog: record too large for one datagram even without its text]"
+            body = self._dumps(fields)
+        return body
+
+
+def _stringify_extras(fields: Dict[str, Any]) -> Dict[str, Any]:
+    return {key: (value if key in FIELD_TYPES or key in ("msg", "args", "exc_info") else str(value))
+            for key, value in fields.items()}
+
+
+def _cut(text: str, remove: int, keep_tail: bool) -> str:
+    keep = max(0, len(text) - remove)
+    marker = _TRUNCATED % (len(text) - keep)
+    return marker + "\n" + text[len(text) - keep:] if keep_tail else text[:keep] + "\n" + marker
 
 
 # ------------------------------------------------------------- validation
@@ -205,6 +309,58 @@ def _size(args: Any, key: Any, sizes: Dict[Any, int]) -> int:
             value = args if key is None else args.get(key)
         sizes[key] = len(ascii(value)) + (_FLOAT_ROOM if isinstance(value, float) else _INT_ROOM)
     return sizes[key]
+
+
+# ------------------------------------------------------------- decoding
+
+
+def load(data: bytes) -> Any:
+    """A datagram's decoded JSON, or None if it is not JSON (bad UTF-8 or
+    nesting too deep included); :func:`make_record` checks the rest."""
+    import json
+
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # bad UTF-8 is a ValueError too
+        return None
+
+
+def record_template(name: str) -> Dict[str, Any]:
+    """The attributes a re-logged record starts from, so that every
+    attribute a formatter may name exists whatever the sender omitted
+    (taskName on 3.12+, for instance)."""
+    fields = logging.LogRecord(name, logging.NOTSET, "", 0, "", None, None).__dict__.copy()
+    fields.update(process=0, processName="", thread=0, threadName="")
+    return fields
+
+
+def make_record(fields: Any, template: Dict[str, Any], numbered: bool,
+                max_message_size: int) -> Optional[logging.LogRecord]:
+    """The LogRecord to re-log for decoded JSON (changed in place), or None
+    if :func:`validate` refuses it. Text fields are :func:`sanitize_fields`\\ d;
+    arguments are applied here (a Toil worker sends them as a list) by
+    :func:`format_message` within ``max_message_size``; exc_info is dropped,
+    its text having travelled as ``exc_text``; the record is marked
+    :data:`RECEIVED_MARK`."""
+    if not validate(fields, numbered=numbered):
+        return None
+    sanitize_fields(fields)
+    fields.pop(MAC, None)
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    attributes = record.__dict__
+    attributes.update(template)
+    attributes.update(fields)
+    if "created" not in fields:
+        import time
+
+        record.created = time.time()
+    if "levelname" not in fields:
+        record.levelname = logging.getLevelName(record.levelno)
+    record.exc_info = None
+    record.msg = format_message(record.msg, record.args, max_message_size)
+    record.args = None
+    attributes[RECEIVED_MARK] = True
+    return record
 
 
 # ------------------------------------------------------------- numbering
