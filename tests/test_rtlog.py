@@ -15,7 +15,7 @@ import rtlog_support
 from conftest import ROOT, child_env, run_in_fork, run_python
 from rtlog_support import PREFIX, VARIABLES, leader_server, raw_sender, toil_datagram, wait_until
 
-from toilcoord._tools.bench import rtlog_burst
+from toilcoord._tools.rtlog_burst import rtlog_burst
 from toilcoord.rtlog import (
     RECEIVED_MARK,
     RealtimeLogger,
