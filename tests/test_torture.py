@@ -28,7 +28,7 @@ from toilcoord.deferred import DeferredFunctionManager
 from toilcoord.mounts import filesystem_info, parse_mountinfo
 from toilcoord.mutex import retire_mutex_files
 from toilcoord.rtlog import RealtimeLogHandler, RealtimeLogServer
-from toilcoord._tools.torture import check_journal
+from toilcoord._tools.torture_check import check_journal
 
 SEED = int(os.environ.get("TOILCOORD_FUZZ_SEED", "20261121"))
 
@@ -120,13 +120,14 @@ def test_the_package_never_imports_its_tooling():
 SABOTAGED = """
 import contextlib, sys
 import toilcoord._tools.torture as torture
+import toilcoord._tools.torture_workers as workers
 {sabotage}
 ok = torture.run_torture(sys.argv[1], seconds=float(sys.argv[2]), procs=3, seed=1)
 sys.exit(0 if ok else 1)
 """
 
 SABOTAGES = {
-    "mutex exclusion": "torture.global_mutex = lambda *args, **kwargs: contextlib.nullcontext()",
+    "mutex exclusion": "workers.global_mutex = lambda *args, **kwargs: contextlib.nullcontext()",
     # Every member reads as dead, so the first to leave cleans up under the others.
     "arena last one out": "import os, toilcoord.arena as arena; arena.take_over = lambda path: os.open(path, os.O_RDONLY)",
     # Nothing is ever marked done: what returned runs again.
