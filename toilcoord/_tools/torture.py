@@ -82,10 +82,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 from ..arena import LastProcessStandingArena
 from ..deferred import DeferredFunction
 from ..mutex import global_mutex, retire_mutex_files
+from ..slots import ResourceSlots
 from ..smoke import left_in
 from .torture_check import RunStats, check_journal
+from .torture_holds import MUTEX, RW_MUTEX, SLOT_IDS, SLOTS, hold_slots, hold_the_potato, write_shared
 from .torture_journal import PHASES, Layout, Me, become, make_identity, record
-from .torture_workers import ARENA, MUTEX, deferred_effect, hold_the_potato, take_part_in_arena, worker_process
+from .torture_workers import ARENA, deferred_effect, take_part_in_arena, worker_process
 
 __all__ = ["main", "run_torture"]
 
@@ -252,10 +254,11 @@ class _Supervisor:
 
 # ---------------------------------------------------------- final phase
 
-def _final_checks(layout: Layout) -> Tuple[bool, List[str], List[str], List[str]]:
-    """As the last process standing: take the mutex and the arena once
-    more, then ``cleanup``. Returns (elected, markers left, what cleanup
-    said, what is left in the coordination directory)."""
+def _final_checks(layout: Layout) -> Tuple[bool, List[str], List[str], List[str], List[str]]:
+    """As the last process standing: take the arena once more, ``cleanup``,
+    then the mutex, every slot and the shared mutex as writer. Returns
+    (elected, arena markers left, what cleanup said, what is left in the
+    coordination directory, slot and reader-writer marks left)."""
     from ..cleanup import cleanup_directory
 
     become("final", layout.journal)
@@ -264,13 +267,19 @@ def _final_checks(layout: Layout) -> Tuple[bool, List[str], List[str], List[str]
     elected = take_part_in_arena(layout, arena, identity, "final.a1", lambda: None)
     cleanup = list(cleanup_directory(layout.coord))
     record("cleanup-done")
-    # Only now (a mutex file left by a killed holder is cleanup's to remove):
-    # a potato still there must be a dead holder's.
+    # Only now (a lock file left by a killed holder is cleanup's to remove):
+    # a potato or mark still there must be a dead holder's.
     with global_mutex(layout.coord, MUTEX):
         hold_the_potato(layout, identity, 0)
+    with ResourceSlots(layout.coord, SLOTS, list(SLOT_IDS)).acquire(len(SLOT_IDS)) as ids:
+        hold_slots(layout, identity, ids, len(SLOT_IDS), lambda: None)
+    with global_mutex(layout.coord, RW_MUTEX):
+        write_shared(layout, identity, 0)
     retire_mutex_files()  # as at exit: this process keeps nothing open there
     left = left_in(layout.coord)  # cleanup removed files this process kept: NFS silly-renamed them
-    return elected, sorted(os.listdir(layout.markers)), cleanup, left
+    marks = [os.path.join(os.path.basename(where), name)
+             for where in (layout.slot_marks, layout.rw_marks) for name in sorted(os.listdir(where))]
+    return elected, sorted(os.listdir(layout.markers)), cleanup, left, marks
 
 
 def _kills_line(stats: RunStats, seconds: float) -> str:
@@ -339,9 +348,9 @@ def run_torture(directory: Optional[str] = None, seconds: float = 10.0, procs: i
     DeferredFunction.create(deferred_effect, "", "", 0)  # load the codec once, before forking
     become("sup", layout.journal)
     stats = _Supervisor(layout, procs, seconds, seed, progress_bound, kill_interval, say).run()
-    elected, markers_left, cleanup, left = _final_checks(layout)
+    elected, markers_left, cleanup, left, marks_left = _final_checks(layout)
     with open(layout.journal, "rb") as stream:
-        invariants = check_journal(stream.read(), stats, elected, markers_left, left, progress_bound)
+        invariants = check_journal(stream.read(), stats, elected, markers_left, left, progress_bound, marks_left)
     say(_kills_line(stats, seconds))
     logged = _log_summary(layout.log)
     if logged:

@@ -5,8 +5,10 @@ in torture.py and beside each check.
 """
 from __future__ import annotations
 
+import bisect
+import heapq
 import sys
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 __all__ = ["Invariant", "RunStats", "check_journal"]
 
@@ -32,7 +34,7 @@ class Invariant(NamedTuple):
     detail: str
 
     def line(self) -> str:
-        return "%-4s  %-26s %s" % ("ok" if self.held else "FAIL", self.name, self.detail)
+        return "%-4s  %-29s %s" % ("ok" if self.held else "FAIL", self.name, self.detail)
 
 
 class _Event(NamedTuple):
@@ -99,16 +101,104 @@ def _first(events: Sequence[_Event]) -> str:
     return "; first: %s %s %s" % (events[0].writer, events[0].kind, " ".join(events[0].args)) if events else ""
 
 
+def _orphans_of_the_living(journal: _Journal, kind: str) -> List[_Event]:
+    """The *kind* records (``<kind> <owner> <mark>``: a mark found left
+    behind, and replaced) whose owner wrote again later or was never
+    killed: it may have been inside while the finder was."""
+    return [event for event in journal.of(kind)
+            if journal.alive_after(event.args[0], event.pos) or event.args[0] not in journal.killed]
+
+
 def _check_mutex(journal: _Journal) -> Invariant:
     holds = journal.count("mutex")
     orphans = journal.of("potato-orphan")
-    bad = journal.violations("mutex-") + [
-        event for event in orphans
-        if journal.alive_after(event.args[0], event.pos) or event.args[0] not in journal.killed]
+    bad = journal.violations("mutex-") + _orphans_of_the_living(journal, "potato-orphan")
     return Invariant("mutex exclusion", not bad and bool(holds),
                      "%d holds by %d processes; %d overlaps; %d potatoes left by SIGKILLed holders, "
                      "each found only once its holder was dead%s"
                      % (holds, len(journal.writers.get("mutex", ())), len(bad), len(orphans), _first(bad)))
+
+
+class _Hold(NamedTuple):
+    start: int
+    end: int
+    writer: str
+    what: Tuple[str, ...]
+
+
+def _holds(journal: _Journal, begin: str, end: str, what: Callable[[_Event], Tuple[str, ...]]) -> List[_Hold]:
+    """Each hold from a *begin* record to its holder's next *end* record or,
+    for a holder killed inside, its last record: every position between lies
+    inside the real hold (both records are written inside it, holds of one
+    process never nest), so holds overlapping here overlapped for real."""
+    ends: Dict[str, List[int]] = {}
+    for event in journal.of(end):
+        ends.setdefault(event.writer, []).append(event.pos)
+    holds = []
+    for event in journal.of(begin):
+        mine = ends.get(event.writer, [])
+        index = bisect.bisect_right(mine, event.pos)
+        last = mine[index] if index < len(mine) else journal.last[event.writer]
+        holds.append(_Hold(event.pos, last, event.writer, what(event)))
+    return holds
+
+
+def _overlapping(holds: List[_Hold]) -> Iterator[Tuple[_Hold, List[_Hold]]]:
+    """Each hold with the holds it began inside: of every pair that
+    overlaps, one began inside the other, so each pair is seen once."""
+    inside: List[Tuple[int, _Hold]] = []  # a heap by end
+    for hold in sorted(holds):
+        while inside and inside[0][0] < hold.start:
+            heapq.heappop(inside)
+        yield hold, [other for _, other in inside]
+        heapq.heappush(inside, (hold.end, hold))
+
+
+def _marks_left(marks_left: Sequence[str], where: str, kind: str) -> List[_Event]:
+    left = [mark for mark in marks_left if mark.startswith(where + "/")]
+    return [_Event(-1, "final", "violation", (kind, ",".join(left[:5])))] if left else []
+
+
+def _check_slots(journal: _Journal, marks_left: Sequence[str]) -> Invariant:
+    """Each slot id held by one process at a time; at most n at once."""
+    holds = _holds(journal, "slots-held", "slots-free",
+                   lambda event: tuple(ident for ident in event.args[0].split(",") if ident != "-"))
+    count = max((int(event.args[1]) for event in journal.of("slots-held")), default=0)
+    bad = journal.violations("slots-") + _orphans_of_the_living(journal, "slot-orphan")
+    bad += _marks_left(marks_left, "slots", "slots-marks-left")
+    most = 0
+    for hold, inside in _overlapping(holds):
+        taken = [(ident, other.writer) for other in inside for ident in other.what]
+        most = max(most, len(taken) + len(hold.what))
+        bad += [_Event(hold.start, hold.writer, "violation", ("slots-overlap", ident, "held by", holder))
+                for ident, holder in taken if ident in hold.what]
+    if most > count:
+        bad.append(_Event(-1, "final", "violation", ("slots-too-many", "%d of %d held at once" % (most, count))))
+    return Invariant("never more holders than slots", not bad and bool(holds),
+                     "%d holds of %d slots by %d processes, at most %d held at once; %d overlaps; %d slots "
+                     "left by SIGKILLed holders, each found only once its holder was dead%s"
+                     % (len(holds), count, len({hold.writer for hold in holds}), most, len(bad),
+                        journal.count("slot-orphan"), _first(bad)))
+
+
+def _check_shared(journal: _Journal, marks_left: Sequence[str]) -> Invariant:
+    """No writer's hold overlaps any other hold, a reader's or a writer's."""
+    reads = _holds(journal, "rw-read", "rw-read-end", lambda event: ("read",))
+    writes = _holds(journal, "rw-write", "rw-write-end", lambda event: ("write",))
+    bad = journal.violations("rw-") + _orphans_of_the_living(journal, "rw-orphan")
+    bad += _marks_left(marks_left, "rw", "rw-marks-left")
+    readers = 0
+    for hold, inside in _overlapping(reads + writes):
+        if hold.what == ("write",) and inside or any(other.what == ("write",) for other in inside):
+            bad.append(_Event(hold.start, hold.writer, "violation",
+                              ("rw-overlap", hold.what[0], "beside", ",".join(other.writer for other in inside))))
+        elif hold.what == ("read",):
+            readers = max(readers, 1 + len(inside))
+    return Invariant("never a writer beside anyone", not bad and bool(reads) and bool(writes),
+                     "%d shared holds (up to %d at once) and %d exclusive by %d processes; %d overlaps; %d marks "
+                     "left by SIGKILLed holders, each found only once its holder was dead%s"
+                     % (len(reads), readers, len(writes), len({hold.writer for hold in reads + writes}), len(bad),
+                        journal.count("rw-orphan"), _first(bad)))
 
 
 def _arena_memberships(journal: _Journal) -> List[Tuple[int, int, str, bool]]:
@@ -123,8 +213,6 @@ def _arena_memberships(journal: _Journal) -> List[Tuple[int, int, str, bool]]:
 def _members_inside(memberships: List[Tuple[int, int, str, bool]]) -> Callable[[int], List[str]]:
     """A function giving the markers of the members inside at a position:
     entered before it and gone after it."""
-    import bisect
-
     starts = sorted(entered for entered, _, _, _ in memberships)
     ends = sorted(gone for _, gone, _, _ in memberships)
 
@@ -250,9 +338,11 @@ def _check_fds(journal: _Journal) -> Invariant:
 
 def check_journal(data: bytes, stats: Optional[RunStats] = None, final_elected: bool = True,
                   markers_left: Sequence[str] = (), left_in_coord: Sequence[str] = (),
-                  progress_bound: float = 60.0) -> List[Invariant]:
+                  progress_bound: float = 60.0, marks_left: Sequence[str] = ()) -> List[Invariant]:
     """Check the invariants against a journal (and the supervisor's
-    observations); one :class:`Invariant` per guarantee."""
+    observations, and what the final checks found); one :class:`Invariant`
+    per guarantee. *marks_left* are slot and reader-writer marks left after
+    the final holds, as ``slots/<id>`` or ``rw/<name>``."""
     journal = _Journal(data)
     stats = stats or RunStats()
     errors = journal.of("error")
@@ -261,6 +351,8 @@ def check_journal(data: bytes, stats: Optional[RunStats] = None, final_elected: 
         _check_arena(journal, final_elected, list(markers_left)),
         _check_deferred(journal),
         _check_names(journal),
+        _check_slots(journal, marks_left),
+        _check_shared(journal, marks_left),
         Invariant("no deadlock", not stats.stalled,
                   "every worker progressed within %g s: longest gap %.2f s over %d incarnations%s"
                   % (progress_bound, stats.longest_gap, stats.incarnations,

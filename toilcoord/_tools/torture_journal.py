@@ -121,7 +121,7 @@ def fd_count() -> int:
 class Layout(NamedTuple):
     root: str
     coord: str  # the coordination directory: every primitive works here
-    records: str  # evidence: journal, potato, markers, identities
+    records: str  # evidence: journal, potatoes, markers, identities
     views: Tuple[str, ...]  # coord, and coord through another mount: workers alternate
 
     @classmethod
@@ -129,7 +129,7 @@ class Layout(NamedTuple):
         coord = coord or os.path.join(root, "coord")
         views = (coord, os.path.join(split_dir, os.path.basename(coord))) if split_dir else (coord,)
         layout = cls(root, coord, os.path.join(root, "records"), views)
-        for path in (layout.coord, layout.records, layout.markers):
+        for path in (layout.coord, layout.records, layout.markers, layout.slot_marks, layout.rw_marks):
             os.mkdir(path)
         for view in views:  # (two mounts of one export differ in st_dev: no samefile)
             if not os.path.isdir(view):
@@ -147,6 +147,17 @@ class Layout(NamedTuple):
     @property
     def markers(self) -> str:
         return os.path.join(self.records, "markers")
+
+    @property
+    def slot_marks(self) -> str:
+        """Where a holder of slot <id> links its identity as the file <id>."""
+        return os.path.join(self.records, "slots")
+
+    @property
+    def rw_marks(self) -> str:
+        """Where the shared mutex's writer links its identity as ``writer``,
+        each reader as ``r-<incarnation>``."""
+        return os.path.join(self.records, "rw")
 
     @property
     def stop(self) -> str:

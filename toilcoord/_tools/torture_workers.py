@@ -15,12 +15,14 @@ from ..arena import LastProcessStandingArena
 from ..deferred import DeferredFunctionManager
 from ..mutex import global_mutex
 from ..procnames import NAME_PREFIX, destroy_all_process_names, get_process_name, process_name_exists
+from ..slots import ResourceSlots
+from .torture_holds import MUTEX, RW_MUTEX, SLOT_IDS, SLOTS, hold_slots, hold_the_potato, read_shared, write_shared
 from .torture_journal import Layout, Me, Phase, become, fd_count, make_identity, owner_alive, record, set_phase
 
-__all__ = ["ARENA", "MUTEX", "deferred_effect", "hold_the_potato", "take_part_in_arena", "worker_process"]  # the torture's own parts: nothing here is promised
+__all__ = ["ARENA", "deferred_effect", "take_part_in_arena", "worker_process"]
 
-MUTEX = "torture"
 ARENA = "torture"
+
 
 def deferred_effect(journal_path: str, ident: str, delay: float) -> None:
     """The torture's deferred function: append ``ran <ident>``, written by
@@ -40,50 +42,7 @@ def deferred_effect(journal_path: str, ident: str, delay: float) -> None:
     set_phase(previous)
 
 
-# ------------------------------------------------------- the checks inside
-
-def hold_the_potato(layout: Layout, identity: str, hold: float) -> None:
-    """Inside the mutex: make the potato ours, hold it, check it is still
-    ours and remove it."""
-    try:
-        os.link(identity, layout.potato)
-    except FileExistsError:
-        if not _potato_left_by_the_dead(layout):
-            return
-        try:
-            os.link(identity, layout.potato)
-        except FileExistsError:
-            record("violation mutex-overlap a potato appeared while we held the mutex")
-            return
-    record("mutex")
-    if hold:
-        time.sleep(hold)
-    try:
-        ours = os.path.samestat(os.stat(layout.potato), os.stat(identity))
-    except FileNotFoundError:
-        record("violation mutex-overlap our potato vanished while we held the mutex")
-        return
-    if not ours:
-        record("violation mutex-overlap our potato was replaced while we held the mutex")
-        return
-    os.unlink(layout.potato)
-
-
-def _potato_left_by_the_dead(layout: Layout) -> bool:
-    """A potato was there when we got the mutex: fine if its holder is dead
-    (then it is removed and True returned), a violation otherwise."""
-    try:
-        holder, alive = owner_alive(layout.potato)
-    except FileNotFoundError:
-        record("violation mutex-overlap a potato vanished while we held the mutex")
-        return False
-    if alive:
-        record("violation mutex-overlap the potato of live %s was there when we got the mutex" % holder)
-        return False
-    record("potato-orphan " + holder)
-    os.unlink(layout.potato)
-    return True
-
+# ------------------------------------------------------------ arena
 
 def _clean_arena(layout: Layout, pause: float) -> None:
     """The last member's cleanup: no member may be inside; remove every
@@ -154,6 +113,7 @@ class _Worker:
         self.identity = make_identity(layout, incarnation)
         self.manager = DeferredFunctionManager(self.coord)
         self.arena = LastProcessStandingArena(self.coord, ARENA)
+        self.slots = ResourceSlots(self.coord, SLOTS, list(SLOT_IDS))
         self.name = ""
 
     def run(self) -> None:
@@ -175,7 +135,8 @@ class _Worker:
 
     def _operations(self) -> List[Callable[[], None]]:
         """What a worker does, each as often as it appears here."""
-        return [self._mutex] * 3 + [self._arena] * 3 + [self._deferred] * 3 + [self._names] * 2 + [self._cleanup]
+        return ([self._mutex] * 3 + [self._arena] * 3 + [self._deferred] * 3 + [self._names] * 2 + [self._cleanup]
+                + [self._slots] * 2 + [self._read] * 2 + [self._write])
 
     def _told_to_stop(self) -> bool:
         return (os.path.exists(self.layout.stop) or os.getppid() != self.parent
@@ -197,10 +158,36 @@ class _Worker:
             hold_the_potato(self.layout, self.identity, self.rng.choice((0, 0, 0.0005, 0.002)))
         set_phase(Phase.IDLE)
 
+    def _slots(self) -> None:
+        wanted = self.rng.choice((1, 1, 2, len(SLOT_IDS)))
+        set_phase(Phase.SLOTS_WAIT)
+        with self.slots.acquire(wanted) as ids:
+            hold_slots(self.layout, self.identity, ids, wanted, self._briefly)
+        set_phase(Phase.IDLE)
+
+    def _read(self) -> None:
+        set_phase(Phase.READ_WAIT)
+        with global_mutex(self.coord, RW_MUTEX, shared=True):
+            read_shared(self.layout, self.identity, self.incarnation, self._briefly)
+        set_phase(Phase.IDLE)
+
+    def _write(self) -> None:
+        set_phase(Phase.WRITE_WAIT)
+        with global_mutex(self.coord, RW_MUTEX):
+            write_shared(self.layout, self.identity, self.rng.choice((0, 0, 0.0005, 0.002)))
+        set_phase(Phase.IDLE)
+
+    def _briefly(self) -> None:
+        """Inside slots or a read: a moment, or the mutex or names nested."""
+        if self.rng.random() < 0.3:
+            time.sleep(self.rng.choice((0.0005, 0.002)))
+        self._maybe(self._mutex, self._names)
+
     def _arena(self) -> None:
         take_part_in_arena(self.layout, self.arena, self.identity, self._next("a"),
-                            lambda: self._maybe(self._mutex, self._names, self._deferred),
-                            self.rng.choice((0, 0, 0.002)))
+                           lambda: self._maybe(self._mutex, self._names, self._deferred, self._slots, self._read,
+                                               self._write),
+                           self.rng.choice((0, 0, 0.002)))
         set_phase(Phase.IDLE)
 
     def _deferred(self) -> None:
