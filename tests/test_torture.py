@@ -63,7 +63,7 @@ def test_short_torture_run_holds_every_invariant(tmp_path):
     done = torture(tmp_path, "--seconds", "8", "--procs", "4", "--seed", str(SEED))
     lines = invariant_lines(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert len(lines) == 8 and all(line.startswith("ok") for line in lines), done.stdout
+    assert len(lines) == 10 and all(line.startswith("ok") for line in lines), done.stdout
     assert re.search(r"SIGKILLed [1-9]\d* workers", done.stdout), done.stdout
     assert os.listdir(tmp_path) == [], "a passing run removes its directory"
 
@@ -132,11 +132,20 @@ SABOTAGES = {
     "arena last one out": "import os, toilcoord.arena as arena; arena.take_over = lambda path: os.open(path, os.O_RDONLY)",
     # Nothing is ever marked done: what returned runs again.
     "deferred functions": "import toilcoord.deferred_records as records; records._DONE_BYTE = bytes((records._PENDING,))",
+    # Slots handed out whether taken or not.
+    "never more holders than slots": "import toilcoord.slots as slots; "
+                                     "slots.ResourceSlots.acquire = lambda self, n=1, timeout=None: "
+                                     "contextlib.nullcontext(tuple(self.ids[:n]))",
+    # Writers exclude each other (on a lock file of their own) but not readers.
+    "never a writer beside anyone": "real = workers.global_mutex; "
+                                    "workers.global_mutex = lambda base, name, *args, shared=False, **kwargs: "
+                                    "real(base, name + ('' if shared else '.apart'), *args, shared=shared, **kwargs)",
 }
+DEFAULT_SABOTAGES = ["mutex exclusion", "never more holders than slots", "never a writer beside anyone"]
 
 
-@pytest.mark.parametrize("broken", ["mutex exclusion"] + [
-    pytest.param(other, marks=pytest.mark.slow) for other in sorted(set(SABOTAGES) - {"mutex exclusion"})])
+@pytest.mark.parametrize("broken", DEFAULT_SABOTAGES + [
+    pytest.param(other, marks=pytest.mark.slow) for other in sorted(set(SABOTAGES) - set(DEFAULT_SABOTAGES))])
 @pytest.mark.timeout(120)
 def test_the_torture_fails_when_a_primitive_is_broken(tmp_path, broken):
     run_sabotaged(tmp_path, broken)
@@ -216,6 +225,43 @@ def test_process_names_read_wrong_either_way_are_caught():
     # Probed while i1 lived, recorded after it was reaped: not a violation.
     assert verdict(journal(*head, "i2 polling", "sup killed i1 0 random", "i2 poll toil-proc-1 1"),
                    "process names").held
+
+
+def test_a_slot_held_by_two_at_once_is_caught():
+    fine = journal("i1 slots-held 0 3", "i2 slots-held 1,2 3", "i1 slots-free 0", "i2 slots-free 1,2",
+                   "i3 slots-held 0,1,2 3", "i3 slots-free 0,1,2")
+    shared_slot = journal("i1 slots-held 0 3", "i2 slots-held 1,0 3", "i1 slots-free 0", "i2 slots-free 1,0")
+    too_many = journal("i1 slots-held 0,1 2", "i2 slots-held 2 2", "i1 slots-free 0,1", "i2 slots-free 2")
+    assert verdict(fine, "never more holders than slots").held
+    assert not verdict(shared_slot, "never more holders than slots").held
+    assert not verdict(too_many, "never more holders than slots").held
+
+
+def test_a_slot_taken_from_a_holder_is_fine_only_once_the_holder_was_killed():
+    # i1 dies holding slot 0; i2 finds its mark: fine, i1 was killed and never wrote again.
+    killed = journal("i1 slots-held 0 3", "i1 mutex", "sup killed i1 16 random", "i2 slot-orphan i1 0",
+                     "i2 slots-held 0 3", "i2 slots-free 0")
+    # i1's hold is open until its last record: i2 held slot 0 inside it.
+    lived_on = journal("i1 slots-held 0 3", "i2 slot-orphan i1 0", "i2 slots-held 0 3", "i1 mutex",
+                       "sup killed i1 16 random", "i2 slots-free 0")
+    never_killed = journal("i1 slots-held 0 3", "i2 slot-orphan i1 0", "i2 slots-held 0 3", "i2 slots-free 0")
+    assert verdict(killed, "never more holders than slots").held
+    assert not verdict(lived_on, "never more holders than slots").held
+    assert not verdict(never_killed, "never more holders than slots").held
+
+
+def test_a_writer_beside_a_reader_or_a_writer_is_caught():
+    name = "never a writer beside anyone"
+    readers = ("i1 rw-read", "i2 rw-read", "i1 rw-read-end", "i2 rw-read-end")
+    assert verdict(journal(*readers, "i3 rw-write", "i3 rw-write-end"), name).held
+    assert not verdict(journal("i1 rw-read", "i3 rw-write", "i3 rw-write-end", "i1 rw-read-end"), name).held
+    assert not verdict(journal(*readers, "i3 rw-write", "i1 rw-read", "i1 rw-read-end", "i3 rw-write-end"), name).held
+    assert not verdict(journal(*readers, "i3 rw-write", "i4 rw-write", "i3 rw-write-end", "i4 rw-write-end"),
+                       name).held
+    # A reader killed inside: its mark is the next writer's to remove, once it is dead.
+    died = ("i1 rw-read", "sup killed i1 18 random", "i3 rw-orphan i1 r-i1", "i3 rw-write", "i3 rw-write-end")
+    assert verdict(journal(*died), name).held
+    assert not verdict(journal("i1 rw-read", "i3 rw-orphan i1 r-i1", "i3 rw-write", "i3 rw-write-end"), name).held
 
 
 def test_torn_journal_records_are_counted_not_misread():
