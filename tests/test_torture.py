@@ -17,7 +17,6 @@ from fuzzing import SEED
 
 from toilcoord._tools.torture_check import check_journal
 
-
 # ------------------------------------------------------------- torture runs
 
 def torture(tmp_path, *args, timeout=300):

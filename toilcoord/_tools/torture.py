@@ -5,12 +5,18 @@ runs N worker processes for S seconds. Each loops at random over the
 primitives, often nesting them: it takes ``global_mutex`` and checks a shared
 potato; enters and leaves an arena whose last member checks and removes
 every member's marker; registers deferred functions that append a unique id
-to a journal; gets and polls process names; now and then runs ``cleanup``
-on the directory, as a batch system's epilog would while other jobs still
-use it. Meanwhile the supervisor
-SIGKILLs random workers at random moments and starts new ones in their
-place. At the end it cleans up as a batch system's epilog would
-(``cleanup``) and checks, from the journal, that every guarantee held.
+to a journal; gets and polls process names; holds 1 to 3 of 3
+``ResourceSlots``; reads or writes under the shared mutex; now and then
+runs ``cleanup`` on the directory, as a batch system's epilog would while
+other jobs still use it. Meanwhile the supervisor SIGKILLs random workers
+at random moments and starts new ones in their place. At the end it cleans
+up as a batch system's epilog would (``cleanup``) and checks, from the
+journal, that every guarantee held.
+
+The parts: this module (supervisor, final phase, entry point),
+torture_journal (the evidence each process writes), torture_workers (the
+participants), torture_holds (what they do inside the locks proven
+exclusive), torture_check (the journal parsed, the invariants).
 
 How the evidence survives the kills
 -----------------------------------
@@ -26,7 +32,8 @@ supervisor, ``final`` the final checks). Facts used below:
 * The supervisor writes ``killed X`` only after reaping X: X is dead there.
 
 Each worker has an identity file (its incarnation, pid and start time);
-the potato and the arena markers are hard links to it, so whoever finds one
+the potato, the slot and reader-writer marks and the arena markers are
+hard links to it, so whoever finds one
 knows exactly whose it is, and whether that process still lives
 (``/proc/<pid>/stat``: same start time, not a zombie, not exiting -- a
 SIGKILLed process is marked exiting before its locks are released).
@@ -38,6 +45,20 @@ What is checked, and why each check is sound:
   checking it is still its own. A potato already there is legitimate only
   if its holder is dead (checked live, and later from the journal: it
   never wrote again and the supervisor killed it).
+* Slots: inside ``acquire(n)`` the holder checks it got n distinct ids of
+  the set, then marks each slot as the mutex's potato (a mark already
+  there: legitimate only if its holder is dead, checked live and from the
+  journal), records ``slots-held <ids>`` and, before unmarking,
+  ``slots-free``. Every position between the two records lies inside the
+  real hold (for a holder killed inside: up to its last record), so two
+  such spans sharing an id, or more than n ids held in overlapping spans,
+  are proven violations.
+* Shared mutex: a reader links ``r-<incarnation>``, then finds no live
+  writer's mark; the writer links ``writer``, then finds only dead
+  readers' marks (removed, recorded as orphans, checked as above). Of a
+  reader and a writer inside at once, the later to mark itself sees the
+  other. Reads and writes are journaled as spans as slots are; a write
+  span overlapping any other span is a violation.
 * Arena: a member links ``<marker>.in`` after ``enter()`` returns and
   renames it to ``.out`` before ``leave()``. The last member's cleanup
   finds no ``.in`` marker of a live process, and, from the journal, no
