@@ -15,6 +15,7 @@ import threading
 
 import pytest
 from conftest import child_env, on_network_filesystem, run_python
+from fuzzing import SEED, random_bytes, rng_for, sizes
 
 from toilcoord.deferred import DeferredFunction, DeferredFunctionManager
 
@@ -1160,3 +1161,188 @@ def test_a_state_file_gone_stale_while_being_opened_is_replaced_without_leaking(
     assert len(writers) == 2, "a second state file was made"
     manager.close()
     assert open_fds() == before
+
+
+# ------------------------------------------------ fuzz: deferred state files
+
+def ran(path):
+    try:
+        with open(path) as stream:
+            tags = stream.read().split()
+    except FileNotFoundError:
+        return []
+    os.unlink(path)
+    return tags
+
+
+@pytest.fixture
+def inside_tmp_path(tmp_path, monkeypatch):
+    # A fuzzed record with a valid checksum may run record() with shuffled
+    # arguments, a tag for a path: let relative paths land here.
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def state_file(tmp_path_factory):
+    """A real state file of four records, and where each record ends."""
+    base = tmp_path_factory.mktemp("source")
+    runs = str(base / "runs")
+    with DeferredFunctionManager(base) as manager:
+        with manager.open() as defer:
+            ends = []
+            for tag in ("first", "second", "third", "fourth"):
+                defer(record, runs, tag)
+                ends.append(os.path.getsize(manager.stateFileName))
+            with open(manager.stateFileName, "rb") as stream:
+                data = stream.read()
+    ran(runs)
+    return data, ends, runs
+
+
+def run_as_orphan(base, data, mode=0o600, owner=None):
+    """Leave *data* as a dead process's state file and run cleanupWorker."""
+    state_dir = base / "deferred"
+    state_dir.mkdir(mode=0o700, exist_ok=True)
+    path = state_dir / ("func" + os.urandom(4).hex())
+    path.write_bytes(data)
+    os.chmod(path, mode)
+    if owner is not None:
+        os.chown(path, owner, -1)
+    DeferredFunctionManager.cleanupWorker(base)
+    return path
+
+
+def removed_unless_not_ours(base, path, data):
+    """A file that does not begin with a record is never deleted; clear it
+    away for the next round."""
+    from toilcoord.deferred_records import starts_with_a_record
+    if starts_with_a_record(data):
+        assert not (base / "deferred").exists()
+    else:
+        path.unlink()  # FileNotFoundError if it was deleted
+        (base / "deferred").rmdir()
+
+
+TAGS = ["first", "second", "third", "fourth"]
+
+
+@pytest.mark.usefixtures("inside_tmp_path")
+def test_a_state_file_cut_at_every_offset_runs_exactly_its_whole_records(tmp_path, state_file, caplog):
+    data, ends, runs = state_file
+    caplog.set_level(logging.CRITICAL, logger="toilcoord.deferred")  # one error per torn tail
+    for offset in range(len(data) + 1):
+        run_as_orphan(tmp_path, data[:offset])
+        expected = [tag for tag, end in zip(TAGS, ends) if end <= offset]
+        assert ran(runs) == expected, "cut at offset %d" % offset
+        assert not (tmp_path / "deferred").exists(), "a torn record is still ours to remove"
+
+
+def flip_bytes(rng, data, count, ends, fix_crc):
+    """Change *count* random bytes; return the data, the records left intact
+    that come before any damaged header (records are read only at frame
+    boundaries: nothing after a header that cannot be trusted runs)."""
+    import struct
+    import zlib
+
+    data = bytearray(data)
+    starts = [0] + ends[:-1]
+    touched, headers = set(), set()
+    for _ in range(count):
+        where = rng.randrange(len(data))
+        data[where] = (data[where] + rng.randrange(1, 256)) % 256
+        touched.update(index for index, (start, end) in enumerate(zip(starts, ends)) if start <= where < end)
+        headers.update(index for index, start in enumerate(starts) if start <= where < start + 12)
+    if fix_crc:  # valid frames around mutated pickles: exercises the decoder
+        for index in touched:
+            start, end = starts[index], ends[index]
+            length = struct.unpack_from("<I", data, start + 4)[0]
+            if start + 12 + length == end:
+                struct.pack_into("<I", data, start + 8, zlib.crc32(bytes(data[start + 12:end])))
+    readable = min(headers, default=len(TAGS))
+    return bytes(data), [tag for index, tag in enumerate(TAGS) if index not in touched and index < readable]
+
+
+def fuzz_corrupt_state_files(tmp_path, state_file, rounds):
+    data, ends, runs = state_file
+    rng = rng_for("state-bytes")
+    for round_ in range(rounds):
+        fix_crc = round_ % 2 == 1
+        corrupt, intact = flip_bytes(rng, data, rng.randint(1, 3), ends, fix_crc)
+        path = run_as_orphan(tmp_path, corrupt)
+        done = ran(runs)
+        context = "round %d (seed %d)" % (round_, SEED)
+        assert [tag for tag in done if tag in intact] == intact, context
+        if not fix_crc:  # without a valid checksum nothing else can run, nor anything twice
+            # (with one, a mutated pickle may record anything, newlines too)
+            assert len(done) <= len(TAGS), context
+            assert sorted(set(done)) == sorted(done) and set(done) <= set(TAGS), context
+        removed_unless_not_ours(tmp_path, path, corrupt)
+
+
+@pytest.mark.parametrize("rounds", sizes(120, 5000))
+@pytest.mark.usefixtures("inside_tmp_path")
+def test_corrupt_state_files_never_crash_and_intact_records_run_once(tmp_path, state_file, caplog, rounds):
+    caplog.set_level(logging.CRITICAL)
+    fuzz_corrupt_state_files(tmp_path, state_file, rounds=rounds)
+
+
+def fuzz_garbage_state_files(tmp_path, state_file, rounds):
+    data, ends, runs = state_file
+    rng = rng_for("state-garbage")
+    records = [data[start:end] for start, end in zip([0] + ends[:-1], ends)]
+    for round_ in range(rounds):
+        kept = sorted(rng.sample(range(4), rng.randint(0, 4)))
+        garbage = [random_bytes(rng, rng.randrange(0, 300) if rng.random() < 0.7 else 0)]
+        pieces, expected = [garbage[0]], []
+        for index in kept:
+            pieces.append(records[index])
+            if not any(garbage):  # only what is framed from offset 0 runs
+                expected.append(TAGS[index])
+            garbage.append(random_bytes(rng, rng.randrange(0, 40)))
+            pieces.append(garbage[-1])
+        data = b"".join(pieces)
+        path = run_as_orphan(tmp_path, data)
+        assert ran(runs) == expected, "round %d (seed %d)" % (round_, SEED)
+        removed_unless_not_ours(tmp_path, path, data)
+
+
+@pytest.mark.parametrize("rounds", sizes(60, 3000))
+@pytest.mark.usefixtures("inside_tmp_path")
+def test_garbage_before_or_between_records_stops_the_reading(tmp_path, state_file, caplog, rounds):
+    caplog.set_level(logging.CRITICAL)
+    fuzz_garbage_state_files(tmp_path, state_file, rounds=rounds)
+
+
+def trusted_and_usable(mode, owner):
+    if owner != os.geteuid() or mode & 0o022:
+        return False
+    return os.geteuid() == 0 or mode & 0o600 == 0o600
+
+
+def fuzz_owners_and_modes(tmp_path, state_file, modes):
+    data, _, runs = state_file
+    owners = [os.geteuid()] + ([4242] if os.geteuid() == 0 else [])
+    for mode in modes:
+        for owner in owners:
+            path = run_as_orphan(tmp_path, data, mode=mode, owner=owner if owner != os.geteuid() else None)
+            context = "mode %o, owner %d" % (mode, owner)
+            if trusted_and_usable(mode, owner):
+                assert ran(runs) == TAGS and not path.exists(), context
+            else:
+                assert ran(runs) == [], context
+                os.chmod(path, 0o600)
+                assert path.read_bytes() == data, "an untrusted file is left alone: " + context
+                path.unlink()
+
+
+@pytest.mark.usefixtures("inside_tmp_path")
+def test_state_files_of_wrong_owners_or_modes_are_never_run(tmp_path, state_file, caplog):
+    caplog.set_level(logging.CRITICAL)
+    fuzz_owners_and_modes(tmp_path, state_file, rng_for("modes").sample(range(0o1000), 24) + [0o600, 0o620, 0o602])
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("inside_tmp_path")
+def test_state_files_of_every_mode_and_a_wrong_owner(tmp_path, state_file, caplog):
+    caplog.set_level(logging.CRITICAL)
+    fuzz_owners_and_modes(tmp_path, state_file, range(0o1000))

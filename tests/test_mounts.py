@@ -8,6 +8,8 @@ import pytest
 from toilcoord import mounts
 from toilcoord.mounts import filesystem_info, lock_scope, parse_mountinfo
 
+from fuzzing import SEED, rng_for, sizes
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -173,3 +175,75 @@ def test_this_machines_local_disk_has_current_names(tmp_path):
     if info.fstype not in ("ext4", "xfs", "tmpfs", "btrfs", "overlay"):
         pytest.skip(f"the test directory is on {info.fstype}")
     assert not mounts.names_may_be_stale(os.stat(tmp_path).st_dev, str(tmp_path))
+
+
+# ------------------------------------------------------- fuzz: mountinfo
+
+# Characters a mount point may hold, and how the kernel writes the four it
+# escapes (fs/proc_namespace.c: mangle, seq_path with " \t\n\\").
+ODD = [" ", "\t", "\n", "\\", "-", "#", ",", "é", "名", "\udcff", "040", "\\040", "a", "b", "."]
+KERNEL_ESCAPES = {" ": "\\040", "\t": "\\011", "\n": "\\012", "\\": "\\134"}
+
+
+def kernel_escape(text):
+    return "".join(KERNEL_ESCAPES.get(char, char) for char in text)
+
+
+def odd_mount_point(rng):
+    parts = ["".join(rng.choice(ODD) for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))]
+    return "/" + "/".join(part.replace("/", "_") for part in parts)
+
+
+def mountinfo_line(rng, index, mount_point, fstype, options):
+    optional = " ".join(rng.sample(["shared:1", "master:2", "propagate_from:3", "unbindable"], rng.randint(0, 3)))
+    return " ".join(filter(None, [
+        str(20 + index), "1", "0:%d" % index, kernel_escape(rng.choice(["/", "/sub dir"])),
+        kernel_escape(mount_point), kernel_escape(",".join(options[:1]) or "rw"), optional, "-",
+        kernel_escape(fstype), kernel_escape(rng.choice(["server:/export", "none", "/dev/sda1", "a b"])),
+        kernel_escape(",".join(options[1:]) or "rw")]))
+
+
+def garbage_line(rng):
+    tokens = ["-", "", "\\", "\\0", "\\777", "\\12", "\\040", "a", "1", "rw", "nfs", "\udcff", " "]
+    return " ".join(rng.choice(tokens) for _ in range(rng.randrange(0, 14)))
+
+
+def fuzz_mountinfo(rounds):
+    rng = rng_for("mountinfo")
+    for round_ in range(rounds):
+        mounts = [(odd_mount_point(rng), rng.choice(["nfs", "ext4", "fuse.odd fs", "lustre", "x\\y"]),
+                   rng.sample(["rw", "ro", "local_lock=flock", "flock", "nolock", "a b"], rng.randint(0, 4)))
+                  for _ in range(rng.randint(1, 5))]
+        lines = []
+        for index, mount in enumerate(mounts):
+            lines += [garbage_line(rng) for _ in range(rng.randint(0, 2))]
+            lines.append(mountinfo_line(rng, index, *mount))
+        parsed = parse_mountinfo("\n".join(lines))
+        context = "round %d (seed %d): %r" % (round_, SEED, lines)
+        wanted = [(point, fstype) for point, fstype, _ in mounts]
+        got = [(mount.mount_point, mount.fstype) for mount in parsed]
+        assert [pair for pair in got if pair in wanted] == wanted, context
+        for mount in parsed:
+            assert isinstance(mount.mount_point, str) and isinstance(mount.options, tuple), context
+
+
+@pytest.mark.parametrize("count", sizes(400, 40000))
+def test_mountinfo_lines_with_odd_escapes_parse_back_and_garbage_never_crashes(count):
+    fuzz_mountinfo(count)
+
+
+def test_the_longest_odd_mount_point_holding_a_path_is_its_filesystem(tmp_path):
+    rng = rng_for("mount-points")
+    for round_ in range(20):
+        odd = "".join(rng.choice([" ", "\t", "\n", "\\", "-", "é", "\udcff", "040", "\\040", "a"]) for _ in range(6))
+        mount = tmp_path / ("m%d%s" % (round_, odd))
+        (mount / "job").mkdir(parents=True)
+        decoy = str(mount) + "x"  # a string prefix that is not a path prefix
+        lines = [mountinfo_line(rng, 0, "/", "ext4", ["rw"]),
+                 mountinfo_line(rng, 1, str(mount), "nfs", ["rw", "local_lock=flock"]),
+                 mountinfo_line(rng, 2, decoy, "ceph", ["rw"])]
+        rng.shuffle(lines)
+        table = tmp_path / "mountinfo"
+        table.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
+        info = filesystem_info(mount / "job", mountinfo=str(table))
+        assert (info.mount_point, info.fstype, info.lock_scope) == (str(mount), "nfs", "node"), repr(odd)

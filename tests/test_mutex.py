@@ -12,6 +12,7 @@ import types
 
 import pytest
 
+from toilcoord import LastProcessStandingArena, process_name_exists
 from toilcoord import gates as gates_module
 from toilcoord import mutex as mutex_module
 from toilcoord.locks import ForeignFileError, LockTimeout, check_name, safe_unlock_and_close, take_over
@@ -19,6 +20,7 @@ from toilcoord.mutex import global_mutex, retire_mutex_files
 
 from conftest import (alive, blocked_on_flock, fstat_failing_once, kill_orphan, left_after_exit, open_fds, release,
                       wait_until)
+from fuzzing import rng_for, sizes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -959,3 +961,77 @@ def test_a_record_that_cannot_be_written_leaves_the_lock_held(tmp_path, monkeypa
     with global_mutex(tmp_path, "m", purpose="no room"):
         assert os.stat(tmp_path / MUTEX_FILE).st_size == 0
     assert left_after_exit(tmp_path) == []
+
+
+# ------------------------------------------------- fuzz: mutex and arena names
+
+EDGE_NAMES = [
+    None, b"bytes", 7, 1.5, ["a"], "", ".", "..", "/", "a/b", "\0", "a\0b", " ", "\n", "\t", "-", "--help",
+    "...", ".hidden", "a b", "名前", "🦀", "\x7f", "%s", "*", "?", "\\", "toil-proc-x", "x-arena-members",
+    "x-arena-lock", "\udcff", "\ud800", "a" * 189, "a" * 190, "a" * 200, "a" * 201, "é" * 100, "é" * 100 + "a",
+    "€" * 66 + "ab", "\udcff" * 200, "\udcff" * 201,
+]
+
+
+def name_bytes(name):
+    try:
+        return len(os.fsencode(name))
+    except UnicodeError:
+        return None
+
+
+def acceptable(name, limit):
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+        return False
+    size = name_bytes(name)
+    return size is not None and size <= limit
+
+
+def generated_names(rng, count):
+    pieces = ["a", "é", "€", "🦀", "\udcff", ".", "-", " ", "\n", "/", "\0", "\\", "\ud800", "x" * 50]
+    names = []
+    for _ in range(count):
+        name = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        if rng.random() < 0.3:  # near the byte limit
+            name = name + "b" * max(0, rng.randint(185, 205) - (name_bytes(name) or 0))
+        names.append(name)
+    return names
+
+
+def exercise_name(tmp_path, name):
+    before = sorted(os.listdir(tmp_path))
+    mutex_ok, arena_ok = acceptable(name, 200), acceptable(name, 200 - len("-arena-lock"))
+    if mutex_ok:
+        with global_mutex(tmp_path, name):
+            assert os.listdir(tmp_path) == ["toil-mutex-" + name]
+    else:
+        with pytest.raises(ValueError):
+            global_mutex(tmp_path, name)
+    if arena_ok:
+        arena = LastProcessStandingArena(tmp_path, name)
+        arena.enter()
+        assert list(arena.leave()) == [True]
+    else:
+        with pytest.raises(ValueError):
+            LastProcessStandingArena(tmp_path, name)
+    # Never alive here, whatever the name: ours, Toil's or impossible (nothing touched).
+    assert process_name_exists(tmp_path, name) is False
+    retire_mutex_files()  # as at exit
+    assert sorted(os.listdir(tmp_path)) == before, "nothing left for %r" % (name,)
+
+
+def short_id(name):
+    text = repr(name)
+    return text if len(text) <= 24 else "%s...(%d chars)" % (text[:16], len(name))
+
+
+@pytest.mark.parametrize("name", EDGE_NAMES, ids=short_id)
+def test_edge_case_names_are_refused_up_front_or_work_and_leave_nothing(tmp_path, name):
+    exercise_name(tmp_path, name)
+
+
+@pytest.mark.parametrize("count", sizes(150, 5000))
+def test_generated_names_are_refused_up_front_or_work_and_leave_nothing(tmp_path, count):
+    for name in generated_names(rng_for("names"), count):
+        exercise_name(tmp_path, name)
+        exercise_name(tmp_path, "toil-proc-" + name if isinstance(name, str) else name)

@@ -2,6 +2,7 @@
 workers, nesting, the environment, signing by default, hosts and addresses."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -9,6 +10,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import rtlog_support
@@ -20,10 +23,13 @@ from toilcoord.rtlog import (
     RECEIVED_MARK,
     RealtimeLogger,
     RealtimeLogHandler,
+    RealtimeLogServer,
     advertised_host,
     parse_level,
     split_address,
 )
+
+from fuzzing import SEED, random_bytes, rng_for, sizes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -543,3 +549,125 @@ def test_our_warnings_survive_toils_silencing_of_other_packages(caplog):
     finally:
         package.setLevel(before)
         logging.getLogger("boto3").setLevel(logging.NOTSET)
+
+
+# ------------------------------------------------------- fuzz: datagrams
+
+def random_json_value(rng, depth=0):
+    choice = rng.randrange(12 if depth < 3 else 8)
+    return [
+        lambda: None, lambda: rng.random() < 0.5, lambda: rng.randint(-2 ** 70, 2 ** 70),
+        lambda: rng.choice([0.0, -1.5, 1e308, -1e308, float("inf"), float("-inf"), float("nan"), 1e11, 3e9]),
+        lambda: rng.choice(["", "x", "%s", "%d", "%c", "%(k)s", "%*d", "%.*f", "%0999999999d", "%-99999s",
+                            "%", "%%", "\ud800", "\x00", "é" * 50, "%(" * 30]),
+        lambda: rng.randint(0, 0x10FFFF * 100), lambda: "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(8)),
+        lambda: rng.choice([10 ** 10, -1, 0x110000, 2 ** 63]),
+        lambda: [random_json_value(rng, depth + 1) for _ in range(rng.randrange(4))],
+        lambda: {rng.choice(["k", "msg", "", "a b"]): random_json_value(rng, depth + 1) for _ in range(rng.randrange(3))},
+        lambda: [random_json_value(rng, depth + 1)],
+        lambda: {"k": random_json_value(rng, depth + 1)},
+    ][choice]()
+
+
+FIELDS = ["name", "levelno", "levelname", "msg", "args", "created", "msecs", "relativeCreated", "lineno",
+          "pathname", "exc_text", "stack_info", "thread", "process", "rt_seq", "rt_sender", "funcName",
+          "getMessage", "__dict__", "exc_info", "message", "asctime", "extra"]
+
+
+def hostile_datagram(rng, real):
+    kind = rng.randrange(6)
+    if kind == 0:  # random bytes
+        return random_bytes(rng, rng.randrange(1, 1200))
+    if kind == 1:  # a real record with bytes flipped or cut
+        data = bytearray(real)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.getrandbits(8)
+        return bytes(data[:rng.randrange(1, len(data) + 1)] if rng.random() < 0.3 else data)
+    fields = json.loads(real)
+    if kind == 2:  # fields given random values
+        for _ in range(rng.randint(1, 4)):
+            fields[rng.choice(FIELDS)] = random_json_value(rng)
+    elif kind == 3:  # a hostile format with hostile arguments
+        fields["msg"] = rng.choice(["%c", "%d", "%*d", "%.*f", "%0999999999d", "%s %s", "%(a)s", "%x", "%%%s"])
+        fields["args"] = random_json_value(rng)
+    elif kind == 4:  # hostile times
+        fields[rng.choice(["created", "msecs", "relativeCreated"])] = random_json_value(rng)
+    else:  # deep nesting, huge numbers, odd escapes as raw text
+        return rng.choice([b"[" * 5000 + b"]" * 5000, b'{"name":"n","levelno":20,"msg":' + b"1" * 5000 + b"}",
+                           b'{"name":"n","levelno":20,"msg":"\\ud800\\udc00\\u0000"}',
+                           b'{"name":"n","levelno":20,"msg":"x","args":' + b"[" * 3000 + b"]" * 3000 + b"}"])
+    return json.dumps(fields).encode()
+
+
+class Formatting(logging.Handler):
+    """Formats every received record as a leader's handler would."""
+
+    def __init__(self):
+        super().__init__()
+        self.level = float("-inf")  # see records of any level, negative ones too
+        self.setFormatter(logging.Formatter(
+            "%(asctime)s %(msecs)03d %(relativeCreated)d %(levelname)s %(name)s %(lineno)d %(message)s"))
+        self.seen = []
+        self.errors = []
+        self.changed = threading.Condition()
+
+    def emit(self, record):
+        try:
+            text = self.format(record)
+        except Exception as error:  # what a leader's formatter would choke on
+            self.errors.append("%r: %r" % (error, record.__dict__))
+            text = ""
+        with self.changed:
+            self.seen.append(text)
+            self.changed.notify_all()
+
+    def wait_for(self, marker, timeout=30):
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not any(marker in text for text in self.seen[-50:]):
+                if not self.changed.wait(max(0.0, deadline - time.monotonic())):
+                    return False
+        return True
+
+
+def fuzz_datagrams(count, batch=25):
+    rng = rng_for("datagrams")
+    handler = RealtimeLogHandler("127.0.0.1:9")
+    real = handler.encode(logging.LogRecord("worker", logging.INFO, "/w/job.py", 7, "step %d of %s", (3, "x"), None))
+    handler.close()
+    server = RealtimeLogServer("127.0.0.1", 0, local_socket=False)
+    receiver = logging.getLogger(server.logger_name)
+    formatting, propagate = Formatting(), receiver.propagate
+    receiver.addHandler(formatting)
+    receiver.propagate = False
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sent = 0
+    try:
+        for first in range(0, count, batch):
+            datagrams = [hostile_datagram(rng, real) for _ in range(min(batch, count - first))]
+            for datagram in datagrams:
+                sender.sendto(datagram, server.server_address)
+            sent += len(datagrams)
+            marker = "sentinel-%d" % first
+            sender.sendto(json.dumps({"name": "w", "levelno": 20, "msg": marker}).encode(), server.server_address)
+            sent += 1
+            # Paced so the kernel never drops: a missing sentinel means the server stopped.
+            assert formatting.wait_for(marker), "the server stopped serving after datagrams %d-%d (seed %d): %r" % (
+                first, first + len(datagrams), SEED, [d[:120] for d in datagrams])
+        stats = server.statistics()
+    finally:
+        sender.close()
+        server.shutdown()
+        server.server_close()
+        receiver.removeHandler(formatting)
+        receiver.propagate = propagate
+    assert not formatting.errors, formatting.errors[:3]
+    assert stats["received"] + stats["malformed"] == sent
+    assert stats["received"] == len(formatting.seen)
+
+
+@pytest.mark.parametrize("count", sizes(600, 30000))
+def test_hostile_datagrams_never_stop_the_leader_or_break_its_formatters(count):
+    fuzz_datagrams(count)
