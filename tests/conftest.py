@@ -1,4 +1,5 @@
 """Shared helpers: child Python processes that can import this checkout."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,9 @@ class Children:
         popen.setdefault("stdin", subprocess.DEVNULL)
         child = subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(code), *args],
-            env=env if env is not None else child_env(), cwd=ROOT, **popen,
+            env=env if env is not None else child_env(),
+            cwd=ROOT,
+            **popen,
         )
         self.started.append(child)
         return child
@@ -66,8 +69,12 @@ def run_python(code: str, *args: str, timeout: float = 60, env: dict = None) -> 
     """Run ``python -c CODE`` to completion and capture its output."""
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],
-        env=env if env is not None else child_env(), cwd=ROOT,
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+        env=env if env is not None else child_env(),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -115,6 +122,7 @@ def release(holder):
 def no_kept_lock_files():
     """Each test starts with no lock file kept open by an earlier one."""
     from toilcoord.mutex import retire_mutex_files
+
     retire_mutex_files()
     yield
 
@@ -127,8 +135,12 @@ def other_user():
     import pwd
 
     name = f"tc{os.getpid()}{os.urandom(2).hex()}"
-    made = subprocess.run(["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh", name],
-                          capture_output=True, text=True, timeout=30)
+    made = subprocess.run(
+        ["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh", name],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if made.returncode != 0:
         pytest.skip(f"useradd failed: {made.stderr.strip()}")
     try:
@@ -146,6 +158,7 @@ def becoming(user):
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
+
     return become
 
 
@@ -168,6 +181,7 @@ def fstat_failing_once(monkeypatch, module, code):
 def on_network_filesystem(path):
     """True where names may be cached by the client (NFS and the like)."""
     from toilcoord.mounts import names_may_be_stale
+
     return names_may_be_stale(os.stat(path).st_dev, str(path))
 
 
@@ -187,6 +201,7 @@ def through_another_client():
         relative = os.path.relpath(os.path.realpath(path), mount)
         assert not relative.startswith(".."), f"{path} is not on {mount}"
         return os.path.join(twin, relative)
+
     return twin_of
 
 
@@ -195,6 +210,7 @@ def left_after_exit(directory):
     mutex and arena files it keeps open for its next use are removed)."""
     from toilcoord.mutex import retire_mutex_files
     from toilcoord.smoke import left_in
+
     retire_mutex_files()
     return left_in(directory)  # NFS removes the files it silly-renamed a moment later
 
@@ -234,6 +250,7 @@ def kill_orphan(pid):
 
 
 # ------------------------------------------------ fake mount tables
+
 
 def escape(path):
     """*path* written as the kernel writes mount points in mountinfo."""

@@ -3,6 +3,7 @@
 Every fuzzer is seeded (``TOILCOORD_FUZZ_SEED`` overrides the seed) and
 reproducible; the default suite runs small sizes, ``-m slow`` big ones.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """Helpers shared by the real-time logging tests (test_rtlog, test_rtwire,
 test_rthandler, test_rtserver): a collector of what the leader re-logs, a
 clean slate around every test, raw senders and Toil-made datagrams."""
+
 from __future__ import annotations
 
 import json

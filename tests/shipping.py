@@ -1,5 +1,6 @@
 """Helpers shared by the tests of shipping user code: test_modules.py,
 test_resources.py, test_archives.py."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Tests of toilcoord.archives: refusing hostile or oversized archives before and while unpacking."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,25 +9,26 @@ import stat
 import zipfile
 
 import pytest
-from shipping import resource_root
 
 from toilcoord import archives
 from toilcoord.jobstore import LocalJobStore
 from toilcoord.resource_errors import ResourceException
 from toilcoord.resources import DirectoryResource
 
+from shipping import resource_root
+
 pytestmark = pytest.mark.timeout(60)
 
 root = pytest.fixture(name="root")(resource_root)
-
 
 
 def store_bytes(store, name, data):
     """Put *data* in *store* as a resource of class DirectoryResource."""
     with store.write_shared_file_stream(name) as writer:
         writer.write(data)
-    return DirectoryResource(name="d", pathHash=name, url=store.get_shared_public_url(name),
-                             contentHash=hashlib.md5(data).hexdigest())
+    return DirectoryResource(
+        name="d", pathHash=name, url=store.get_shared_public_url(name), contentHash=hashlib.md5(data).hexdigest()
+    )
 
 
 def zip_of(*members):
@@ -44,13 +46,17 @@ def symlink_member(name, target):
     return info, target
 
 
-@pytest.mark.parametrize("member", [
-    ("../evil", "x"),
-    ("a/../../evil", "x"),
-    ("/tmp/evil-absolute", "x"),
-    symlink_member("link", "../../evil-target"),
-    symlink_member("inner", "inside"),
-], ids=["dotdot", "nested-dotdot", "absolute", "symlink-out", "symlink-in"])
+@pytest.mark.parametrize(
+    "member",
+    [
+        ("../evil", "x"),
+        ("a/../../evil", "x"),
+        ("/tmp/evil-absolute", "x"),
+        symlink_member("link", "../../evil-target"),
+        symlink_member("inner", "inside"),
+    ],
+    ids=["dotdot", "nested-dotdot", "absolute", "symlink-out", "symlink-in"],
+)
 def test_malicious_zip_is_refused_before_anything_is_written(tmp_path, root, member):
     resource = store_bytes(LocalJobStore(tmp_path / "store"), "evil", zip_of(("fine.txt", "ok"), member))
     before = sorted(os.listdir(tmp_path))
@@ -73,8 +79,11 @@ def zip_with_name(raw_name):
     return data.replace(placeholder, raw_name)
 
 
-@pytest.mark.parametrize("raw_name", [b"evil.py\0.txt", b"red\x1b[31m.py", b"two\nlines.py", b"del\x7f.py"],
-                         ids=["nul", "escape", "newline", "del"])
+@pytest.mark.parametrize(
+    "raw_name",
+    [b"evil.py\0.txt", b"red\x1b[31m.py", b"two\nlines.py", b"del\x7f.py"],
+    ids=["nul", "escape", "newline", "del"],
+)
 def test_member_name_with_a_control_character_is_refused(tmp_path, root, raw_name):
     resource = store_bytes(LocalJobStore(tmp_path / "store"), "evil", zip_with_name(raw_name))
     before = sorted(os.listdir(tmp_path))
@@ -98,7 +107,7 @@ def zeros_zip(size, declared=None):
     data = buffer.getvalue()
     if declared is not None:
         entry = data.index(b"PK\x01\x02") + 24  # the uncompressed size in the central directory
-        data = data[:entry] + declared.to_bytes(4, "little") + data[entry + 4:]
+        data = data[:entry] + declared.to_bytes(4, "little") + data[entry + 4 :]
     return data
 
 
@@ -134,8 +143,7 @@ def test_bytes_written_are_counted_whatever_the_archive_declares(tmp_path, small
 
 def test_archive_with_too_many_members_is_refused(tmp_path, root, monkeypatch):
     monkeypatch.setattr(archives, "MAX_MEMBERS", 10)
-    resource = store_bytes(LocalJobStore(tmp_path / "store"), "many",
-                           zip_of(*[(f"m{i}.py", "") for i in range(11)]))
+    resource = store_bytes(LocalJobStore(tmp_path / "store"), "many", zip_of(*[(f"m{i}.py", "") for i in range(11)]))
 
     with pytest.raises(ResourceException, match=r"11 members: the limit is toilcoord\.archives\.MAX_MEMBERS = 10"):
         resource.download()

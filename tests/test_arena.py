@@ -205,6 +205,7 @@ def test_missing_base_dir(tmp_path):
 
 # ---------------------------------------------------------------- races
 
+
 def cleaned_up(directory):
     """What is left in *directory* after cleanup's arena and mutex reaping."""
     assert not any(live for _, live in reap_dead_arenas(directory))
@@ -237,8 +238,9 @@ def test_exactly_one_cleanup_per_generation(tmp_path):
     generations, size = 5, 6
     for generation in range(generations):
         ready, go = context.Semaphore(0), context.Semaphore(0)
-        members = [context.Process(target=_generation_member, args=(str(tmp_path), generation, ready, go))
-                   for _ in range(size)]
+        members = [
+            context.Process(target=_generation_member, args=(str(tmp_path), generation, ready, go)) for _ in range(size)
+        ]
         try:
             for member in members:
                 member.start()
@@ -251,8 +253,9 @@ def test_exactly_one_cleanup_per_generation(tmp_path):
         assert exit_codes == [0] * size
     lines = (tmp_path / "cleanups").read_text().split("\n")[:-1]
     assert lines == [f"{generation} 0" for generation in range(generations)]
-    assert sorted(os.listdir(tmp_path)) == ["cleanups", "gen-arena-live", "inside", "toil-mutex-gen-arena-lock"], \
+    assert sorted(os.listdir(tmp_path)) == ["cleanups", "gen-arena-live", "inside", "toil-mutex-gen-arena-lock"], (
         "multiprocessing's children end with os._exit: files stay, for cleanup"
+    )
     assert cleaned_up(tmp_path) == ["cleanups", "inside"]
 
 
@@ -308,8 +311,11 @@ def test_a_member_holds_a_shared_lock_on_one_file(tmp_path, children):
     first, second = start_member(children, tmp_path), start_member(children, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["test-arena-live"], "entering takes no mutex"
     with open("/proc/locks") as table:
-        shared = [line for line in table if " FLOCK " in line and " READ " in line
-                  and line.split()[4] in (str(first.pid), str(second.pid))]
+        shared = [
+            line
+            for line in table
+            if " FLOCK " in line and " READ " in line and line.split()[4] in (str(first.pid), str(second.pid))
+        ]
     assert len(shared) == 2
     assert tell_to_leave(first) == "not-last"
     assert tell_to_leave(second) == "last"
@@ -340,8 +346,9 @@ print("left", flush=True)
 
 
 def test_no_last_member_is_elected_while_a_toil_member_is_inside(tmp_path, children):
-    toil_member = children.python(TOIL_STYLE_MEMBER, str(tmp_path), stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+    toil_member = children.python(
+        TOIL_STYLE_MEMBER, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert toil_member.stdout.readline().strip() == "in"
     arena = LastProcessStandingArena(tmp_path, "test")
     arena.enter()

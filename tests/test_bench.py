@@ -10,8 +10,10 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_rows_without_a_target_never_fail_the_run(monkeypatch, capsys):
-    rows = [bench.Row("met", 1.0, 1.0, "us", 1.0, "<= 1.5x", True),
-            bench.Row("information", 1.0, 9.0, "acq/s", 0.1, "", None)]
+    rows = [
+        bench.Row("met", 1.0, 1.0, "us", 1.0, "<= 1.5x", True),
+        bench.Row("information", 1.0, 9.0, "acq/s", 0.1, "", None),
+    ]
     monkeypatch.setattr(bench, "measure", lambda *args: rows)
     assert bench.run_bench(None, 1, True, False) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "1 targets met, 0 missed; 1 rows information only"
@@ -25,7 +27,8 @@ def test_the_contended_row_is_information_only(tmp_path):
 def test_a_slowed_mutex_misses_its_target_and_the_run_exits_1():
     # The mutex path made to do extra work (a 1 ms sleep per acquisition,
     # against a floor of microseconds): the target must be reported missed.
-    done = run_python("""
+    done = run_python(
+        """
         import sys, time
         from toilcoord._tools import bench
         real = bench.global_mutex
@@ -37,7 +40,9 @@ def test_a_slowed_mutex_misses_its_target_and_the_run_exits_1():
 
         bench.global_mutex = slow_mutex
         sys.exit(bench.run_bench(None, 1, True, False, ["mutex"]))
-    """, timeout=150)
+    """,
+        timeout=150,
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "MISSED" in done.stdout
     assert "0 targets met, 1 missed (mutex acquire+release" in done.stdout.splitlines()[-1]

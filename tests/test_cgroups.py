@@ -1,4 +1,5 @@
 """The cgroup limits: CPU quota and memory, from fake cgroup trees."""
+
 from __future__ import annotations
 
 import functools
@@ -9,11 +10,12 @@ import pytest
 from toilcoord import cgroups
 from toilcoord.cgroups import cgroup_cpu_limit, cgroup_memory_limit
 
-
 # ------------------------------------------------------ fake cgroup trees
 
-def fake_cgroups(tmp_path, proc_self_cgroup: str, files: Dict[str, object],
-                 limit=cgroup_cpu_limit) -> functools.partial:
+
+def fake_cgroups(
+    tmp_path, proc_self_cgroup: str, files: Dict[str, object], limit=cgroup_cpu_limit
+) -> functools.partial:
     """Write /proc/self/cgroup and cgroup files (relative path -> str, bytes,
     or None for a directory) under tmp_path; return *limit* (by default
     cgroup_cpu_limit) bound to them."""
@@ -46,36 +48,52 @@ def under(directory: str, files: Dict[str, object]) -> Dict[str, object]:
 
 
 def test_v1_combined_cpu_cpuacct_controller(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V1_LINES, {
-        **under("cpu,cpuacct", v1_quota("-1\n")),
-        **under("cpu,cpuacct/a", v1_quota("-1\n")),
-        **under("cpu,cpuacct/a/b", v1_quota("150000\n")),
-    })
+    limit = fake_cgroups(
+        tmp_path,
+        V1_LINES,
+        {
+            **under("cpu,cpuacct", v1_quota("-1\n")),
+            **under("cpu,cpuacct/a", v1_quota("-1\n")),
+            **under("cpu,cpuacct/a/b", v1_quota("150000\n")),
+        },
+    )
     assert limit() == 1.5
 
 
 def test_v1_an_ancestors_quota_limits_too(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V1_LINES, {
-        **under("cpu,cpuacct/a", v1_quota("50000\n", "100000\n")),
-        **under("cpu,cpuacct/a/b", v1_quota("-1\n")),
-    })
+    limit = fake_cgroups(
+        tmp_path,
+        V1_LINES,
+        {
+            **under("cpu,cpuacct/a", v1_quota("50000\n", "100000\n")),
+            **under("cpu,cpuacct/a/b", v1_quota("-1\n")),
+        },
+    )
     assert limit() == 0.5
 
 
 def test_v1_unlimited_everywhere(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V1_LINES, {
-        **under("cpu,cpuacct", v1_quota("-1")),
-        **under("cpu,cpuacct/a/b", v1_quota("-1")),
-    })
+    limit = fake_cgroups(
+        tmp_path,
+        V1_LINES,
+        {
+            **under("cpu,cpuacct", v1_quota("-1")),
+            **under("cpu,cpuacct/a/b", v1_quota("-1")),
+        },
+    )
     assert limit() is None
 
 
 def test_v1_separate_cpu_mount(tmp_path) -> None:
     lines = "3:cpuacct:/job\n2:cpu:/job\n"
-    limit = fake_cgroups(tmp_path, lines, {
-        **under("cpu/job", v1_quota("300000", "100000")),
-        **under("cpuacct/job", v1_quota("100000", "100000")),  # not the cpu controller: ignored
-    })
+    limit = fake_cgroups(
+        tmp_path,
+        lines,
+        {
+            **under("cpu/job", v1_quota("300000", "100000")),
+            **under("cpuacct/job", v1_quota("100000", "100000")),  # not the cpu controller: ignored
+        },
+    )
     assert limit() == 3.0
 
 
@@ -83,21 +101,29 @@ V2_LINES = "0::/a/b/c\n"
 
 
 def test_v2_nested_the_smallest_quota_wins(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V2_LINES, {
-        "cgroup.controllers": "cpu memory\n",
-        "a/cpu.max": "max 100000\n",
-        "a/b/cpu.max": "150000 100000\n",
-        "a/b/c/cpu.max": "max 100000\n",
-    })
+    limit = fake_cgroups(
+        tmp_path,
+        V2_LINES,
+        {
+            "cgroup.controllers": "cpu memory\n",
+            "a/cpu.max": "max 100000\n",
+            "a/b/cpu.max": "150000 100000\n",
+            "a/b/c/cpu.max": "max 100000\n",
+        },
+    )
     assert limit() == 1.5
 
 
 def test_v2_a_deeper_quota_is_smaller(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V2_LINES, {
-        "a/cpu.max": "400000 100000\n",
-        "a/b/cpu.max": "max 100000\n",
-        "a/b/c/cpu.max": "25000 50000\n",
-    })
+    limit = fake_cgroups(
+        tmp_path,
+        V2_LINES,
+        {
+            "a/cpu.max": "400000 100000\n",
+            "a/b/cpu.max": "max 100000\n",
+            "a/b/c/cpu.max": "25000 50000\n",
+        },
+    )
     assert limit() == 0.5
 
 
@@ -109,10 +135,14 @@ def test_v2_the_mounts_root_counts(tmp_path) -> None:
 
 
 def test_v2_unlimited(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, V2_LINES, {
-        "a/cpu.max": "max 100000\n",
-        "a/b/c/cpu.max": "max 100000\n",
-    })
+    limit = fake_cgroups(
+        tmp_path,
+        V2_LINES,
+        {
+            "a/cpu.max": "max 100000\n",
+            "a/b/c/cpu.max": "max 100000\n",
+        },
+    )
     assert limit() is None
 
 
@@ -131,18 +161,26 @@ def test_hybrid_v1_limit_alone(tmp_path) -> None:
 def test_path_missing_under_the_mount_falls_back_to_what_exists(tmp_path) -> None:
     # A container without its own cgroup namespace: /proc/self/cgroup names
     # the host's path, the mount shows only the container's subtree.
-    limit = fake_cgroups(tmp_path, "0::/system.slice/docker-123.scope\n", {
-        "cgroup.controllers": "cpu\n",
-        "cpu.max": "100000 100000\n",
-    })
+    limit = fake_cgroups(
+        tmp_path,
+        "0::/system.slice/docker-123.scope\n",
+        {
+            "cgroup.controllers": "cpu\n",
+            "cpu.max": "100000 100000\n",
+        },
+    )
     assert limit() == 1.0
 
 
 def test_the_tail_of_a_missing_path_is_found(tmp_path) -> None:
-    limit = fake_cgroups(tmp_path, "0::/host/ctr/job\n", {
-        "cpu.max": "300000 100000\n",
-        "job/cpu.max": "150000 100000\n",
-    })
+    limit = fake_cgroups(
+        tmp_path,
+        "0::/host/ctr/job\n",
+        {
+            "cpu.max": "300000 100000\n",
+            "job/cpu.max": "150000 100000\n",
+        },
+    )
     assert limit() == 1.5
 
 
@@ -156,18 +194,38 @@ def test_a_path_outside_the_namespace_root(tmp_path) -> None:
     assert limit() == 2.0
 
 
-@pytest.mark.parametrize("content", [
-    "", "banana\n", "50000\n", "1 2 3\n", "0 100000\n", "-5 100000\n", "50000 0\n",
-    "max\n", "x 100000\n", b"\xff\xfe\n", "50000 100000 trailing\n",
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",
+        "banana\n",
+        "50000\n",
+        "1 2 3\n",
+        "0 100000\n",
+        "-5 100000\n",
+        "50000 0\n",
+        "max\n",
+        "x 100000\n",
+        b"\xff\xfe\n",
+        "50000 100000 trailing\n",
+    ],
+)
 def test_garbage_cpu_max_does_not_limit(tmp_path, content: object) -> None:
     limit = fake_cgroups(tmp_path, V2_LINES, {"a/b/c/cpu.max": content, "a/cpu.max": "300000 100000\n"})
     assert limit() == 3.0
 
 
-@pytest.mark.parametrize("quota, period", [
-    ("", "100000"), ("abc", "100000"), ("50000", "0"), ("50000", "nope"), ("0", "100000"), ("1 2", "100000"),
-])
+@pytest.mark.parametrize(
+    "quota, period",
+    [
+        ("", "100000"),
+        ("abc", "100000"),
+        ("50000", "0"),
+        ("50000", "nope"),
+        ("0", "100000"),
+        ("1 2", "100000"),
+    ],
+)
 def test_garbage_v1_files_do_not_limit(tmp_path, quota: str, period: str) -> None:
     limit = fake_cgroups(tmp_path, V1_LINES, under("cpu,cpuacct/a/b", v1_quota(quota, period)))
     assert limit() is None
@@ -207,6 +265,7 @@ def test_the_real_system_does_not_raise() -> None:
 
 # ----------------------------------------------------------- memory limits
 
+
 def memory(tmp_path, lines: str, files: Dict[str, object]) -> functools.partial:
     return fake_cgroups(tmp_path, lines, files, limit=cgroup_memory_limit)
 
@@ -216,12 +275,16 @@ V1_UNLIMITED = "9223372036854771712\n"  # what v1 writes for "no limit" (4 KiB p
 
 
 def test_v2_memory_the_smallest_of_the_cgroup_and_its_ancestors(tmp_path) -> None:
-    limit = memory(tmp_path, V2_LINES, {
-        "cgroup.controllers": "cpu memory\n",
-        "a/memory.max": f"{8 * GIB}\n",
-        "a/b/memory.max": f"{2 * GIB}\n",
-        "a/b/c/memory.max": "max\n",
-    })
+    limit = memory(
+        tmp_path,
+        V2_LINES,
+        {
+            "cgroup.controllers": "cpu memory\n",
+            "a/memory.max": f"{8 * GIB}\n",
+            "a/b/memory.max": f"{2 * GIB}\n",
+            "a/b/c/memory.max": "max\n",
+        },
+    )
     assert limit() == 2 * GIB
 
 
@@ -236,20 +299,28 @@ def test_v2_memory_max_everywhere_is_unlimited(tmp_path) -> None:
 
 
 def test_v1_memory_controller(tmp_path) -> None:
-    limit = memory(tmp_path, V1_LINES, {
-        "memory/memory.limit_in_bytes": V1_UNLIMITED,
-        "memory/a/memory.limit_in_bytes": f"{3 * GIB}\n",
-        "memory/a/b/memory.limit_in_bytes": V1_UNLIMITED,
-        "cpu,cpuacct/a/b/memory.limit_in_bytes": "1\n",  # not the memory controller: ignored
-    })
+    limit = memory(
+        tmp_path,
+        V1_LINES,
+        {
+            "memory/memory.limit_in_bytes": V1_UNLIMITED,
+            "memory/a/memory.limit_in_bytes": f"{3 * GIB}\n",
+            "memory/a/b/memory.limit_in_bytes": V1_UNLIMITED,
+            "cpu,cpuacct/a/b/memory.limit_in_bytes": "1\n",  # not the memory controller: ignored
+        },
+    )
     assert limit() == 3 * GIB
 
 
 def test_v1_huge_values_are_unlimited(tmp_path) -> None:
-    limit = memory(tmp_path, V1_LINES, {
-        "memory/memory.limit_in_bytes": V1_UNLIMITED,
-        "memory/a/b/memory.limit_in_bytes": f"{1 << 60}\n",
-    })
+    limit = memory(
+        tmp_path,
+        V1_LINES,
+        {
+            "memory/memory.limit_in_bytes": V1_UNLIMITED,
+            "memory/a/b/memory.limit_in_bytes": f"{1 << 60}\n",
+        },
+    )
     assert limit() is None
 
 
@@ -313,10 +384,13 @@ def test_a_real_cgroup_limit_on_the_parent_is_found() -> None:
     try:
         with open(os.path.join(parent, "memory.limit_in_bytes"), "w") as limit:
             limit.write(str(256 << 20))
-        code = ("import os, sys; open(sys.argv[1] + '/cgroup.procs', 'w').write(str(os.getpid()));"
-                "from toilcoord.threads import memory_limit; print(memory_limit())")
-        done = subprocess.run([sys.executable, "-c", code, child], env=child_env(), cwd=ROOT,
-                              capture_output=True, text=True, timeout=50)
+        code = (
+            "import os, sys; open(sys.argv[1] + '/cgroup.procs', 'w').write(str(os.getpid()));"
+            "from toilcoord.threads import memory_limit; print(memory_limit())"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, child], env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=50
+        )
         assert done.returncode == 0, done.stderr
         assert done.stdout.split() == [str(256 << 20)]
     finally:

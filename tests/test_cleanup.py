@@ -16,17 +16,26 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def cleanup(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "toilcoord", "cleanup", *args], cwd=ROOT,
-                          env=env or child_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=90)
+    return subprocess.run(
+        [sys.executable, "-m", "toilcoord", "cleanup", *args],
+        cwd=ROOT,
+        env=env or child_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
 
 
-@pytest.mark.parametrize("directory, status, message", [
-    ("", 2, "--dir is empty"),
-    ("/proc", 2, "pseudo filesystem"),
-    ("/etc/hostname", 2, "not a directory"),
-    ("/nonexistent/toilcoord", 0, "nothing to clean: /nonexistent/toilcoord does not exist"),
-])
+@pytest.mark.parametrize(
+    "directory, status, message",
+    [
+        ("", 2, "--dir is empty"),
+        ("/proc", 2, "pseudo filesystem"),
+        ("/etc/hostname", 2, "not a directory"),
+        ("/nonexistent/toilcoord", 0, "nothing to clean: /nonexistent/toilcoord does not exist"),
+    ],
+)
 def test_each_bad_or_empty_input_is_one_line_and_its_exit_status(directory, status, message):
     done = cleanup("--dir", directory)
     assert done.returncode == status, done.stdout + done.stderr
@@ -78,8 +87,9 @@ def test_a_hung_cleanup_is_killed_at_its_timeout_and_the_rest_still_cleaned(tmp_
     assert holder.stdout.readline().strip() == b"held"
     holder.send_signal(signal.SIGSTOP)
     marker = f"{os.getpid()}-{os.urandom(4).hex()}"
-    done = cleanup("--dir", str(hung), "--dir", str(fine), "--timeout", "2",
-                   env=child_env(TOILCOORD_CLEANUP_MARK=marker))
+    done = cleanup(
+        "--dir", str(hung), "--dir", str(fine), "--timeout", "2", env=child_env(TOILCOORD_CLEANUP_MARK=marker)
+    )
     holder.send_signal(signal.SIGCONT)
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stderr.count("\n") == 1 and "timed out after 2 s" in done.stderr and str(hung) in done.stderr
@@ -92,8 +102,12 @@ def test_a_full_filesystem_is_one_line_per_failure_and_the_rest_still_runs(tmp_p
         pytest.skip("needs root to mount a small tmpfs")
     full = tmp_path / "full"
     full.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,nr_inodes=4", "toilcoord-full", str(full)],
-                             capture_output=True, text=True, timeout=30)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,nr_inodes=4", "toilcoord-full", str(full)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -115,46 +129,93 @@ def test_a_full_filesystem_is_one_line_per_failure_and_the_rest_still_runs(tmp_p
 
 
 def test_a_dead_owners_foreign_state_file_is_reported_as_foreign_not_live():
-    findings = [Finding("left", "deferred", "deferred/toilcoord-func1", "foreign",
-                        "belongs to uid 0, not to this user (uid 1000); its owner is dead: skipped")]
+    findings = [
+        Finding(
+            "left",
+            "deferred",
+            "deferred/toilcoord-func1",
+            "foreign",
+            "belongs to uid 0, not to this user (uid 1000); its owner is dead: skipped",
+        )
+    ]
     lines = summary_lines(findings)
-    assert lines[0] == "deferred functions: ran those of 0 dead processes; 0 live state files left; 1 skipped because foreign"
+    assert (
+        lines[0]
+        == "deferred functions: ran those of 0 dead processes; 0 live state files left; 1 skipped because foreign"
+    )
     assert "skipped deferred/toilcoord-func1: belongs to uid 0" in lines[-1]
 
 
 def test_check_is_one_ok_line_and_leaves_nothing(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "toilcoord", "check", "--dir", str(tmp_path)], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "toilcoord", "check", "--dir", str(tmp_path)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0 and done.stdout.startswith("OK: ") and done.stdout.count("\n") == 1, done
     assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("directory, why", [("/proc", "pseudo filesystem"), ("/nonexistent/x", "does not exist")])
 def test_check_failure_is_one_error_line_and_exit_1(directory, why):
-    done = subprocess.run([sys.executable, "-m", "toilcoord", "check", "--dir", directory], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "toilcoord", "check", "--dir", directory],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 1 and done.stdout.startswith("ERROR: ") and why in done.stdout, done
     assert done.stdout.count("\n") == 1 and done.stderr == ""
 
 
 def test_check_of_a_hung_directory_answers_within_its_watchdog(tmp_path, children):
     # The check's mutex held by a stopped process: the check gives up.
-    holder = children.python(HOLD_MUTEX, str(tmp_path), f"toilcoord-check-{os.uname().nodename}",
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    holder = children.python(
+        HOLD_MUTEX,
+        str(tmp_path),
+        f"toilcoord-check-{os.uname().nodename}",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     assert holder.stdout.readline().strip() == b"held"
-    done = subprocess.run([sys.executable, "-m", "toilcoord", "check", "--dir", str(tmp_path)], cwd=ROOT,
-                          env=child_env(), capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "toilcoord", "check", "--dir", str(tmp_path)],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 1 and done.stdout.startswith("ERROR: ") and done.stdout.count("\n") == 1, done
 
 
 def test_a_vendored_copy_names_itself_by_its_module_path(tmp_path):
     import shutil
-    shutil.copytree(os.path.join(ROOT, "toilcoord"), tmp_path / "vendor" / "toilcoord",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+
+    shutil.copytree(
+        os.path.join(ROOT, "toilcoord"), tmp_path / "vendor" / "toilcoord", ignore=shutil.ignore_patterns("__pycache__")
+    )
     (tmp_path / "vendor" / "__init__.py").write_text("")
-    done = subprocess.run([sys.executable, "-B", "-m", "vendor.toilcoord", "--bogus"], cwd=tmp_path,
-                          env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-B", "-m", "vendor.toilcoord", "--bogus"],
+        cwd=tmp_path,
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 2 and done.stderr.startswith("python -m vendor.toilcoord: error:"), done.stderr
-    helped = subprocess.run([sys.executable, "-B", "-m", "vendor.toilcoord", "cleanup", "--help"], cwd=tmp_path,
-                            env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=30)
+    helped = subprocess.run(
+        [sys.executable, "-B", "-m", "vendor.toilcoord", "cleanup", "--help"],
+        cwd=tmp_path,
+        env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert "usage: python -m vendor.toilcoord cleanup" in helped.stdout

@@ -3,6 +3,7 @@
 mutex, a process name and an arena membership under the same names as the
 dead files she planted in her own: the victim's files are never removed, and
 no second process ever gets the victim's mutex."""
+
 from __future__ import annotations
 
 import os
@@ -93,28 +94,57 @@ def snapshot(directory):
 
 
 def cleanup_as_root(directory):
-    return subprocess.run([SYSTEM_PYTHON, "-m", "toilcoord", "cleanup", "--dir", directory],
-                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT}, cwd="/",
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [SYSTEM_PYTHON, "-m", "toilcoord", "cleanup", "--dir", directory],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT},
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("swapped", ["p/coord", "p"], ids=["her directory", "its parent"])
-def test_root_cleanup_racing_a_directory_swap_never_removes_a_victims_live_files(stage, other_user, children,
-                                                                                 swapped):
+def test_root_cleanup_racing_a_directory_swap_never_removes_a_victims_live_files(stage, other_user, children, swapped):
     victim_dir = os.path.join(stage, "coord")
-    victim = started(children, subprocess.Popen(
-        [SYSTEM_PYTHON, "-c", VICTIM, victim_dir], env={"PYTHONPATH": ROOT}, cwd="/",
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+    victim = started(
+        children,
+        subprocess.Popen(
+            [SYSTEM_PYTHON, "-c", VICTIM, victim_dir],
+            env={"PYTHONPATH": ROOT},
+            cwd="/",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ),
+    )
     name = victim.stdout.readline().strip()
     live = snapshot(victim_dir)
     assert [entry for entry, _ in live] == ["job-arena-live", "toil-mutex-m", name]
     hers = os.path.join(stage, "stage")
     target = victim_dir if swapped == "p/coord" else stage  # stage/p -> top, so stage/p/coord is the victim's
-    swapper = started(children, subprocess.Popen(
-        [SYSTEM_PYTHON, "-c", SWAPPER, hers, swapped, target, os.path.join(hers, "p", "coord"),
-         *(entry for entry, _ in live)],
-        env={"PYTHONPATH": ROOT}, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
-        preexec_fn=becoming(other_user)))
+    swapper = started(
+        children,
+        subprocess.Popen(
+            [
+                SYSTEM_PYTHON,
+                "-c",
+                SWAPPER,
+                hers,
+                swapped,
+                target,
+                os.path.join(hers, "p", "coord"),
+                *(entry for entry, _ in live),
+            ],
+            env={"PYTHONPATH": ROOT},
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=becoming(other_user),
+        ),
+    )
     assert swapper.stdout.readline().strip() == "ready"
 
     outcomes = set()

@@ -11,7 +11,6 @@ import pytest
 
 from toilcoord import LastProcessStandingArena, LockTimeout, global_mutex, locks, mounts
 from toilcoord.cli import main
-
 from toilcoord.files import robust_rmtree
 
 from conftest import ROOT, becoming, child_env, run_python
@@ -20,8 +19,15 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def toilcoord(*args, timeout=90):
-    return subprocess.run([sys.executable, "-m", "toilcoord", *args], cwd=ROOT, env=child_env(),
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "toilcoord", *args],
+        cwd=ROOT,
+        env=child_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_smoke_check_passes_from_the_checkout():
@@ -42,6 +48,7 @@ def test_smoke_check_in_a_directory_reports_its_filesystem(tmp_path):
 
 def test_json_report_has_one_entry_per_check(tmp_path):
     from toilcoord.smoke import CHECKS
+
     done = toilcoord("--json", "--dir", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
@@ -55,7 +62,8 @@ def test_smoke_check_fails_where_locking_is_impossible():
     # A filesystem without a lock daemon answers every flock with ENOLCK. In a
     # fresh interpreter: the smoke check forks, and pytest's process may have
     # threads of its own.
-    done = run_python("""
+    done = run_python(
+        """
         import errno, os, sys
         from toilcoord import locks
         from toilcoord.cli import main
@@ -66,17 +74,22 @@ def test_smoke_check_fails_where_locking_is_impossible():
         locks._FIRST_BACKOFF = locks._MAX_BACKOFF = 0
         locks.fcntl.flock = no_locks
         sys.exit(main([]))
-    """, timeout=120)
+    """,
+        timeout=120,
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAIL" in done.stdout and "No locks available" in done.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--bogus"], "unrecognized arguments"),
-    (["--dir", "/nonexistent/toilcoord"], "no such directory"),
-    (["bench", "--procs", "0"], "--procs must be at least 1"),
-    (["cleanup"], "--dir"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bogus"], "unrecognized arguments"),
+        (["--dir", "/nonexistent/toilcoord"], "no such directory"),
+        (["bench", "--procs", "0"], "--procs must be at least 1"),
+        (["cleanup"], "--dir"),
+    ],
+)
 def test_usage_errors_are_one_line_and_exit_2(args, message):
     done = toilcoord(*args)
     assert done.returncode == 2
@@ -89,8 +102,15 @@ def test_unwritable_dir_is_one_line_and_exit_2(tmp_path):
         pytest.skip("unshare is not installed")
     # A read-only mount: even root cannot write there.
     script = f'mount -t tmpfs -o ro toilcoord-ro "$1" && exec "{sys.executable}" -m toilcoord --dir "$1"'
-    done = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", str(tmp_path)], cwd=ROOT, env=child_env(),
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", str(tmp_path)],
+        cwd=ROOT,
+        env=child_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if "mount" in done.stderr and done.returncode != 2:
         pytest.skip(f"cannot make a read-only mount here: {done.stderr.strip()[:200]}")
     assert done.returncode == 2, done.stdout + done.stderr
@@ -115,8 +135,9 @@ with DeferredFunctionManager(sys.argv[1]) as manager:
 def test_cleanup_removes_the_dead_and_leaves_the_living(tmp_path, children):
     live = children.python(LIVE_USER, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     dead = children.python(LIVE_USER, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    gone = children.python(LIVE_USER.replace('"work"', '"gone"'), str(tmp_path),
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    gone = children.python(
+        LIVE_USER.replace('"work"', '"gone"'), str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     for child in (live, dead, gone):
         assert child.stdout.readline().strip() == "in"
     for child in (dead, gone):
@@ -230,10 +251,19 @@ def test_bench_quick_prints_every_row(tmp_path):
     assert done.returncode in (0, 1), done.stderr  # 1: a target missed on a loaded machine
     report = json.loads(done.stdout)
     names = [row["name"] for row in report["rows"]]
-    for expected in ("mutex acquire+release", "contended mutex, 2 processes (vs the kept-file floor)",
-                     "contended create-and-unlink mutex, 2 processes", "arena enter+leave", "defer()",
-                     "orphan scan", "process_name_exists", "rtlog burst", "rtlog receive rate", "robust_rmtree",
-                     "import toilcoord"):
+    for expected in (
+        "mutex acquire+release",
+        "contended mutex, 2 processes (vs the kept-file floor)",
+        "contended create-and-unlink mutex, 2 processes",
+        "arena enter+leave",
+        "defer()",
+        "orphan scan",
+        "process_name_exists",
+        "rtlog burst",
+        "rtlog receive rate",
+        "robust_rmtree",
+        "import toilcoord",
+    ):
         assert any(name.startswith(expected) for name in names), (expected, names)
     for row in report["rows"]:
         assert row["value"] > 0, row
@@ -283,15 +313,28 @@ def users_directory(other_user):
 
 def system_python(*args, user=None, **popen):
     """The system's Python, which every user can run, on this checkout."""
-    return subprocess.run([SYSTEM_PYTHON, *args], env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT}, cwd="/",
-                          preexec_fn=becoming(user) if user else None, capture_output=True, text=True,
-                          timeout=90, **popen)
+    return subprocess.run(
+        [SYSTEM_PYTHON, *args],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ROOT},
+        cwd="/",
+        preexec_fn=becoming(user) if user else None,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        **popen,
+    )
 
 
 def killed_user_job(children, directory, marker, user):
-    job = subprocess.Popen([SYSTEM_PYTHON, "-c", USER_JOB, directory, marker], env={"PYTHONPATH": ROOT},
-                           cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                           preexec_fn=becoming(user))
+    job = subprocess.Popen(
+        [SYSTEM_PYTHON, "-c", USER_JOB, directory, marker],
+        env={"PYTHONPATH": ROOT},
+        cwd="/",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=becoming(user),
+    )
     children.started.append(job)
     assert job.stdout.readline().strip() == "in"
     job.kill()
@@ -337,24 +380,32 @@ def test_the_readme_epilog_line_works_as_written(tmp_path, children, users_direc
     killed_user_job(children, users_directory, marker, other_user)
     venv = os.path.join(os.path.dirname(users_directory), "venv")
     subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
-    site = subprocess.run([venv + "/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    site = subprocess.run(
+        [venv + "/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
     with open(os.path.join(site, "toilcoord-checkout.pth"), "w") as pth:
         pth.write(ROOT + "\n")
     import pwd
+
     # The README's line, with this venv's interpreter and this test's directory.
     with open(os.path.join(ROOT, "README.md")) as readme:
-        [line] = [text.strip() for text in readme if text.startswith("cd / && /usr/bin/python3 -I -m toilcoord cleanup")]
+        [line] = [
+            text.strip() for text in readme if text.startswith("cd / && /usr/bin/python3 -I -m toilcoord cleanup")
+        ]
     assert '--dir "/scratch/$SLURM_JOB_USER/coord"' in line
     line = line.replace("/usr/bin/python3", f"{venv}/bin/python").replace("/scratch/$SLURM_JOB_USER/coord", "$COORD")
     env = {"PATH": "/usr/bin:/bin", "COORD": users_directory, "SLURM_JOB_USER": pwd.getpwuid(other_user[0]).pw_name}
-    done = subprocess.run(["/bin/sh", "-c", line], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(["/bin/sh", "-c", line], env=env, capture_output=True, text=True, timeout=120)
     assert "removed 1 of dead processes" in done.stdout, done.stdout + done.stderr
     assert os.stat(marker).st_uid == other_user[0]
 
 
 # --------------------------------------------- the smoke check interrupted
+
 
 def _processes_marked(marker):
     found = []
@@ -375,14 +426,20 @@ def interrupt_smoke_checks(tries, directory, seed=None):
     import random
     import signal
     import time
+
     chance = random.Random(seed)
     leftovers = []
     for number in range(tries):
         marker = f"TOILCOORD_SMOKE_MARK={os.getpid()}-{number}-{os.urandom(4).hex()}"
         name, value = marker.split("=")
-        smoke = subprocess.Popen([sys.executable, "-m", "toilcoord", "--dir", str(directory)], cwd=ROOT,
-                                 env=child_env(**{name: value}), stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        smoke = subprocess.Popen(
+            [sys.executable, "-m", "toilcoord", "--dir", str(directory)],
+            cwd=ROOT,
+            env=child_env(**{name: value}),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             time.sleep(chance.uniform(0, 2.0))  # the random moment, not a synchronisation
             smoke.send_signal(chance.choice((signal.SIGINT, signal.SIGTERM, signal.SIGHUP)))
@@ -405,8 +462,9 @@ def test_interrupting_the_smoke_check_at_random_moments_leaves_nothing(tmp_path)
     assert interrupt_smoke_checks(20, tmp_path) == []
 
 
-def test_root_cleanup_reports_a_dead_owners_foreign_state_file_as_foreign_not_live(children, users_directory,
-                                                                                    other_user):
+def test_root_cleanup_reports_a_dead_owners_foreign_state_file_as_foreign_not_live(
+    children, users_directory, other_user
+):
     # Regression: root's cleanup of a user's directory said "1 live state
     # files left" of a file it skipped because another user (here root)
     # owned it, whose owner was dead.

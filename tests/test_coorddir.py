@@ -1,5 +1,6 @@
 """coordination_dir and job_private_reasons: real directories, planted
 entries, another user's, fake mount tables and a real mount namespace."""
+
 from __future__ import annotations
 
 import logging
@@ -143,10 +144,20 @@ def test_a_purpose_that_is_not_a_str() -> None:
 
 # ------------------------------------------------------ fake mount tables
 
-@pytest.mark.parametrize("fstype, options", [
-    ("nfs4", "rw,vers=4.2,local_lock=none"), ("nfs", "rw,vers=3,local_lock=all"), ("nfs4", "rw,local_lock=flock"),
-    ("lustre", "rw,localflock"), ("lustre", "rw,noflock"), ("ceph", "rw"), ("fuse.sshfs", "rw"), ("beegfs", "rw"),
-])
+
+@pytest.mark.parametrize(
+    "fstype, options",
+    [
+        ("nfs4", "rw,vers=4.2,local_lock=none"),
+        ("nfs", "rw,vers=3,local_lock=all"),
+        ("nfs4", "rw,local_lock=flock"),
+        ("lustre", "rw,localflock"),
+        ("lustre", "rw,noflock"),
+        ("ceph", "rw"),
+        ("fuse.sshfs", "rw"),
+        ("beegfs", "rw"),
+    ],
+)
 def test_a_tmpdir_on_a_network_filesystem_is_skipped(monkeypatch, tmp_path, fstype, options, caplog) -> None:
     # The "network" TMPDIR is on /dev/shm, a real device of its own: what is
     # known of a filesystem is kept per device (mounts.names_may_be_stale).
@@ -196,13 +207,19 @@ def per_job_tmp_line(number: int, point: str = "/tmp") -> str:
 
 
 def test_a_per_job_tmp_in_the_mount_table_is_reported(tmp_path, caplog) -> None:
-    mountinfo = table(tmp_path, mount_line(1, "/", "ext4", "rw"), mount_line(2, "/tmp", "tmpfs", "rw"),
-                      per_job_tmp_line(3), per_job_tmp_line(4, "/dev/shm"))
+    mountinfo = table(
+        tmp_path,
+        mount_line(1, "/", "ext4", "rw"),
+        mount_line(2, "/tmp", "tmpfs", "rw"),
+        per_job_tmp_line(3),
+        per_job_tmp_line(4, "/dev/shm"),
+    )
     reasons = job_private_reasons("/tmp/x", mountinfo)
     assert any("/tmp is /slurm/4711/.4711" in reason for reason in reasons)
     assert any("/dev/shm" in reason for reason in job_private_reasons("/dev/shm", mountinfo))
-    assert not any("/slurm" in reason for reason in job_private_reasons(str(tmp_path), mountinfo)) \
-        or str(tmp_path).startswith("/tmp/")
+    assert not any("/slurm" in reason for reason in job_private_reasons(str(tmp_path), mountinfo)) or str(
+        tmp_path
+    ).startswith("/tmp/")
 
 
 def test_coordination_dir_warns_of_a_per_job_tmp_once(monkeypatch, tmp_path, caplog) -> None:
@@ -228,11 +245,27 @@ def test_a_real_private_mount_namespace_with_a_bound_tmp(tmp_path) -> None:
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare(1) to make a mount namespace")
     job_tmp = private_dir(tmp_path / "job-4711")
-    code = ("import sys; from toilcoord.coorddir import job_private_reasons as r; "
-            "print('\\n'.join(r('/tmp/x')))")
-    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                           'mount --bind "$1" /tmp && exec "$2" -c "$3"', "sh", job_tmp, os.path.realpath(sys.executable), code],
-                          env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=50)
+    code = "import sys; from toilcoord.coorddir import job_private_reasons as r; print('\\n'.join(r('/tmp/x')))"
+    done = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount --bind "$1" /tmp && exec "$2" -c "$3"',
+            "sh",
+            job_tmp,
+            os.path.realpath(sys.executable),
+            code,
+        ],
+        env=child_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
     if done.returncode != 0 and ("Operation not permitted" in done.stderr or "unshare failed" in done.stderr):
         pytest.skip(f"cannot make a mount namespace here: {done.stderr.strip()}")
     assert done.returncode == 0, done.stderr

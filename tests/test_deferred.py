@@ -1,10 +1,10 @@
 from __future__ import annotations
 
+import errno
 import functools
 import gc
 import importlib.util
 import logging
-import errno
 import os
 import pickle
 import signal
@@ -14,16 +14,17 @@ import sys
 import threading
 
 import pytest
-from conftest import child_env, on_network_filesystem, run_python
-from fuzzing import SEED, random_bytes, rng_for, sizes
 
 from toilcoord.deferred import DeferredFunction, DeferredFunctionManager
+
+from conftest import child_env, on_network_filesystem, run_python
+from fuzzing import SEED, random_bytes, rng_for, sizes
 
 pytestmark = pytest.mark.timeout(60)
 
 # Deferred functions the tests' processes share: a module every one of them
 # imports by name, as a pipeline's workers import its code.
-HELPERS = '''
+HELPERS = """
 import os, time
 
 def record(path, text):
@@ -79,7 +80,7 @@ def make_nested(path):
     def nested(text):
         record(path, prefix + text)
     return nested
-'''
+"""
 
 # An owner process: makes a manager in argv[1], recording into argv[2]; the
 # test appends what it does inside.
@@ -192,12 +193,20 @@ def open_fds():
 
 # ------------------------------------------------------------ crashes
 
+
 def test_owner_killed_inside_open_has_both_functions_run_once_by_the_next_open(base, out, env, children):
-    owner = start_owner(children, env, """
+    owner = start_owner(
+        children,
+        env,
+        """
 with manager.open() as defer:
     defer(dfhelpers.record, out, "first")
     defer(dfhelpers.record, out, "second")
-""" + WAIT_TO_BE_KILLED, base, out)
+"""
+        + WAIT_TO_BE_KILLED,
+        base,
+        out,
+    )
     kill(owner)
     assert lines(out) == []
     assert len(state_files(base)) == 1
@@ -222,12 +231,19 @@ def test_owner_killed_right_after_the_first_function_returned_never_runs_it_agai
     notify_read, notify_write = os.pipe()
     try:
         owner_env, popen = hanging(env, notify_write)
-        owner = start_owner(children, owner_env, """
+        owner = start_owner(
+            children,
+            owner_env,
+            """
 with manager.open() as defer:
     defer(dfhelpers.record, out, "first")
     defer(dfhelpers.hang_where_told, out, "second")
     print("ready", flush=True)
-""", base, out, **popen)
+""",
+            base,
+            out,
+            **popen,
+        )
         wait_for_notification(notify_read)  # "second" has started in the owner
         kill(owner)
     finally:
@@ -242,12 +258,19 @@ with manager.open() as defer:
 
 
 def test_an_orphan_runner_killed_midway_leaves_what_it_did_not_finish_and_only_that(base, out, env, children):
-    owner = start_owner(children, env, """
+    owner = start_owner(
+        children,
+        env,
+        """
 with manager.open() as defer:
     defer(dfhelpers.record, out, "first")
     defer(dfhelpers.hang_where_told, out, "second")
     defer(dfhelpers.record, out, "third")
-""" + WAIT_TO_BE_KILLED, base, out)
+"""
+        + WAIT_TO_BE_KILLED,
+        base,
+        out,
+    )
     kill(owner)
     notify_read, notify_write = os.pipe()
     try:
@@ -266,6 +289,7 @@ with manager.open() as defer:
 
 
 # -------------------------------------------------- torn and corrupt files
+
 
 def orphan_with_records(children, env, base, out, count):
     """A dead owner's state file holding *count* records of equal size."""
@@ -303,7 +327,8 @@ def test_a_torn_tail_is_logged_and_skipped_and_the_records_before_it_run(base, o
 
 
 def test_a_corrupt_payload_is_logged_and_skipped_and_the_records_around_it_run(
-        base, out, env, children, caplog, dfhelpers):
+    base, out, env, children, caplog, dfhelpers
+):
     # Its header is intact, so the next record's frame is known.
     path, record_size = orphan_with_records(children, env, base, out, 3)
     flip(path, record_size + record_size // 2)
@@ -378,13 +403,20 @@ def test_our_state_files_have_names_toils_scanner_skips(base):
 
 
 def test_an_older_toilcoords_func_named_orphan_still_runs(base, out, env, children):
-    owner = start_owner(children, env, """
+    owner = start_owner(
+        children,
+        env,
+        """
 with manager.open() as defer:
     defer(dfhelpers.record, out, "older name")
     old = os.path.join(os.path.dirname(manager.stateFileName), "func" + "0123456789abcdef")
     os.link(manager.stateFileName, old)
     os.unlink(manager.stateFileName)
-""" + WAIT_TO_BE_KILLED, base, out)
+"""
+        + WAIT_TO_BE_KILLED,
+        base,
+        out,
+    )
     kill(owner)
     run_orphans_here(base)
     assert lines(out) == ["older name"]
@@ -441,11 +473,25 @@ with manager.open() as defer:
     defer(make_main_local().run)
 """
 
-EVERY_KIND_LINES = sorted([
-    "function", "bound method", "classmethod", "staticmethod", "partial", "module lambda",
-    "nested closure", "main lambda", "main function", "main closure", "partial of a lambda", "keywords",
-    "local class instance", "main class", "main local class",
-])
+EVERY_KIND_LINES = sorted(
+    [
+        "function",
+        "bound method",
+        "classmethod",
+        "staticmethod",
+        "partial",
+        "module lambda",
+        "nested closure",
+        "main lambda",
+        "main function",
+        "main closure",
+        "partial of a lambda",
+        "keywords",
+        "local class instance",
+        "main class",
+        "main local class",
+    ]
+)
 
 
 def victims(tmp_path):
@@ -458,7 +504,8 @@ def victims(tmp_path):
 
 
 def test_every_kind_of_callable_deferred_by_a_killed_owner_runs_in_another_process(
-        base, out, env, children, tmp_path, caplog):
+    base, out, env, children, tmp_path, caplog
+):
     victim_file, victim_dir = victims(tmp_path)
     owner = start_owner(children, env, EVERY_KIND + WAIT_TO_BE_KILLED, base, out, victim_file, victim_dir)
     kill(owner)
@@ -475,9 +522,21 @@ def test_every_kind_of_callable_runs_in_its_own_process_in_order(base, out, env,
     assert result.returncode == 0, result.stderr
     assert "ERROR" not in result.stderr, result.stderr
     assert lines(out) == [
-        "function", "bound method", "classmethod", "staticmethod", "partial", "module lambda",
-        "nested closure", "main lambda", "main function", "main closure", "partial of a lambda", "keywords",
-        "local class instance", "main class", "main local class",
+        "function",
+        "bound method",
+        "classmethod",
+        "staticmethod",
+        "partial",
+        "module lambda",
+        "nested closure",
+        "main lambda",
+        "main function",
+        "main closure",
+        "partial of a lambda",
+        "keywords",
+        "local class instance",
+        "main class",
+        "main local class",
     ]
     assert not os.path.exists(victim_file) and not os.path.exists(victim_dir)
 
@@ -499,10 +558,17 @@ def test_functions_of_a_module_run_with_dash_m_run_in_another_process(base, out,
         "        defer(module_function, out)\n"
         "        defer(lambda path=out: dfhelpers.record(path, 'lambda ' + __name__))\n"
         "        print('ready', flush=True)\n"
-        "        time.sleep(60)\n")
+        "        time.sleep(60)\n"
+    )
     env = dict(env, PYTHONPATH=str(tmp_path) + os.pathsep + env["PYTHONPATH"])
-    owner = children.python("import runpy, sys; runpy.run_module('dfmainpkg.job', run_name='__main__', alter_sys=True)",
-                            base, out, env=env, stdout=subprocess.PIPE, text=True)
+    owner = children.python(
+        "import runpy, sys; runpy.run_module('dfmainpkg.job', run_name='__main__', alter_sys=True)",
+        base,
+        out,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert owner.stdout.readline().strip() == "ready"
     kill(owner)
     run_orphans_elsewhere(base, env)
@@ -512,6 +578,7 @@ def test_functions_of_a_module_run_with_dash_m_run_in_another_process(base, out,
 
 
 # ------------------------------------------------------------- creating
+
 
 def test_create_serialises_eagerly_and_names_what_it_cannot_serialise():
     lock = threading.Lock()
@@ -536,7 +603,8 @@ def record(path, text):
 
 
 def test_a_class_of_the_main_script_travels_by_value_but_not_one_with_a_metaclass(env):
-    result = run_python("""
+    result = run_python(
+        """
 import pickle
 from toilcoord.deferred import DeferredFunction
 class Local:
@@ -556,7 +624,9 @@ try:
     DeferredFunction.create(make().method)
 except TypeError as error:
     print(error)
-""", env=env)
+""",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     ran, refused = result.stdout.splitlines()
     assert ran == "ran Local"
@@ -644,6 +714,7 @@ def test_code_made_by_another_python_version_is_refused_with_a_logged_error(base
 
 # ---------------------------------------------------------- running
 
+
 def test_a_failing_function_is_logged_once_and_the_rest_still_run(base, out, caplog, dfhelpers):
     caplog.set_level(logging.INFO)
     with DeferredFunctionManager(base) as manager:
@@ -669,8 +740,7 @@ with DeferredFunctionManager(sys.argv[1]) as manager:
 """
 
 
-def test_a_failing_function_in_a_worker_is_logged_to_the_listening_leader_and_once_locally(
-        base, out, helpers_dir):
+def test_a_failing_function_in_a_worker_is_logged_to_the_listening_leader_and_once_locally(base, out, helpers_dir):
     from toilcoord.rtlog import RealtimeLogger
 
     arrived = threading.Event()
@@ -703,10 +773,17 @@ def test_a_failing_function_in_a_worker_is_logged_to_the_listening_leader_and_on
 
 
 def test_own_functions_run_in_order_at_exit_and_orphans_at_entry(base, out, env, children, dfhelpers):
-    owner = start_owner(children, env, """
+    owner = start_owner(
+        children,
+        env,
+        """
 with manager.open() as defer:
     defer(dfhelpers.record, out, "orphan")
-""" + WAIT_TO_BE_KILLED, base, out)
+"""
+        + WAIT_TO_BE_KILLED,
+        base,
+        out,
+    )
     kill(owner)
     with DeferredFunctionManager(base) as manager:
         with manager.open() as defer:
@@ -733,9 +810,11 @@ def test_defer_accepts_a_deferred_function_and_nothing_after_it(base, out, dfhel
 def test_defer_from_several_threads_records_every_call(base, out, dfhelpers):
     with DeferredFunctionManager(base) as manager:
         with manager.open() as defer:
+
             def register(thread):
                 for number in range(100):
                     defer(dfhelpers.record, out, f"{thread} {number}")
+
             threads = [threading.Thread(target=register, args=(thread,)) for thread in range(4)]
             for thread in threads:
                 thread.start()
@@ -802,6 +881,7 @@ def test_an_interrupted_function_stays_pending_and_runs_again_elsewhere(base, ou
 
 # ----------------------------------------------------- lifetime and files
 
+
 def test_close_and_context_manager_release_everything(base, out, dfhelpers):
     before = open_fds()
     with DeferredFunctionManager(base) as manager:
@@ -819,10 +899,17 @@ def test_close_and_context_manager_release_everything(base, out, dfhelpers):
 
 def test_close_runs_the_functions_of_a_process_that_died_meanwhile(base, out, env, children):
     manager = DeferredFunctionManager(base)
-    owner = start_owner(children, env, """
+    owner = start_owner(
+        children,
+        env,
+        """
 with manager.open() as defer:
     defer(dfhelpers.record, out, "orphan")
-""" + WAIT_TO_BE_KILLED, base, out)
+"""
+        + WAIT_TO_BE_KILLED,
+        base,
+        out,
+    )
     kill(owner)
     manager.close()
     assert lines(out) == ["orphan"]
@@ -875,18 +962,35 @@ def test_state_file_removed_from_under_the_worker_is_replaced(base, out, caplog,
 
 
 def test_cleanup_worker_runs_orphans_spares_the_living_and_removes_the_directory_last(
-        base, out, env, children, dfhelpers):
-    dead = start_owner(children, env, """
+    base, out, env, children, dfhelpers
+):
+    dead = start_owner(
+        children,
+        env,
+        """
 with manager.open() as defer:
     defer(dfhelpers.record, out, "dead")
-""" + WAIT_TO_BE_KILLED, base, out)
+"""
+        + WAIT_TO_BE_KILLED,
+        base,
+        out,
+    )
     kill(dead)
-    live = children.python(OWNER + """
+    live = children.python(
+        OWNER
+        + """
 with manager.open() as defer:
     defer(dfhelpers.record, out, "live")
     print("ready", flush=True)
     sys.stdin.readline()
-""", base, out, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+""",
+        base,
+        out,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert live.stdout.readline().strip() == "ready"
 
     DeferredFunctionManager.cleanupWorker(base)
@@ -967,7 +1071,10 @@ def test_a_forked_child_neither_defers_into_nor_runs_its_parents_functions(base,
 
 def test_a_forked_child_does_not_keep_a_killed_parents_file_alive(base, out, env, children):
     # The child says "ready" (after fork's handlers ran in it) and lives on.
-    owner = start_owner(children, env, """
+    owner = start_owner(
+        children,
+        env,
+        """
 with manager.open() as defer:
     defer(dfhelpers.record, out, "parent")
     if os.fork() == 0:
@@ -975,7 +1082,11 @@ with manager.open() as defer:
         sys.stdin.readline()  # lives until the test closes stdin
         os._exit(0)
     time.sleep(60)
-""", base, out, stdin=subprocess.PIPE)
+""",
+        base,
+        out,
+        stdin=subprocess.PIPE,
+    )
     kill(owner)
     try:
         run_orphans_elsewhere(base, env)
@@ -985,6 +1096,7 @@ with manager.open() as defer:
 
 
 # ---------------------------------------------------------- safety
+
 
 def test_state_directory_and_files_are_private_whatever_the_umask(base):
     old = os.umask(0)
@@ -1036,10 +1148,17 @@ def refusal_case(case, path):
 
 @pytest.mark.parametrize("case", ["group-writable", "world-writable", "another user's"])
 def test_a_state_file_others_could_have_written_is_never_unpickled(base, out, env, children, caplog, case):
-    owner = start_owner(children, env, """
+    owner = start_owner(
+        children,
+        env,
+        """
 with manager.open() as defer:
     defer(dfhelpers.record, out, "should not run")
-""" + WAIT_TO_BE_KILLED, base, out)
+"""
+        + WAIT_TO_BE_KILLED,
+        base,
+        out,
+    )
     kill(owner)
     (name,) = state_files(base)
     path = os.path.join(state_dir(base), name)
@@ -1071,16 +1190,20 @@ def test_symlinks_fifos_and_reserved_names_in_the_state_directory_are_left_alone
 
 def test_importing_the_module_does_not_load_pickle(env):
     # (marshal and zlib are loaded by the interpreter itself.)
-    result = run_python("""
+    result = run_python(
+        """
 import sys
 import toilcoord.deferred
 print("pickle" in sys.modules)
-""", env=env)
+""",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
 
 # ------------------------------------------- planted files and directories
+
 
 def test_a_symlinked_state_directory_is_refused_and_its_target_untouched(tmp_path):
     # The attack: <dir>/deferred -> a directory of someone else's (root's
@@ -1165,6 +1288,7 @@ def test_a_state_file_gone_stale_while_being_opened_is_replaced_without_leaking(
 
 # ------------------------------------------------ fuzz: deferred state files
 
+
 def ran(path):
     try:
         with open(path) as stream:
@@ -1216,6 +1340,7 @@ def removed_unless_not_ours(base, path, data):
     """A file that does not begin with a record is never deleted; clear it
     away for the next round."""
     from toilcoord.deferred_records import starts_with_a_record
+
     if starts_with_a_record(data):
         assert not (base / "deferred").exists()
     else:
@@ -1257,7 +1382,7 @@ def flip_bytes(rng, data, count, ends, fix_crc):
             start, end = starts[index], ends[index]
             length = struct.unpack_from("<I", data, start + 4)[0]
             if start + 12 + length == end:
-                struct.pack_into("<I", data, start + 8, zlib.crc32(bytes(data[start + 12:end])))
+                struct.pack_into("<I", data, start + 8, zlib.crc32(bytes(data[start + 12 : end])))
     readable = min(headers, default=len(TAGS))
     return bytes(data), [tag for index, tag in enumerate(TAGS) if index not in touched and index < readable]
 

@@ -1,5 +1,6 @@
 """robust_rmtree on real trees: symlinks, odd names, depth, concurrent
 deleters, and busy entries (real mounts; an emulated NFS silly rename)."""
+
 from __future__ import annotations
 
 import errno
@@ -74,6 +75,7 @@ def gone(path: object) -> bool:
 
 
 # ------------------------------------------------------------ what it removes
+
 
 @pytest.mark.parametrize("as_arg", [str, os.fsencode, pathlib.Path], ids=["str", "bytes", "PathLike"])
 def test_removes_a_tree_given_any_path_type(tmp_path, as_arg: Callable) -> None:
@@ -199,7 +201,8 @@ def test_deeper_than_the_recursion_limit_with_few_descriptors(tmp_path) -> None:
     top = str(tmp_path / "deep")
     try:
         make_chain(top, 2000)
-        result = run_python("""
+        result = run_python(
+            """
             import os, resource, sys
             from toilcoord.files import robust_rmtree
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -207,7 +210,9 @@ def test_deeper_than_the_recursion_limit_with_few_descriptors(tmp_path) -> None:
             sys.setrecursionlimit(100)
             robust_rmtree(sys.argv[1])
             print("removed")
-        """, top)
+        """,
+            top,
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout == "removed\n" and gone(top)
     finally:
@@ -225,6 +230,7 @@ def test_deep_trees_leak_no_descriptors(tmp_path) -> None:
 
 
 # ------------------------------------------------- races with other removers
+
 
 def another_process_removes(*paths: pathlib.Path) -> None:
     subprocess.run(["rm", "-rf", "--", *map(str, paths)], check=True, timeout=30)
@@ -318,13 +324,20 @@ def test_concurrent_deleter_processes(tmp_path, children) -> None:
         make_tree(top, width=5, depth=3, per_dir=20)
         make_chain(os.path.join(top, "chain"), 100)
         deleters = [
-            children.python("""
+            children.python(
+                """
                 import sys
                 from toilcoord.files import robust_rmtree
                 sys.stdin.read()  # the starting gate: all start when it closes
                 robust_rmtree(sys.argv[1])
                 print("done")
-            """, top, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            """,
+                top,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             for _ in range(4)
         ]
         for deleter in deleters:
@@ -360,6 +373,7 @@ def test_concurrent_deleter_threads(tmp_path) -> None:
 
 # ------------------------------------------------------------------ errors
 
+
 def test_permission_errors_propagate_and_leak_nothing() -> None:
     # As root, mode bits stop nobody: the child drops to "nobody" instead.
     # The tree lives in a world-traversable directory for that user to reach.
@@ -369,7 +383,8 @@ def test_permission_errors_propagate_and_leak_nothing() -> None:
         make_tree(os.path.join(scratch, "tree"), depth=2)
         if os.getuid() != 0:
             os.chmod(os.path.join(scratch, "tree", "d1"), 0o555)
-        result = run_python("""
+        result = run_python(
+            """
             import os, sys
             from toilcoord.files import robust_rmtree
             if os.getuid() == 0:
@@ -380,7 +395,9 @@ def test_permission_errors_propagate_and_leak_nothing() -> None:
                 robust_rmtree(sys.argv[1])
             except PermissionError as error:
                 print("PermissionError", sorted(os.listdir("/proc/self/fd")) == before)
-        """, os.path.join(scratch, "tree"))
+        """,
+            os.path.join(scratch, "tree"),
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout == "PermissionError True\n"
         assert os.path.isdir(os.path.join(scratch, "tree"))
@@ -437,9 +454,22 @@ MOUNTING = """
 def run_unshared(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     """Run ``python -c MOUNTING+CODE ARGS`` in a private mount namespace."""
     return subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, "-c",
-         textwrap.dedent(MOUNTING) + textwrap.dedent(code), *args],
-        env=child_env(**env), cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            sys.executable,
+            "-c",
+            textwrap.dedent(MOUNTING) + textwrap.dedent(code),
+            *args,
+        ],
+        env=child_env(**env),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -448,8 +478,13 @@ def mounts() -> None:
     """Skip unless this process may mount in a mount namespace of its own."""
     probe = tempfile.mkdtemp(prefix="toilcoord-unshare-")
     try:
-        result = subprocess.run(["unshare", "--mount", "--propagation", "private", "mount", "--bind", probe, probe],
-                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "mount", "--bind", probe, probe],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         refusal = result.stderr.strip() if result.returncode else ""
     except FileNotFoundError as error:
         refusal = str(error)
@@ -462,14 +497,18 @@ def mounts() -> None:
 def test_a_busy_file_is_retried_until_it_is_released(tmp_path, mounts) -> None:
     top = str(tmp_path / "tree")
     make_tree(top, depth=3)
-    result = run_unshared("""
+    result = run_unshared(
+        """
         busy = os.path.join(sys.argv[1], "d1", "d2", sys.argv[2])
         make_busy(busy)
         released = []  # its holder lets go right after the first EBUSY
         calls = spy_on_unlinks_of(sys.argv[2], on_busy=lambda: released or released.append(release(busy)))
         robust_rmtree(sys.argv[1])
         print(len(calls), len(released), os.path.lexists(sys.argv[1]))
-    """, top, SILLY)
+    """,
+        top,
+        SILLY,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "2 1 False\n"  # busy, released, removed on the retry
     assert gone(top)
@@ -479,11 +518,14 @@ def test_a_busy_file_is_retried_until_it_is_released(tmp_path, mounts) -> None:
 def test_what_stays_busy_is_reported_in_one_error_after_all_else_is_removed(tmp_path, mounts, as_arg) -> None:
     top = str(tmp_path / "tree")
     make_tree(top, depth=2)
-    busy = [os.path.join(top, "d0", SILLY),  # as an NFS client would leave it
-            os.path.join(top, "d1", "d2", os.fsdecode(b"busy-\xff")),  # EBUSY, whatever the name
-            os.path.join(top, "d2", "mounted")]  # a directory: rmdir gives EBUSY
+    busy = [
+        os.path.join(top, "d0", SILLY),  # as an NFS client would leave it
+        os.path.join(top, "d1", "d2", os.fsdecode(b"busy-\xff")),  # EBUSY, whatever the name
+        os.path.join(top, "d2", "mounted"),
+    ]  # a directory: rmdir gives EBUSY
     os.mkdir(busy[2])
-    result = run_unshared("""
+    result = run_unshared(
+        """
         top, busy = sys.argv[1], sys.argv[2:]
         for path in busy:
             make_busy(path)
@@ -500,7 +542,11 @@ def test_what_stays_busy_is_reported_in_one_error_after_all_else_is_removed(tmp_
                 "remaining": sorted(os.path.join(d, name) for d, dirs, files in os.walk(top) for name in dirs + files),
                 "attempts": len(calls), "leaked": fds() != before,
             }))
-    """, top, *busy, AS_BYTES="1" if as_arg is os.fsencode else "")
+    """,
+        top,
+        *busy,
+        AS_BYTES="1" if as_arg is os.fsencode else "",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert sorted(report["left"]) == sorted(busy)
@@ -516,14 +562,17 @@ def test_what_stays_busy_is_reported_in_one_error_after_all_else_is_removed(tmp_
 
 def test_a_busy_file_given_with_no_time_to_wait_is_tried_once(tmp_path, mounts) -> None:
     path = str(tmp_path / SILLY)
-    result = run_unshared("""
+    result = run_unshared(
+        """
         make_busy(sys.argv[1])
         calls = spy_on_unlinks_of(os.path.basename(sys.argv[1]))
         try:
             robust_rmtree(sys.argv[1], busy_timeout=0)
         except BusyEntriesError as error:
             print(len(calls), error.left == [sys.argv[1]], error.filename == sys.argv[1])
-    """, path)
+    """,
+        path,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "1 True True\n"
     robust_rmtree(path)
@@ -648,6 +697,7 @@ def test_public_names() -> None:
 
 # ------------------------------------------------------ relative to dir_fd
 
+
 @pytest.fixture
 def opened(tmp_path):
     """An fd on tmp_path/"ours", closed after the test."""
@@ -719,7 +769,8 @@ def test_components_swapped_in_a_loop_never_cost_the_victim_anything(tmp_path, o
     # we remove "a/tree" relative to the fd again and again.
     victim = victims_tree(tmp_path)
     before = listing(victim)
-    flipper = children.python("""
+    flipper = children.python(
+        """
         import os, sys
         ours, victim = sys.argv[1], sys.argv[2]
         os.symlink(os.path.join(victim, "a"), os.path.join(ours, "link"))
@@ -734,7 +785,12 @@ def test_components_swapped_in_a_loop_never_cost_the_victim_anything(tmp_path, o
                 pass  # we removed tree between its mkdir and d's: next round
             os.rename(os.path.join(ours, "a"), os.path.join(ours, "link"))
             os.rename(os.path.join(ours, "real"), os.path.join(ours, "a"))
-    """, str(tmp_path / "ours"), str(victim), stdout=subprocess.PIPE, text=True)
+    """,
+        str(tmp_path / "ours"),
+        str(victim),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert flipper.stdout.readline().strip() == "ready"
     for _ in range(300):
         try:

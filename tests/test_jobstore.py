@@ -1,4 +1,5 @@
 """Tests of toilcoord.jobstore: LocalJobStore."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Tests for toilcoord.locks: real processes, threads, signals and files;
 mocks only for faults that cannot be caused (EIO, ENOLCK, ESTALE)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,7 @@ import subprocess
 
 import pytest
 
-from toilcoord import locks
-from toilcoord import mounts
+from toilcoord import locks, mounts
 from toilcoord.locks import (
     HeldFile,
     UnsafeFilesystemError,
@@ -34,6 +34,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # ---------------------------------------------------------------- safe_lock
+
 
 class FakeFlock:
     """Stands in for fcntl.flock: raises the queued errnos, then succeeds."""
@@ -81,10 +82,13 @@ def test_safe_lock_retries_with_backoff_then_succeeds(monkeypatch, sleeps, caplo
     assert errno.errorcode[code] in retries[0].getMessage()
 
 
-@pytest.mark.parametrize("code, advice", [
-    (errno.ENOLCK, "no working lock daemon"),
-    (errno.EIO, "lock service keeps failing"),
-])
+@pytest.mark.parametrize(
+    "code, advice",
+    [
+        (errno.ENOLCK, "no working lock daemon"),
+        (errno.EIO, "lock service keeps failing"),
+    ],
+)
 def test_safe_lock_gives_up_after_ten_retries_with_advice(monkeypatch, sleeps, caplog, lock_fd, code, advice):
     flock = FakeFlock(*[code] * 11)
     monkeypatch.setattr(locks.fcntl, "flock", flock)
@@ -168,6 +172,7 @@ def test_safe_unlock_and_close_releases_the_lock(tmp_path, lock_fd):
 
 # ----------------------------------------------------------- locked_file_is
 
+
 def test_locked_file_is(tmp_path):
     path = str(tmp_path / "f")
     fd = os.open(path, os.O_RDONLY | os.O_CREAT)
@@ -192,8 +197,10 @@ def test_locked_file_is_false_on_estale(tmp_path, monkeypatch, code, expected):
     path = str(tmp_path / "f")
     fd = os.open(path, os.O_RDONLY | os.O_CREAT)
     try:
+
         def stale(_path, **_):
             raise OSError(code, os.strerror(code))
+
         monkeypatch.setattr(locks.os, "stat", stale)
         assert locked_file_is(fd, path) is expected
     finally:
@@ -270,7 +277,7 @@ def test_a_taker_that_dies_never_leaves_the_file_locked_by_its_forked_child(tmp_
         taker.kill()
         taker.wait()
         os.kill(child_pid, 0)  # the taker's child still lives...
-        fd = take_over(path)   # ...yet the file is free
+        fd = take_over(path)  # ...yet the file is free
         assert fd is not None
         discard_taken(fd, path)
     finally:
@@ -381,8 +388,9 @@ class ProberOnAnotherClient(TakerInTheMiddle):
         return fd
 
 
-def test_held_file_create_sees_its_file_removed_through_another_nfs_client(tmp_path, monkeypatch,
-                                                                             through_another_client):
+def test_held_file_create_sees_its_file_removed_through_another_nfs_client(
+    tmp_path, monkeypatch, through_another_client
+):
     prober = ProberOnAnotherClient(through_another_client)
     monkeypatch.setattr(locks.os, "open", prober)
     try:

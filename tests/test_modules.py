@@ -1,4 +1,5 @@
 """Tests of toilcoord.modules: describing, shipping and loading a module end to end."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,6 @@ import tempfile
 import textwrap
 
 import pytest
-from conftest import ROOT, becoming, child_env, run_python
-from shipping import write
 
 from toilcoord.modules import (
     LocalJobStore,
@@ -20,6 +19,9 @@ from toilcoord.modules import (
     ResourceException,
     VirtualEnvResource,
 )
+
+from conftest import ROOT, becoming, child_env, run_python
+from shipping import write
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -80,13 +82,17 @@ def gone(directory):
 
 # ----------------------------------------------------------------- round trips
 
+
 def test_single_file_module_round_trip(tmp_path):
     app = tmp_path / "app"
-    write(app / "greet.py", """
+    write(
+        app / "greet.py",
+        """
         from helper import WORD
         def answer():
             return WORD + " from greet"
-    """)
+    """,
+    )
     write(app / "helper.py", "WORD = 'hello'\n")
     command, env = ship(app, "greet", tmp_path / "store")
     assert command == [str(app), "greet", "False"]
@@ -105,12 +111,15 @@ def test_package_round_trip(tmp_path):
     src = tmp_path / "src"
     write(src / "pkg" / "__init__.py", "BASE = 40\n")
     write(src / "pkg" / "sub" / "__init__.py")
-    write(src / "pkg" / "sub" / "mod.py", """
+    write(
+        src / "pkg" / "sub" / "mod.py",
+        """
         from .. import BASE
         from . import data
         def answer():
             return BASE + data.TWO
-    """)
+    """,
+    )
     write(src / "pkg" / "sub" / "data.py", "TWO = 2\n")
     write(src / "unrelated.py", "raise SystemExit('never shipped')\n")
     command, env = ship(src, "pkg.sub.mod", tmp_path / "store")
@@ -126,7 +135,9 @@ def test_package_round_trip(tmp_path):
 
 
 def test_main_script_round_trip(tmp_path):
-    script = write(tmp_path / "app" / "pipeline.py", """
+    script = write(
+        tmp_path / "app" / "pipeline.py",
+        """
         import json, os, sys
         from toilcoord.modules import LocalJobStore, ModuleDescriptor
         def answer():
@@ -136,9 +147,16 @@ def test_main_script_round_trip(tmp_path):
             descriptor.saveAsResourceTo(LocalJobStore(sys.argv[1])).register()
             print(json.dumps({"command": list(descriptor.toCommand()),
                               "env": {k: v for k, v in os.environ.items() if k.startswith("JTRES_")}}))
-    """)
-    leader = subprocess.run([sys.executable, str(script), str(tmp_path / "store")], env=child_env(),
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    """,
+    )
+    leader = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "store")],
+        env=child_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     shipped = check(leader)
     assert shipped["command"] == [str(tmp_path / "app"), "pipeline", "False"]
     gone(tmp_path / "app")
@@ -207,8 +225,15 @@ def run_main(args, cwd, extra_path=None):
     env = child_env()
     if extra_path:
         env["PYTHONPATH"] += os.pathsep + str(extra_path)
-    return subprocess.run([sys.executable, *args], env=env, cwd=str(cwd), stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, *args],
+        env=env,
+        cwd=str(cwd),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_main_name_of_a_script(tmp_path):
@@ -275,6 +300,7 @@ def test_main_without_a_file_cannot_be_described():
 
 # ----------------------------------------------------------------- descriptors
 
+
 def test_descriptor_of_this_package_belongs_to_it():
     import toilcoord.modules as own
 
@@ -298,8 +324,9 @@ def test_vendored_copy_knows_its_own_modules(tmp_path):
     vendor = tmp_path / "mypipeline" / "_vendor"
     write(tmp_path / "mypipeline" / "__init__.py")
     write(vendor / "__init__.py")
-    shutil.copytree(os.path.join(ROOT, "toilcoord"), str(vendor / "toilcoord"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        os.path.join(ROOT, "toilcoord"), str(vendor / "toilcoord"), ignore=shutil.ignore_patterns("__pycache__")
+    )
     code = """
         import sys
         from mypipeline._vendor.toilcoord.modules import ModuleDescriptor
@@ -309,8 +336,15 @@ def test_vendored_copy_knows_its_own_modules(tmp_path):
     """
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
 
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd=str(tmp_path),
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        cwd=str(tmp_path),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "False", "False"]
@@ -334,8 +368,11 @@ def test_command_round_trip():
     assert descriptor.toCommand() == ("/some dir", "pkg.mod", "True")
     assert ModuleDescriptor.fromCommand(descriptor.toCommand()) == descriptor
     # Toil raises RuntimeError for the count, ValueError for the flag: ours is both, for both.
-    for command, message in ((["/x", "mod"], "3 items"), (["/x", "mod", "True", "extra"], "3 items"),
-                             (["/x", "mod", "true"], "'true'")):
+    for command, message in (
+        (["/x", "mod"], "3 items"),
+        (["/x", "mod", "True", "extra"], "3 items"),
+        (["/x", "mod", "true"], "'true'"),
+    ):
         for expected in (ValueError, RuntimeError):
             with pytest.raises(expected, match=message):
                 ModuleDescriptor.fromCommand(command)
@@ -371,8 +408,15 @@ def test_globalize_of_a_leader_descriptor_is_itself(tmp_path):
 
 def run_as(user, script, **env):
     """Run the shell *script* as *user*, with only *env* (and PATH) set."""
-    return subprocess.run(["/bin/sh", "-c", script], env=dict(env, PATH="/usr/bin:/bin"), cwd="/",
-                          preexec_fn=becoming(user), capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["/bin/sh", "-c", script],
+        env=dict(env, PATH="/usr/bin:/bin"),
+        cwd="/",
+        preexec_fn=becoming(user),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 # How the other user plants greet.py, as (shell script, JTRES_ROOT below
@@ -380,12 +424,18 @@ def run_as(user, script, **env):
 # the victim's root (loose while the other user plants, 0700 afterwards),
 # $H the content hash, $E the planted module.
 PLANTS = {
-    "foreign-root": ('mkdir -m 777 "$S/theirs" "$S/theirs/$H" && printf %s "$E" > "$S/theirs/$H/greet.py"',
-                     "theirs", "it belongs to uid"),
+    "foreign-root": (
+        'mkdir -m 777 "$S/theirs" "$S/theirs/$H" && printf %s "$E" > "$S/theirs/$H/greet.py"',
+        "theirs",
+        "it belongs to uid",
+    ),
     "shared-root": ('mkdir "$S/$H" && printf %s "$E" > "$S/$H/greet.py"', "", "group or others may write"),
     "foreign-copy": ('mkdir "$R/$H" && printf %s "$E" > "$R/$H/greet.py"', "root", "it belongs to uid"),
-    "symlinked-copy": ('mkdir "$S/theirs" && printf %s "$E" > "$S/theirs/greet.py" && ln -s "$S/theirs" "$R/$H"',
-                       "root", "it is a symlink"),
+    "symlinked-copy": (
+        'mkdir "$S/theirs" && printf %s "$E" > "$S/theirs/greet.py" && ln -s "$S/theirs" "$R/$H"',
+        "root",
+        "it is a symlink",
+    ),
     "loose-copy": ('printf %s "$E" > "$R/$H/greet.py"', "root", "group or others may write"),
 }
 
@@ -412,8 +462,15 @@ def test_a_copy_planted_by_another_user_is_never_imported(tmp_path, other_user, 
         os.chmod(root, 0o700)
         (tmp_path / "tmp").mkdir()
 
-        result = run_python(WORKER, *command, env=child_env(
-            JTRES_ROOT=os.path.join(shared, jtres_root) if jtres_root else shared, TMPDIR=str(tmp_path / "tmp"), **env))
+        result = run_python(
+            WORKER,
+            *command,
+            env=child_env(
+                JTRES_ROOT=os.path.join(shared, jtres_root) if jtres_root else shared,
+                TMPDIR=str(tmp_path / "tmp"),
+                **env,
+            ),
+        )
 
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout.splitlines()[-1])["answer"] == "genuine"

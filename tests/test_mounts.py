@@ -1,4 +1,5 @@
 """Tests for toilcoord.mounts: mount tables, lock scopes, stale names."""
+
 from __future__ import annotations
 
 import os
@@ -13,30 +14,33 @@ from fuzzing import SEED, rng_for, sizes
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.parametrize("fstype, options, scope", [
-    ("ext4", ("rw", "relatime"), "node"),
-    ("xfs", ("rw",), "node"),
-    ("tmpfs", ("rw", "size=100k"), "node"),
-    ("overlay", ("rw", "lowerdir=/a"), "node"),
-    ("nfs4", ("rw", "vers=4.2", "local_lock=none"), "cluster"),
-    ("nfs4", ("rw", "vers=4.2"), "cluster"),
-    ("nfs4", ("rw", "local_lock=flock"), "node"),
-    ("nfs4", ("rw", "local_lock=all"), "node"),
-    ("nfs", ("rw", "vers=3", "local_lock=posix"), "cluster"),
-    ("nfs", ("rw", "vers=3", "nolock"), "node"),
-    ("lustre", ("rw", "flock"), "cluster"),
-    ("lustre", ("rw", "localflock"), "node"),
-    ("lustre", ("rw", "noflock"), "unsafe"),
-    ("lustre", ("rw",), "unsafe"),
-    ("beegfs", ("rw", "cfgFile=/etc/beegfs/beegfs-client.conf"), "node"),
-    ("ceph", ("rw", "name=admin"), "unsafe"),
-    ("fuse.ceph-fuse", ("rw", "user_id=0"), "unsafe"),
-    ("fuse.sshfs", ("rw",), "unknown"),
-    ("gpfs", ("rw",), "unknown"),
-    ("cifs", ("rw", "vers=3.1.1"), "unknown"),
-    ("smb3", ("rw",), "unknown"),
-    ("fuse.gcsfuse", ("rw",), "unknown"),
-])
+@pytest.mark.parametrize(
+    "fstype, options, scope",
+    [
+        ("ext4", ("rw", "relatime"), "node"),
+        ("xfs", ("rw",), "node"),
+        ("tmpfs", ("rw", "size=100k"), "node"),
+        ("overlay", ("rw", "lowerdir=/a"), "node"),
+        ("nfs4", ("rw", "vers=4.2", "local_lock=none"), "cluster"),
+        ("nfs4", ("rw", "vers=4.2"), "cluster"),
+        ("nfs4", ("rw", "local_lock=flock"), "node"),
+        ("nfs4", ("rw", "local_lock=all"), "node"),
+        ("nfs", ("rw", "vers=3", "local_lock=posix"), "cluster"),
+        ("nfs", ("rw", "vers=3", "nolock"), "node"),
+        ("lustre", ("rw", "flock"), "cluster"),
+        ("lustre", ("rw", "localflock"), "node"),
+        ("lustre", ("rw", "noflock"), "unsafe"),
+        ("lustre", ("rw",), "unsafe"),
+        ("beegfs", ("rw", "cfgFile=/etc/beegfs/beegfs-client.conf"), "node"),
+        ("ceph", ("rw", "name=admin"), "unsafe"),
+        ("fuse.ceph-fuse", ("rw", "user_id=0"), "unsafe"),
+        ("fuse.sshfs", ("rw",), "unknown"),
+        ("gpfs", ("rw",), "unknown"),
+        ("cifs", ("rw", "vers=3.1.1"), "unknown"),
+        ("smb3", ("rw",), "unknown"),
+        ("fuse.gcsfuse", ("rw",), "unknown"),
+    ],
+)
 def test_lock_scope(fstype, options, scope):
     got, reason = lock_scope(fstype, options)
     assert got == scope
@@ -51,37 +55,45 @@ def test_lock_scope_reasons_say_what_a_user_must_know():
 
 
 def test_parse_mountinfo():
-    text = "\n".join([
-        "27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard",
-        "30 27 0:27 / /dev/shm rw,nosuid,nodev - tmpfs tmpfs rw,size=100k",
-        "40 27 0:40 / /mnt/my\\040dir\\011x\\134y rw shared:2 master:1 - nfs4 srv:/e rw,vers=4.2,local_lock=flock",
-        "41 27 0:41 / /scratch rw,relatime - lustre 10.0.0.1@tcp:/fs rw,flock,lazystatfs",
-        "42 27 0:42 / /ceph rw - fuse.ceph-fuse ceph-fuse rw,user_id=0,allow_other",
-        "garbage line",
-        "43 27 0:43 / /no-separator rw shared:3 ext4 /dev/vdb rw",
-        "",
-    ])
+    text = "\n".join(
+        [
+            "27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard",
+            "30 27 0:27 / /dev/shm rw,nosuid,nodev - tmpfs tmpfs rw,size=100k",
+            "40 27 0:40 / /mnt/my\\040dir\\011x\\134y rw shared:2 master:1 - nfs4 srv:/e rw,vers=4.2,local_lock=flock",
+            "41 27 0:41 / /scratch rw,relatime - lustre 10.0.0.1@tcp:/fs rw,flock,lazystatfs",
+            "42 27 0:42 / /ceph rw - fuse.ceph-fuse ceph-fuse rw,user_id=0,allow_other",
+            "garbage line",
+            "43 27 0:43 / /no-separator rw shared:3 ext4 /dev/vdb rw",
+            "",
+        ]
+    )
     mounts = parse_mountinfo(text)
     assert [(m.mount_point, m.fstype) for m in mounts] == [
-        ("/", "ext4"), ("/dev/shm", "tmpfs"), ("/mnt/my dir\tx\\y", "nfs4"),
-        ("/scratch", "lustre"), ("/ceph", "fuse.ceph-fuse"),
+        ("/", "ext4"),
+        ("/dev/shm", "tmpfs"),
+        ("/mnt/my dir\tx\\y", "nfs4"),
+        ("/scratch", "lustre"),
+        ("/ceph", "fuse.ceph-fuse"),
     ]
     assert mounts[0].options == ("rw", "relatime", "discard"), "mount and superblock options, deduplicated"
     assert "local_lock=flock" in mounts[2].options
     assert "flock" in mounts[3].options
 
 
-@pytest.mark.parametrize("relative, fstype, mount, scope", [
-    ("nfs", "nfs4", "nfs", "cluster"),
-    ("nfs/tmp", "tmpfs", "nfs/tmp", "node"),  # the longest prefix wins
-    ("nfs-local", "nfs", "nfs-local", "node"),
-    ("nfsdir", "ext4", None, "node"),  # /nfs is a prefix of the string, not of the path
-    ("my dir", "nfs4", "my dir", "node"),
-    ("stacked", "ceph", "stacked", "unsafe"),  # the later of stacked mounts wins
-    ("lustre", "lustre", "lustre", "unsafe"),
-    ("unknown", "fuse.sshfs", "unknown", "unknown"),
-    ("", "ext4", None, "node"),
-])
+@pytest.mark.parametrize(
+    "relative, fstype, mount, scope",
+    [
+        ("nfs", "nfs4", "nfs", "cluster"),
+        ("nfs/tmp", "tmpfs", "nfs/tmp", "node"),  # the longest prefix wins
+        ("nfs-local", "nfs", "nfs-local", "node"),
+        ("nfsdir", "ext4", None, "node"),  # /nfs is a prefix of the string, not of the path
+        ("my dir", "nfs4", "my dir", "node"),
+        ("stacked", "ceph", "stacked", "unsafe"),  # the later of stacked mounts wins
+        ("lustre", "lustre", "lustre", "unsafe"),
+        ("unknown", "fuse.sshfs", "unknown", "unknown"),
+        ("", "ext4", None, "node"),
+    ],
+)
 def test_filesystem_info_on_a_fake_mount_table(fake_mounts, relative, fstype, mount, scope):
     root, mountinfo = fake_mounts
     info = filesystem_info(os.path.join(root, relative), mountinfo=mountinfo)
@@ -114,6 +126,7 @@ def test_filesystem_info_on_this_machine(tmp_path):
 
 # --------------------------------------------------------- stale names
 
+
 def device_line(number, device, mount_point, fstype, super_options="rw"):
     return f"{number} 1 {device} / {mount_point} rw shared:1 - {fstype} src{number} {super_options}"
 
@@ -124,11 +137,25 @@ def stale_cache(monkeypatch):
 
 
 @pytest.mark.usefixtures("stale_cache")
-@pytest.mark.parametrize("fstype, stale", [
-    ("ext4", False), ("xfs", False), ("tmpfs", False), ("overlay", False), ("btrfs", False),
-    ("nfs", True), ("nfs4", True), ("cifs", True), ("smb3", True), ("fuse.sshfs", True),
-    ("lustre", True), ("beegfs", True), ("gpfs", True), ("somethingnew", True),
-])
+@pytest.mark.parametrize(
+    "fstype, stale",
+    [
+        ("ext4", False),
+        ("xfs", False),
+        ("tmpfs", False),
+        ("overlay", False),
+        ("btrfs", False),
+        ("nfs", True),
+        ("nfs4", True),
+        ("cifs", True),
+        ("smb3", True),
+        ("fuse.sshfs", True),
+        ("lustre", True),
+        ("beegfs", True),
+        ("gpfs", True),
+        ("somethingnew", True),
+    ],
+)
 def test_names_may_be_stale_by_filesystem_type(tmp_path, fstype, stale):
     table = tmp_path / "mountinfo"
     table.write_text(device_line(1, "0:1", "/", "ext4") + "\n" + device_line(2, "0:77", "/elsewhere", fstype) + "\n")
@@ -141,12 +168,17 @@ def test_names_may_be_stale_tells_two_mounts_of_one_export_apart_by_device(tmp_p
     # Two nosharecache mounts of one export: the same source, other devices;
     # a local bind mount under one of them has the local device.
     table = tmp_path / "mountinfo"
-    table.write_text("\n".join([
-        device_line(1, "8:1", "/", "ext4"),
-        device_line(2, "0:50", "/mnt/a", "nfs4", "rw,vers=4.2"),
-        device_line(3, "0:51", "/mnt/b", "nfs4", "rw,vers=4.2"),
-        device_line(4, "8:1", "/mnt/a/local", "ext4"),
-    ]) + "\n")
+    table.write_text(
+        "\n".join(
+            [
+                device_line(1, "8:1", "/", "ext4"),
+                device_line(2, "0:50", "/mnt/a", "nfs4", "rw,vers=4.2"),
+                device_line(3, "0:51", "/mnt/b", "nfs4", "rw,vers=4.2"),
+                device_line(4, "8:1", "/mnt/a/local", "ext4"),
+            ]
+        )
+        + "\n"
+    )
     assert mounts.names_may_be_stale(os.makedev(0, 51), "/", mountinfo=str(table))
     assert not mounts.names_may_be_stale(os.makedev(8, 1), "/mnt/a/local", mountinfo=str(table))
 
@@ -196,11 +228,24 @@ def odd_mount_point(rng):
 
 def mountinfo_line(rng, index, mount_point, fstype, options):
     optional = " ".join(rng.sample(["shared:1", "master:2", "propagate_from:3", "unbindable"], rng.randint(0, 3)))
-    return " ".join(filter(None, [
-        str(20 + index), "1", "0:%d" % index, kernel_escape(rng.choice(["/", "/sub dir"])),
-        kernel_escape(mount_point), kernel_escape(",".join(options[:1]) or "rw"), optional, "-",
-        kernel_escape(fstype), kernel_escape(rng.choice(["server:/export", "none", "/dev/sda1", "a b"])),
-        kernel_escape(",".join(options[1:]) or "rw")]))
+    return " ".join(
+        filter(
+            None,
+            [
+                str(20 + index),
+                "1",
+                "0:%d" % index,
+                kernel_escape(rng.choice(["/", "/sub dir"])),
+                kernel_escape(mount_point),
+                kernel_escape(",".join(options[:1]) or "rw"),
+                optional,
+                "-",
+                kernel_escape(fstype),
+                kernel_escape(rng.choice(["server:/export", "none", "/dev/sda1", "a b"])),
+                kernel_escape(",".join(options[1:]) or "rw"),
+            ],
+        )
+    )
 
 
 def garbage_line(rng):
@@ -211,9 +256,14 @@ def garbage_line(rng):
 def fuzz_mountinfo(rounds):
     rng = rng_for("mountinfo")
     for round_ in range(rounds):
-        mounts = [(odd_mount_point(rng), rng.choice(["nfs", "ext4", "fuse.odd fs", "lustre", "x\\y"]),
-                   rng.sample(["rw", "ro", "local_lock=flock", "flock", "nolock", "a b"], rng.randint(0, 4)))
-                  for _ in range(rng.randint(1, 5))]
+        mounts = [
+            (
+                odd_mount_point(rng),
+                rng.choice(["nfs", "ext4", "fuse.odd fs", "lustre", "x\\y"]),
+                rng.sample(["rw", "ro", "local_lock=flock", "flock", "nolock", "a b"], rng.randint(0, 4)),
+            )
+            for _ in range(rng.randint(1, 5))
+        ]
         lines = []
         for index, mount in enumerate(mounts):
             lines += [garbage_line(rng) for _ in range(rng.randint(0, 2))]
@@ -239,9 +289,11 @@ def test_the_longest_odd_mount_point_holding_a_path_is_its_filesystem(tmp_path):
         mount = tmp_path / ("m%d%s" % (round_, odd))
         (mount / "job").mkdir(parents=True)
         decoy = str(mount) + "x"  # a string prefix that is not a path prefix
-        lines = [mountinfo_line(rng, 0, "/", "ext4", ["rw"]),
-                 mountinfo_line(rng, 1, str(mount), "nfs", ["rw", "local_lock=flock"]),
-                 mountinfo_line(rng, 2, decoy, "ceph", ["rw"])]
+        lines = [
+            mountinfo_line(rng, 0, "/", "ext4", ["rw"]),
+            mountinfo_line(rng, 1, str(mount), "nfs", ["rw", "local_lock=flock"]),
+            mountinfo_line(rng, 2, decoy, "ceph", ["rw"]),
+        ]
         rng.shuffle(lines)
         table = tmp_path / "mountinfo"
         table.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")

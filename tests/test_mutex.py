@@ -1,4 +1,5 @@
 """Tests for toilcoord.mutex: real processes, threads, signals and files."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,16 @@ from toilcoord import mutex as mutex_module
 from toilcoord.locks import ForeignFileError, LockTimeout, check_name, safe_unlock_and_close, take_over
 from toilcoord.mutex import global_mutex, retire_mutex_files
 
-from conftest import (alive, blocked_on_flock, fstat_failing_once, kill_orphan, left_after_exit, open_fds, release,
-                      wait_until)
+from conftest import (
+    alive,
+    blocked_on_flock,
+    fstat_failing_once,
+    kill_orphan,
+    left_after_exit,
+    open_fds,
+    release,
+    wait_until,
+)
 from fuzzing import rng_for, sizes
 
 pytestmark = pytest.mark.timeout(60)
@@ -106,8 +115,9 @@ if __name__ == "__main__":
 
 def race_in_processes(children, directory, processes, rounds, threads):
     racers = [
-        children.python(RACE, str(directory), str(rounds), str(threads),
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        children.python(
+            RACE, str(directory), str(rounds), str(threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         for _ in range(processes)
     ]
     for racer in racers:
@@ -140,6 +150,7 @@ def test_threads_in_several_processes_racing_never_overlap(tmp_path, children):
 
 
 # ------------------------------------------------------- holding and dying
+
 
 def test_lock_file_stays_while_its_user_lives_and_goes_at_exit(tmp_path):
     path = str(tmp_path / MUTEX_FILE)
@@ -199,6 +210,7 @@ def test_mutex_after_holder_killed_without_waiters(tmp_path, children):
 
 
 # ------------------------------------------------------------------ timeout
+
 
 @pytest.mark.parametrize("timeout", [0, 0.05])
 def test_timeout_when_another_process_holds_it(tmp_path, children, timeout):
@@ -284,8 +296,9 @@ os.waitpid(pid, 0)
 
 @pytest.mark.parametrize("parent_fate", ["release", "die"])
 def test_forked_child_does_not_keep_the_parents_mutex(tmp_path, children, parent_fate):
-    parent = children.python(HOLD_AND_FORK, str(tmp_path), parent_fate,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    parent = children.python(
+        HOLD_AND_FORK, str(tmp_path), parent_fate, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     child_pid = int(parent.stdout.readline())
     try:
         if parent_fate == "die":
@@ -384,12 +397,24 @@ def test_child_forked_while_a_thread_waits_does_not_keep_the_lock(tmp_path, chil
 
 # ---------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("name", [
-    "", None, b"m", 5, "a/b", "a\0b", ".", "..", "x" * 201,
-    "\u00e9" * 101,   # 101 characters, 202 bytes
-    "\U0001f512" * 51,  # 51 characters, 204 bytes
-    "\ud800",  # cannot be encoded
-])
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        None,
+        b"m",
+        5,
+        "a/b",
+        "a\0b",
+        ".",
+        "..",
+        "x" * 201,
+        "\u00e9" * 101,  # 101 characters, 202 bytes
+        "\U0001f512" * 51,  # 51 characters, 204 bytes
+        "\ud800",  # cannot be encoded
+    ],
+)
 def test_bad_mutex_names_raise_before_touching_anything(tmp_path, name):
     with pytest.raises(ValueError, match="mutex name"):
         global_mutex(tmp_path, name)
@@ -398,7 +423,7 @@ def test_bad_mutex_names_raise_before_touching_anything(tmp_path, name):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("name", ["x" * 200, "\u00e9" * 100, "..." , ".hidden", "sp ace", "\u00e9"])
+@pytest.mark.parametrize("name", ["x" * 200, "\u00e9" * 100, "...", ".hidden", "sp ace", "\u00e9"])
 def test_names_at_the_limits_work(tmp_path, name):
     assert check_name(name) == name
     with global_mutex(tmp_path, name):
@@ -430,8 +455,11 @@ def test_base_dir_that_is_a_file(tmp_path):
 def test_bad_base_dir_errors_are_also_the_runtime_errors_toil_raises(tmp_path):
     afile = tmp_path / "file"
     afile.write_text("data")
-    for base_dir, kind in ((tmp_path / "missing", FileNotFoundError), (afile, NotADirectoryError),
-                           (afile / "below", NotADirectoryError)):
+    for base_dir, kind in (
+        (tmp_path / "missing", FileNotFoundError),
+        (afile, NotADirectoryError),
+        (afile / "below", NotADirectoryError),
+    ):
         for caught in (RuntimeError, kind):  # Toil's callers catch RuntimeError
             with pytest.raises(caught) as raised:
                 with global_mutex(base_dir, "m"):
@@ -473,8 +501,11 @@ def test_the_filesystem_is_checked_on_first_open_only(tmp_path, monkeypatch):
 
     checked = []
     real = locks.ensure_filesystem_lockable
-    monkeypatch.setattr(gates_module, "ensure_filesystem_lockable",
-                        lambda path, *args, **kwargs: checked.append(path) or real(path, *args, **kwargs))
+    monkeypatch.setattr(
+        gates_module,
+        "ensure_filesystem_lockable",
+        lambda path, *args, **kwargs: checked.append(path) or real(path, *args, **kwargs),
+    )
     for _ in range(5):
         with global_mutex(tmp_path, "m"):
             pass
@@ -575,14 +606,28 @@ print(violations, rounds)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("styles", [
-    ("ours", "ours", "toil", "toil"),
-    ("ours", "ours", "ours", "reaper"),
-    ("stale", "stale", "ours", "toil", "reaper"),
-], ids="+".join)
+@pytest.mark.parametrize(
+    "styles",
+    [
+        ("ours", "ours", "toil", "toil"),
+        ("ours", "ours", "ours", "reaper"),
+        ("stale", "stale", "ours", "toil", "reaper"),
+    ],
+    ids="+".join,
+)
 def test_a_lock_file_removed_by_others_is_never_held_twice(tmp_path, children, styles):
-    racers = [children.python(MIXED, str(tmp_path), style, "300" if style != "reaper" else "600",
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for style in styles]
+    racers = [
+        children.python(
+            MIXED,
+            str(tmp_path),
+            style,
+            "300" if style != "reaper" else "600",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for style in styles
+    ]
     for racer in racers:
         racer.stdin.close()
     results = [racer.stdout.read().split() for racer in racers]
@@ -595,12 +640,16 @@ def test_a_file_removed_between_acquisitions_is_made_again_and_held(tmp_path, ch
     with global_mutex(tmp_path, "m"):
         pass
     from toilcoord.mutex import reap_unheld_mutex_files
+
     assert reap_unheld_mutex_files(tmp_path) == [str(tmp_path / MUTEX_FILE)]
     assert os.listdir(tmp_path) == []
     with global_mutex(tmp_path, "m"):
         probe = children.python(
             "import sys\nfrom toilcoord.locks import take_over\nprint(take_over(sys.argv[1]))",
-            str(tmp_path / MUTEX_FILE), stdout=subprocess.PIPE, text=True)
+            str(tmp_path / MUTEX_FILE),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert probe.stdout.read().strip() == "None", "the new file is the one we hold"
         assert probe.wait() == 0
     assert left_after_exit(tmp_path) == []
@@ -633,6 +682,7 @@ def test_a_stale_handle_makes_us_reopen(tmp_path, monkeypatch):
 
 # ------------------------------------------------- what the lock file is
 
+
 def test_the_lock_file_is_open_for_writing_and_private(tmp_path):
     with global_mutex(tmp_path, "m"):
         fd = gates_module._gates[str(tmp_path / MUTEX_FILE)].fd
@@ -657,6 +707,7 @@ def test_a_fifo_at_the_lock_path_is_a_clear_error_not_a_hang(tmp_path, timeout):
 
 def test_idle_lock_files_kept_open_are_bounded(tmp_path):
     from toilcoord.mutex import kept_lock_files
+
     for number in range(gates_module._KEEP_AT_MOST + 40):
         with global_mutex(tmp_path, f"m{number}"):
             pass
@@ -667,19 +718,23 @@ def test_idle_lock_files_kept_open_are_bounded(tmp_path):
 
 # ------------------------------------------------------------- fairness
 
+
 def clock_noting_sleeps(pauses, really=False):
     """The time module as the mutex module sees it, noting its sleeps (and
     sleeping them if *really*); other modules' sleeps are not noted."""
+
     def sleep(seconds):
         pauses.append(seconds)
         if really:
             time.sleep(seconds)
+
     return types.SimpleNamespace(monotonic=time.monotonic, sleep=sleep)
 
 
 def releaser_once_blocked(holder):
     """A started thread that releases *holder* once this process waits in
     flock for it, so the next acquisition is a contended one."""
+
     def release_when_we_wait():
         wait_until(lambda: blocked_on_flock(os.getpid()))
         release(holder)
@@ -725,6 +780,7 @@ def test_on_a_local_filesystem_nobody_pauses(tmp_path, monkeypatch, children):
 
 
 # ---------------------------------------------------- shared directories
+
 
 @pytest.fixture
 def fresh_directory_checks(monkeypatch):
@@ -793,8 +849,9 @@ def test_a_directory_of_another_user_is_refused(tmp_path):
     assert os.listdir(theirs) == []
 
 
-def test_reaping_through_a_stale_name_never_removes_a_held_file(tmp_path, children, monkeypatch,
-                                                               through_another_client):
+def test_reaping_through_a_stale_name_never_removes_a_held_file(
+    tmp_path, children, monkeypatch, through_another_client
+):
     # On NFS: just after the reaper listed the directory, another client
     # unlinks the old lock file while it still has it open (so the server
     # keeps it as .nfsXXXX, unheld, with one link), and a process there
@@ -802,6 +859,7 @@ def test_reaping_through_a_stale_name_never_removes_a_held_file(tmp_path, childr
     # name for the old file, took that over and unlinked "it" by name,
     # which removed the held file.
     from toilcoord.mutex import reap_unheld_mutex_files
+
     path, twin = tmp_path / MUTEX_FILE, through_another_client(tmp_path / MUTEX_FILE)
     path.write_text("")
     real_scandir, held = os.scandir, []
@@ -855,8 +913,9 @@ sys.stdin.read()
 
 
 def start_recording_holder(children, directory, purpose):
-    holder = children.python(HOLD_WITH_PURPOSE, str(directory), "m", purpose,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = children.python(
+        HOLD_WITH_PURPOSE, str(directory), "m", purpose, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline() == "held\n"
     return holder
 
@@ -933,10 +992,19 @@ def test_lock_timeout_in_a_thread_says_another_thread_holds_it(tmp_path):
         thread.join(30)
 
 
-@pytest.mark.parametrize("purpose, error", [
-    (5, TypeError), (b"bytes", TypeError), ("", ValueError), ("two\nlines", ValueError),
-    ("\x1b[31mred", ValueError), ("x" * 201, ValueError), ("é" * 101, ValueError), ("\udcff", ValueError),
-])
+@pytest.mark.parametrize(
+    "purpose, error",
+    [
+        (5, TypeError),
+        (b"bytes", TypeError),
+        ("", ValueError),
+        ("two\nlines", ValueError),
+        ("\x1b[31mred", ValueError),
+        ("x" * 201, ValueError),
+        ("é" * 101, ValueError),
+        ("\udcff", ValueError),
+    ],
+)
 def test_bad_purposes_raise_before_touching_anything(tmp_path, purpose, error):
     with pytest.raises(error, match="purpose"):
         global_mutex(tmp_path, "m", purpose=purpose)
@@ -966,10 +1034,47 @@ def test_a_record_that_cannot_be_written_leaves_the_lock_held(tmp_path, monkeypa
 # ------------------------------------------------- fuzz: mutex and arena names
 
 EDGE_NAMES = [
-    None, b"bytes", 7, 1.5, ["a"], "", ".", "..", "/", "a/b", "\0", "a\0b", " ", "\n", "\t", "-", "--help",
-    "...", ".hidden", "a b", "名前", "🦀", "\x7f", "%s", "*", "?", "\\", "toil-proc-x", "x-arena-members",
-    "x-arena-lock", "\udcff", "\ud800", "a" * 189, "a" * 190, "a" * 200, "a" * 201, "é" * 100, "é" * 100 + "a",
-    "€" * 66 + "ab", "\udcff" * 200, "\udcff" * 201,
+    None,
+    b"bytes",
+    7,
+    1.5,
+    ["a"],
+    "",
+    ".",
+    "..",
+    "/",
+    "a/b",
+    "\0",
+    "a\0b",
+    " ",
+    "\n",
+    "\t",
+    "-",
+    "--help",
+    "...",
+    ".hidden",
+    "a b",
+    "名前",
+    "🦀",
+    "\x7f",
+    "%s",
+    "*",
+    "?",
+    "\\",
+    "toil-proc-x",
+    "x-arena-members",
+    "x-arena-lock",
+    "\udcff",
+    "\ud800",
+    "a" * 189,
+    "a" * 190,
+    "a" * 200,
+    "a" * 201,
+    "é" * 100,
+    "é" * 100 + "a",
+    "€" * 66 + "ab",
+    "\udcff" * 200,
+    "\udcff" * 201,
 ]
 
 

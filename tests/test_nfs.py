@@ -2,6 +2,7 @@
 clients of one kernel nfsd, 2 processes per node racing global_mutex on
 NFSv3 and NFSv4.2). Slow (a few minutes under software emulation) and needs
 root and qemu (the rig installs qemu where apt-get can), so `-m slow` only."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,14 @@ def test_global_mutex_across_two_nfs_clients() -> None:
     why = why_not_here()
     if why:
         pytest.skip(why)
-    rig = subprocess.run(["bash", RIG, "twonode"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, timeout=1750)
+    rig = subprocess.run(
+        ["bash", RIG, "twonode"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=1750,
+    )
     lines = rig.stdout.splitlines()
     if rig.returncode == SKIPPED:
         pytest.skip(lines[-1] if lines else "the NFS rig cannot run here")

@@ -1,4 +1,5 @@
 """The package as users get it: its names, a vendored copy, a non-POSIX host."""
+
 from __future__ import annotations
 
 import ast
@@ -18,17 +19,20 @@ pytestmark = pytest.mark.timeout(120)
 PACKAGE = os.path.join(ROOT, "toilcoord")
 
 # Every name the contract promises at the top level.
-CONTRACT_NAMES = """
+CONTRACT_NAMES = (
+    """
     safe_lock safe_unlock_and_close locked_file_is ensure_filesystem_lockable filesystem_info FilesystemInfo
     UnsafeFilesystemError global_mutex LockTimeout get_process_name process_name_exists
     collect_process_name_garbage destroy_all_process_names current_process_name_lock current_process_name_for
     LastProcessStandingArena DeferredFunction DeferredFunctionManager RealtimeLogger ModuleDescriptor Resource
     FileResource DirectoryResource VirtualEnvResource ResourceException LocalJobStore ExceptionalThread
     cpu_count cgroup_cpu_limit robust_rmtree
-""".split() + """
+""".split()
+    + """
     cpu_count_sources memory_limit ResourceSlots ids_environment coordination_dir job_private_reasons
     CoordinationDirError install_termination_cleanup directory_status
-""".split()  # API.md's names, then what issues 12 and 14 added
+""".split()
+)  # API.md's names, then what issues 12 and 14 added
 
 
 def test_every_contract_name_is_exported():
@@ -39,8 +43,11 @@ def test_every_contract_name_is_exported():
 
 def test_version_is_a_literal_and_py_typed_ships():
     tree = ast.parse(open(os.path.join(PACKAGE, "__init__.py")).read())
-    versions = [node.value for node in tree.body if isinstance(node, ast.Assign)
-                and any(getattr(target, "id", None) == "__version__" for target in node.targets)]
+    versions = [
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "__version__" for target in node.targets)
+    ]
     assert len(versions) == 1 and isinstance(versions[0], ast.Constant)
     assert os.path.exists(os.path.join(PACKAGE, "py.typed"))
 
@@ -99,17 +106,31 @@ print(ModuleDescriptor.forModule("mypipeline._vendor.toilcoord.locks").belongsTo
 """
     coord = tmp_path / "coord"  # not a mkdtemp of its own: nothing may be left in $TMPDIR
     coord.mkdir()
-    done = subprocess.run([sys.executable, "-c", code, str(coord)], cwd=str(tmp_path), env=env, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(coord)], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
-    smoke = subprocess.run([sys.executable, "-m", "mypipeline._vendor.toilcoord"], cwd=str(tmp_path), env=env,
-                           capture_output=True, text=True, timeout=90)
+    smoke = subprocess.run(
+        [sys.executable, "-m", "mypipeline._vendor.toilcoord"],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert smoke.returncode == 0, smoke.stdout + smoke.stderr
-    bench = subprocess.run([sys.executable, "-m", "mypipeline._vendor.toilcoord", "bench"], cwd=str(tmp_path),
-                           env=env, capture_output=True, text=True, timeout=60)
+    bench = subprocess.run(
+        [sys.executable, "-m", "mypipeline._vendor.toilcoord", "bench"],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bench.returncode == 2 and bench.stderr == (
         "python -m mypipeline._vendor.toilcoord: error: bench is not in this copy of mypipeline._vendor.toilcoord "
-        "(its _tools/ folder was left out when it was vendored)\n"), bench.stderr
+        "(its _tools/ folder was left out when it was vendored)\n"
+    ), bench.stderr
 
 
 def test_without_fcntl_the_import_says_posix_is_needed():

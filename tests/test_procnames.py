@@ -161,8 +161,25 @@ def test_destroy_all_process_names_removes_our_files(tmp_path):
     assert get_process_name(tmp_path) != name
 
 
-@pytest.mark.parametrize("bad", ["", ".", "..", "a/b", "nul\0", None, b"toil-proc-x", 3, "not-ours", "x" * 300,
-                                 "../not-ours", "link", "fifo", "dir"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        ".",
+        "..",
+        "a/b",
+        "nul\0",
+        None,
+        b"toil-proc-x",
+        3,
+        "not-ours",
+        "x" * 300,
+        "../not-ours",
+        "link",
+        "fifo",
+        "dir",
+    ],
+)
 def test_names_that_cannot_be_ours_do_not_exist_and_nothing_is_touched(tmp_path, bad):
     victim = tmp_path / "not-ours"
     victim.write_text("precious")
@@ -190,8 +207,9 @@ sys.stdin.read()
 
 
 def test_a_name_toil_made_is_alive_while_held_and_its_file_never_removed(tmp_path, children):
-    child = children.python(HOLD_TOIL_STYLE_NAME, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
+    child = children.python(
+        HOLD_TOIL_STYLE_NAME, str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     name = child.stdout.readline().strip()
     assert name and not name.startswith(NAME_PREFIX)
 
@@ -225,7 +243,11 @@ def start_in_pid_namespace(children, directory):
     code = IN_NAMESPACE
     child = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-c", code, str(directory)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(),
     )
     children.started.append(child)
     line = child.stdout.readline().split()
@@ -267,15 +289,18 @@ def test_names_across_pid_namespaces(tmp_path, children):
 
 # ---------------------------------------------------- shared directories
 
+
 @pytest.fixture
 def fresh_directory_checks(monkeypatch):
     from toilcoord import gates
+
     monkeypatch.setattr(gates, "_checked_directories", {})
 
 
 @pytest.mark.usefixtures("fresh_directory_checks")
 def test_a_directory_anyone_can_empty_is_refused_before_a_name_is_made(tmp_path):
     from toilcoord.locks import ForeignFileError
+
     os.chmod(tmp_path, 0o777)
     with pytest.raises(ForeignFileError, match="writable by all, not sticky"):
         get_process_name(tmp_path)
@@ -288,6 +313,7 @@ def test_a_directory_of_another_user_is_refused_before_a_name_is_made(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root to give a directory to another uid")
     from toilcoord.locks import ForeignFileError
+
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     os.chown(theirs, 4242, 4242)
@@ -315,6 +341,7 @@ def test_reaping_skips_what_it_cannot_probe_with_one_line_each(tmp_path, childre
     os.mkfifo(str(tmp_path / (NAME_PREFIX + "fifo")))
     os.symlink(dead_name, str(tmp_path / (NAME_PREFIX + "link")))
     from toilcoord.procnames import reap_dead_process_names
+
     assert reap_dead_process_names(tmp_path) == [dead_name]
     assert sorted(os.listdir(tmp_path)) == [NAME_PREFIX + "fifo", NAME_PREFIX + "link"]
     skipped = [record.getMessage() for record in caplog.records if "cannot be probed" in record.getMessage()]
@@ -322,13 +349,15 @@ def test_reaping_skips_what_it_cannot_probe_with_one_line_each(tmp_path, childre
 
 
 def test_a_directory_swapped_for_a_symlink_after_the_probe_never_costs_another_directory_a_file(
-        tmp_path, children, monkeypatch):
+    tmp_path, children, monkeypatch
+):
     # The worst moment of another user's swap, made certain: right after the
     # dead name was taken over (and checked linked) in her directory, her
     # directory becomes a symlink to the victim's, where a live process has
     # the same name. Removing "the dead file" by its path again removed the
     # victim's live one.
     from toilcoord import procnames
+
     victim, hers = tmp_path / "victim", tmp_path / "hers"
     victim.mkdir()
     hers.mkdir()

@@ -1,4 +1,5 @@
 """Tests of toilcoord.resources: saving, registering, downloading and trusting resources."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,13 +11,14 @@ import tempfile
 import zipfile
 
 import pytest
-from conftest import join_or_kill
-from shipping import resource_root, write
 
 from toilcoord.jobstore import LocalJobStore
 from toilcoord.modules import ModuleDescriptor
 from toilcoord.resource_errors import ResourceException
 from toilcoord.resources import DirectoryResource, FileResource, Resource, VirtualEnvResource
+
+from conftest import join_or_kill
+from shipping import resource_root, write
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,6 +70,7 @@ def test_concurrent_downloads_publish_one_whole_copy(tmp_path, root):
             assert not os.path.exists(resource.localDirPath)
             assert len(os.listdir(os.path.join(tempDirPath, "pkg"))) == 21
             barrier.wait()
+
         resource.download(callback=all_unpacked)
         assert len(os.listdir(os.path.join(resource.localPath, "pkg"))) == 21
 
@@ -146,9 +149,17 @@ def test_pickle_round_trip_never_imports(root):
     assert type(Resource.unpickle(resource.pickle())) is FileResource
     toil_style = "toil.resource.DirectoryResource:" + json.dumps(list(resource))
     assert type(Resource.unpickle(toil_style)) is DirectoryResource
-    bad_fields = [["../n", "a" * 32, "u", "b" * 32], ["n", "a" * 32, "u", "../" + "b" * 29], ["n", "A" * 32, "u", "b" * 32]]
-    for bad in ["os.system:" + json.dumps(list(resource)), "no colon", "toilcoord.modules.FileResource:[1, 2]",
-                "FileResource:{not json"] + ["FileResource:" + json.dumps(fields) for fields in bad_fields]:
+    bad_fields = [
+        ["../n", "a" * 32, "u", "b" * 32],
+        ["n", "a" * 32, "u", "../" + "b" * 29],
+        ["n", "A" * 32, "u", "b" * 32],
+    ]
+    for bad in [
+        "os.system:" + json.dumps(list(resource)),
+        "no colon",
+        "toilcoord.modules.FileResource:[1, 2]",
+        "FileResource:{not json",
+    ] + ["FileResource:" + json.dumps(fields) for fields in bad_fields]:
         with pytest.raises(ValueError):
             Resource.unpickle(bad)
 
@@ -212,8 +223,8 @@ def test_download_without_prepare_system_says_so(monkeypatch):
         FileResource("n", "a" * 32, "file:///x", "b" * 32).download()
 
 
-
 # ----------------------------------------------------------------- whose copy
+
 
 def trust_warnings(caplog):
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Not trusting")]
@@ -274,6 +285,7 @@ def test_a_loose_or_symlinked_root_is_replaced_by_a_private_one(tmp_path, root, 
 
 # ----------------------------------------------------------------- FIPS
 
+
 def fips_md5(python38):
     real = hashlib.md5
 
@@ -283,6 +295,7 @@ def fips_md5(python38):
         if kwargs.pop("usedforsecurity", True) is not False:
             raise ValueError("[digital envelope routines] unsupported")
         return real(*args, **kwargs)
+
     return md5
 
 

@@ -1,6 +1,7 @@
 """toilcoord.rthandler: the worker's sending handler, in real processes:
 what it sends, emit never raising, a stuck or absent leader, forks, and
 another user's socket under the leader's name."""
+
 from __future__ import annotations
 
 import json
@@ -14,14 +15,15 @@ import threading
 import time
 
 import pytest
-import rtlog_support
-from conftest import child_env, run_python
-from rtlog_support import PREFIX, leader_server
 
 from toilcoord.rtlog import (
     RealtimeLogger,
     RealtimeLogHandler,
 )
+
+import rtlog_support
+from conftest import child_env, run_python
+from rtlog_support import PREFIX, leader_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -120,7 +122,8 @@ def test_huge_traceback_keeps_its_end():
 
 def test_emit_never_raises_when_the_leader_is_gone(children):
     with RealtimeLogger(host="127.0.0.1"):
-        worker = children.python("""
+        worker = children.python(
+            """
             import sys
             from toilcoord.rtlog import RealtimeLogger
             RealtimeLogger.info("while the leader runs")
@@ -129,7 +132,12 @@ def test_emit_never_raises_when_the_leader_is_gone(children):
             for number in range(100):
                 RealtimeLogger.info("after the leader left %d", number)
             print(RealtimeLogger._handler.dropped, flush=True)
-        """, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        """,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert worker.stdout.readline().strip() == "unix"
     worker.stdin.write("go\n")
     worker.stdin.flush()
@@ -143,7 +151,8 @@ def test_emit_never_raises_without_a_listener_or_with_a_bad_argument():
     unused.bind(("127.0.0.1", 0))
     port = unused.getsockname()[1]
     unused.close()
-    result = run_python("""
+    result = run_python(
+        """
         from toilcoord.rtlog import RealtimeLogger
         class Unprintable:
             def __str__(self):
@@ -152,8 +161,11 @@ def test_emit_never_raises_without_a_listener_or_with_a_bad_argument():
             RealtimeLogger.info("nobody listens %d", number)
         RealtimeLogger.info("bad %s", Unprintable())
         print(RealtimeLogger._handler.transport, RealtimeLogger._handler.dropped > 0)
-    """, env=child_env(**{PREFIX + "ADDRESS": "127.0.0.1:%d" % port,
-                          PREFIX + "LOCAL_ADDRESS": "@no-such-leader-%d" % os.getpid()}))
+    """,
+        env=child_env(
+            **{PREFIX + "ADDRESS": "127.0.0.1:%d" % port, PREFIX + "LOCAL_ADDRESS": "@no-such-leader-%d" % os.getpid()}
+        ),
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["udp", "True"]  # ICMP port unreachable -> counted drops
     assert "no text for you" in result.stderr  # handleError reported it, the caller went on
@@ -256,8 +268,13 @@ def other_user():
     name = "rtsq%s" % os.urandom(4).hex()
     pause = threading.Event()
     for _ in range(50):  # /etc/passwd may be locked by a concurrent useradd
-        done = subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", name],
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            ["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", name],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if done.returncode != 10:  # 10: cannot lock the password file
             break
         pause.wait(0.1)
@@ -316,7 +333,8 @@ def test_workers_never_send_to_another_users_socket_under_the_leaders_name(recei
     with RealtimeLogger(host="127.0.0.1"):
         worker_env = child_env()
         name = os.environ[PREFIX + "LOCAL_ADDRESS"][1:]
-        early = children.python("""
+        early = children.python(
+            """
             import sys
             from toilcoord.rtlog import RealtimeLogger
             RealtimeLogger.info("early worker")
@@ -325,19 +343,27 @@ def test_workers_never_send_to_another_users_socket_under_the_leaders_name(recei
             for number in range(5):
                 RealtimeLogger.info("early worker, leader gone %d", number)
             print("done", flush=True)
-        """, env=worker_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        """,
+            env=worker_env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert early.stdout.readline().strip() == "unix"
         received.wait_for("early worker")
     pid, report, go = squat(name, *other_user)
     try:
         with os.fdopen(report, "rb") as reports:
             assert reports.readline() == b"ready\n"
-            late = run_python("""
+            late = run_python(
+                """
                 from toilcoord.rtlog import RealtimeLogger
                 for number in range(5):
                     RealtimeLogger.info("late worker %d", number)
                 print(RealtimeLogger._handler.transport)
-            """, env=worker_env)
+            """,
+                env=worker_env,
+            )
             early.stdin.write("go\n")
             early.stdin.flush()
             assert early.stdout.readline().strip() == "done"

@@ -1,5 +1,6 @@
 """toilcoord.rtlog: Toil's RealtimeLogger API end to end: leaders and
 workers, nesting, the environment, signing by default, hosts and addresses."""
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,6 @@ import threading
 import time
 
 import pytest
-import rtlog_support
-from conftest import ROOT, child_env, run_in_fork, run_python
-from rtlog_support import PREFIX, VARIABLES, leader_server, raw_sender, toil_datagram, wait_until
 
 from toilcoord._tools.rtlog_burst import rtlog_burst
 from toilcoord.rtlog import (
@@ -29,7 +27,10 @@ from toilcoord.rtlog import (
     split_address,
 )
 
+import rtlog_support
+from conftest import ROOT, child_env, run_in_fork, run_python
 from fuzzing import SEED, random_bytes, rng_for, sizes
+from rtlog_support import PREFIX, VARIABLES, leader_server, raw_sender, toil_datagram, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -182,6 +183,7 @@ def test_a_forked_child_leaving_the_inherited_block_stops_nothing(received):
     # entered" when it ran on out of the with block it inherited.
     leader = RealtimeLogger(host="127.0.0.1")
     with leader:
+
         def child_leaves_then_logs():
             leader.__exit__(None, None, None)  # what running on out of the block does
             RealtimeLogger.info("child, after leaving the block")
@@ -254,11 +256,14 @@ def test_levels_addresses_and_arguments_are_checked():
 
 
 def test_bad_environment_on_a_worker_is_not_fatal():
-    result = run_python("""
+    result = run_python(
+        """
         import logging
         from toilcoord.rtlog import RealtimeLogger
         print(RealtimeLogger.getLogger().level == logging.CRITICAL)
-    """, env=child_env(**{PREFIX + "ADDRESS": "not an address"}))
+    """,
+        env=child_env(**{PREFIX + "ADDRESS": "not an address"}),
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True" and "Real-time logging disabled" in result.stderr
 
@@ -282,8 +287,14 @@ def test_binding_and_advertising_need_no_network(received, monkeypatch):
 
 def test_import_is_light():
     # -S: no site hooks importing things before us.
-    result = subprocess.run([sys.executable, "-S", "-c", "import sys, toilcoord; print(' '.join(sys.modules))"],
-                            env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", "import sys, toilcoord; print(' '.join(sys.modules))"],
+        env=child_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     loaded = set(result.stdout.split())
     assert "toilcoord.rtlog" in loaded
@@ -315,8 +326,10 @@ def two_hosts():
             ("link", "add", "rtl", "netns", leader_ns, "type", "veth", "peer", "name", "rtw", "netns", worker_ns),
             ("-n", leader_ns, "addr", "add", "10.231.0.1/24", "dev", "rtl"),
             ("-n", worker_ns, "addr", "add", "10.231.0.2/24", "dev", "rtw"),
-            ("-n", leader_ns, "link", "set", "rtl", "up"), ("-n", leader_ns, "link", "set", "lo", "up"),
-            ("-n", worker_ns, "link", "set", "rtw", "up"), ("-n", worker_ns, "link", "set", "lo", "up"),
+            ("-n", leader_ns, "link", "set", "rtl", "up"),
+            ("-n", leader_ns, "link", "set", "lo", "up"),
+            ("-n", worker_ns, "link", "set", "rtw", "up"),
+            ("-n", worker_ns, "link", "set", "lo", "up"),
         ]
         for step in steps:
             done = ip(*step)
@@ -359,7 +372,12 @@ def test_worker_on_another_host_reaches_the_leader(two_hosts, children, host):
     leader_ns, worker_ns = two_hosts
     leader = subprocess.Popen(
         ["ip", "netns", "exec", leader_ns, sys.executable, "-c", LEADER_IN_NAMESPACE, host],
-        env=child_env(), cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        env=child_env(),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     children.started.append(leader)
     address = leader.stdout.readline().strip()
     local_address = leader.stdout.readline().strip()
@@ -367,9 +385,15 @@ def test_worker_on_another_host_reaches_the_leader(two_hosts, children, host):
     assert address.startswith("10.231.0.1:")  # its own choice finds the veth address
     worker = subprocess.run(
         ["ip", "netns", "exec", worker_ns, sys.executable, "-c", WORKER_IN_NAMESPACE],
-        env=child_env(**{PREFIX + "ADDRESS": address, PREFIX + "LOCAL_ADDRESS": local_address,
-                         PREFIX + "SECRET": secret}),
-        cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        env=child_env(
+            **{PREFIX + "ADDRESS": address, PREFIX + "LOCAL_ADDRESS": local_address, PREFIX + "SECRET": secret}
+        ),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert worker.returncode == 0, worker.stderr
     assert worker.stdout.strip() == "udp"  # the leader's local socket is out of reach
     assert leader.stdout.readline().startswith("got across hosts ")
@@ -481,14 +505,17 @@ def test_any_other_value_keeps_the_leader_signing(received, monkeypatch, caplog,
             wait_until(lambda: leader_server().statistics()["forged"] == 1)
     assert received.messages() == []
     ignored = [r.getMessage() for r in caplog.records if "TOILCOORD_RTLOG_UNSIGNED" in r.getMessage()]
-    assert ignored == (["Real-time logging: TOILCOORD_RTLOG_UNSIGNED='yes' ignored (1 or 0 only); signing"]
-                       if value == "yes" else [])
+    assert ignored == (
+        ["Real-time logging: TOILCOORD_RTLOG_UNSIGNED='yes' ignored (1 or 0 only); signing"] if value == "yes" else []
+    )
 
 
 def test_only_the_leaders_environment_counts(received, monkeypatch):
     with RealtimeLogger(host="127.0.0.1"):  # a worker that sets the variable signs all the same
-        worker = run_python("from toilcoord.rtlog import RealtimeLogger; RealtimeLogger.info('signed')",
-                            env=child_env(TOILCOORD_RTLOG_UNSIGNED="1"))
+        worker = run_python(
+            "from toilcoord.rtlog import RealtimeLogger; RealtimeLogger.info('signed')",
+            env=child_env(TOILCOORD_RTLOG_UNSIGNED="1"),
+        )
         assert worker.returncode == 0, worker.stderr
         received.wait_for("signed")
         toil_worker = run_python(TOIL_WORKER, "dropped", env=child_env(TOILCOORD_RTLOG_UNSIGNED="1"))
@@ -553,25 +580,71 @@ def test_our_warnings_survive_toils_silencing_of_other_packages(caplog):
 
 # ------------------------------------------------------- fuzz: datagrams
 
+
 def random_json_value(rng, depth=0):
     choice = rng.randrange(12 if depth < 3 else 8)
     return [
-        lambda: None, lambda: rng.random() < 0.5, lambda: rng.randint(-2 ** 70, 2 ** 70),
+        lambda: None,
+        lambda: rng.random() < 0.5,
+        lambda: rng.randint(-(2**70), 2**70),
         lambda: rng.choice([0.0, -1.5, 1e308, -1e308, float("inf"), float("-inf"), float("nan"), 1e11, 3e9]),
-        lambda: rng.choice(["", "x", "%s", "%d", "%c", "%(k)s", "%*d", "%.*f", "%0999999999d", "%-99999s",
-                            "%", "%%", "\ud800", "\x00", "é" * 50, "%(" * 30]),
-        lambda: rng.randint(0, 0x10FFFF * 100), lambda: "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(8)),
-        lambda: rng.choice([10 ** 10, -1, 0x110000, 2 ** 63]),
+        lambda: rng.choice(
+            [
+                "",
+                "x",
+                "%s",
+                "%d",
+                "%c",
+                "%(k)s",
+                "%*d",
+                "%.*f",
+                "%0999999999d",
+                "%-99999s",
+                "%",
+                "%%",
+                "\ud800",
+                "\x00",
+                "é" * 50,
+                "%(" * 30,
+            ]
+        ),
+        lambda: rng.randint(0, 0x10FFFF * 100),
+        lambda: "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(8)),
+        lambda: rng.choice([10**10, -1, 0x110000, 2**63]),
         lambda: [random_json_value(rng, depth + 1) for _ in range(rng.randrange(4))],
-        lambda: {rng.choice(["k", "msg", "", "a b"]): random_json_value(rng, depth + 1) for _ in range(rng.randrange(3))},
+        lambda: {
+            rng.choice(["k", "msg", "", "a b"]): random_json_value(rng, depth + 1) for _ in range(rng.randrange(3))
+        },
         lambda: [random_json_value(rng, depth + 1)],
         lambda: {"k": random_json_value(rng, depth + 1)},
     ][choice]()
 
 
-FIELDS = ["name", "levelno", "levelname", "msg", "args", "created", "msecs", "relativeCreated", "lineno",
-          "pathname", "exc_text", "stack_info", "thread", "process", "rt_seq", "rt_sender", "funcName",
-          "getMessage", "__dict__", "exc_info", "message", "asctime", "extra"]
+FIELDS = [
+    "name",
+    "levelno",
+    "levelname",
+    "msg",
+    "args",
+    "created",
+    "msecs",
+    "relativeCreated",
+    "lineno",
+    "pathname",
+    "exc_text",
+    "stack_info",
+    "thread",
+    "process",
+    "rt_seq",
+    "rt_sender",
+    "funcName",
+    "getMessage",
+    "__dict__",
+    "exc_info",
+    "message",
+    "asctime",
+    "extra",
+]
 
 
 def hostile_datagram(rng, real):
@@ -582,7 +655,7 @@ def hostile_datagram(rng, real):
         data = bytearray(real)
         for _ in range(rng.randint(1, 4)):
             data[rng.randrange(len(data))] = rng.getrandbits(8)
-        return bytes(data[:rng.randrange(1, len(data) + 1)] if rng.random() < 0.3 else data)
+        return bytes(data[: rng.randrange(1, len(data) + 1)] if rng.random() < 0.3 else data)
     fields = json.loads(real)
     if kind == 2:  # fields given random values
         for _ in range(rng.randint(1, 4)):
@@ -593,9 +666,14 @@ def hostile_datagram(rng, real):
     elif kind == 4:  # hostile times
         fields[rng.choice(["created", "msecs", "relativeCreated"])] = random_json_value(rng)
     else:  # deep nesting, huge numbers, odd escapes as raw text
-        return rng.choice([b"[" * 5000 + b"]" * 5000, b'{"name":"n","levelno":20,"msg":' + b"1" * 5000 + b"}",
-                           b'{"name":"n","levelno":20,"msg":"\\ud800\\udc00\\u0000"}',
-                           b'{"name":"n","levelno":20,"msg":"x","args":' + b"[" * 3000 + b"]" * 3000 + b"}"])
+        return rng.choice(
+            [
+                b"[" * 5000 + b"]" * 5000,
+                b'{"name":"n","levelno":20,"msg":' + b"1" * 5000 + b"}",
+                b'{"name":"n","levelno":20,"msg":"\\ud800\\udc00\\u0000"}',
+                b'{"name":"n","levelno":20,"msg":"x","args":' + b"[" * 3000 + b"]" * 3000 + b"}",
+            ]
+        )
     return json.dumps(fields).encode()
 
 
@@ -605,8 +683,11 @@ class Formatting(logging.Handler):
     def __init__(self):
         super().__init__()
         self.level = float("-inf")  # see records of any level, negative ones too
-        self.setFormatter(logging.Formatter(
-            "%(asctime)s %(msecs)03d %(relativeCreated)d %(levelname)s %(name)s %(lineno)d %(message)s"))
+        self.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(msecs)03d %(relativeCreated)d %(levelname)s %(name)s %(lineno)d %(message)s"
+            )
+        )
         self.seen = []
         self.errors = []
         self.changed = threading.Condition()
@@ -655,7 +736,11 @@ def fuzz_datagrams(count, batch=25):
             sent += 1
             # Paced so the kernel never drops: a missing sentinel means the server stopped.
             assert formatting.wait_for(marker), "the server stopped serving after datagrams %d-%d (seed %d): %r" % (
-                first, first + len(datagrams), SEED, [d[:120] for d in datagrams])
+                first,
+                first + len(datagrams),
+                SEED,
+                [d[:120] for d in datagrams],
+            )
         stats = server.statistics()
     finally:
         sender.close()

@@ -1,6 +1,7 @@
 """toilcoord.rtserver: the leader's receiver, through a real leader: draining
 into memory, hostile and forged datagrams, counting, replays, dispatch to
 the logging handlers."""
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,16 @@ import socket
 import threading
 
 import pytest
-import rtlog_support
-from conftest import run_python
-from rtlog_support import PREFIX, Collector, leader_server, plain_leader, raw_sender, toil_datagram, wait_until
 
 from toilcoord.rtlog import (
     RECEIVED_MARK,
     RealtimeLogger,
     RealtimeLogHandler,
 )
+
+import rtlog_support
+from conftest import run_python
+from rtlog_support import PREFIX, Collector, leader_server, plain_leader, raw_sender, toil_datagram, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,8 +32,10 @@ clean_state, received = rtlog_support.clean_state, rtlog_support.received
 @pytest.mark.parametrize("limit", [None, 20000])
 def test_udp_is_drained_into_memory_while_handlers_are_slow(received, monkeypatch, limit):
     if limit is not None:
+
         class SmallBacklog(RealtimeLogger.serverClass):
             backlog_limit = limit
+
         monkeypatch.setattr(RealtimeLogger, "serverClass", SmallBacklog)
     release = threading.Event()
 
@@ -51,7 +55,7 @@ def test_udp_is_drained_into_memory_while_handlers_are_slow(received, monkeypatc
             # loopback cannot drop any: the decoder is stuck in a handler,
             # yet the socket keeps being read.
             for chunk in range(0, len(datagrams), 30):
-                for datagram in datagrams[chunk:chunk + 30]:
+                for datagram in datagrams[chunk : chunk + 30]:
                     sender.send(datagram)
                 sent = min(chunk + 30, len(datagrams))
                 wait_until(lambda: len(server._backlog) + server.statistics()["overflow"] == sent - 1)
@@ -87,7 +91,15 @@ def junk_datagrams(transport):
     rng = random.Random(20240917)
     junk = [bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 1500))) for _ in range(150)]
     junk += [
-        b"", b"{", b'{"msg": ', b"[]", b"null", b'"text"', b"42", b"\xff\xfe\x00{}", b"[" * 50000,
+        b"",
+        b"{",
+        b'{"msg": ',
+        b"[]",
+        b"null",
+        b'"text"',
+        b"42",
+        b"\xff\xfe\x00{}",
+        b"[" * 50000,
         b'{"msg": "no name or level"}',
         b'{"name": "n", "levelno": 20}',
         b'{"name": "n", "levelno": "20", "msg": "x"}',
@@ -127,10 +139,20 @@ def test_hostile_arguments_and_times_neither_stop_the_server_nor_break_formatter
     # stopped serving; "%0999999999d" made the leader build a gigabyte; and a
     # "created" of Infinity or 1e300 reached the handlers, where every
     # Formatter raised.
-    hostile_args = [("%c", [10 ** 10]), ("%d", [float("inf")]), ("%.*f", [10 ** 10, 1.0]),
-                    ("%0999999999d", [1]), ("%-99999999s|", ["x"])]
-    bad_times = [{"created": float("inf")}, {"created": 1e300}, {"created": float("nan")},
-                 {"msecs": float("-inf")}, {"relativeCreated": float("nan")}]
+    hostile_args = [
+        ("%c", [10**10]),
+        ("%d", [float("inf")]),
+        ("%.*f", [10**10, 1.0]),
+        ("%0999999999d", [1]),
+        ("%-99999999s|", ["x"]),
+    ]
+    bad_times = [
+        {"created": float("inf")},
+        {"created": 1e300},
+        {"created": float("nan")},
+        {"msecs": float("-inf")},
+        {"relativeCreated": float("nan")},
+    ]
     formatter = logging.Formatter("%(asctime)s %(msecs)03d %(relativeCreated)d %(levelname)s %(message)s")
     with RealtimeLogger(host="127.0.0.1", secret=False):  # unsigned datagrams
         server = leader_server()
@@ -205,8 +227,9 @@ def test_secret_drops_unsigned_and_forged_and_accepts_signed(received):
 
 def test_summary_counts_losses_per_sender(received, caplog):
     def numbered(sender, seq):
-        return json.dumps({"name": "w", "levelno": 20, "msg": "%s %d" % (sender, seq),
-                           "rt_sender": sender, "rt_seq": seq}).encode()
+        return json.dumps(
+            {"name": "w", "levelno": 20, "msg": "%s %d" % (sender, seq), "rt_sender": sender, "rt_seq": seq}
+        ).encode()
 
     caplog.set_level(logging.INFO, logger="toilcoord.rtlog")
     with RealtimeLogger(host="127.0.0.1", secret=False):  # unsigned datagrams
@@ -220,8 +243,10 @@ def test_summary_counts_losses_per_sender(received, caplog):
     assert stats["senders"] == {"s1": {"received": 3, "lost": 3}, "s2": {"received": 1, "lost": 0}}
     assert stats["lost"] == 3
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Real-time logging received")]
-    assert summary == ["Real-time logging received 4 records; dropped 0 malformed, 0 unsigned or forged, "
-                       "0 replayed, 0 over the backlog limit; lost 3 in transit (s1 lost 3)"]
+    assert summary == [
+        "Real-time logging received 4 records; dropped 0 malformed, 0 unsigned or forged, "
+        "0 replayed, 0 over the backlog limit; lost 3 in transit (s1 lost 3)"
+    ]
 
 
 # ------------------------------------------------------------- wire and config
@@ -244,8 +269,9 @@ def test_toil_worker_datagrams_are_understood(received):
 
 
 def numbered(sender, seq, message=None):
-    return json.dumps({"name": "w", "levelno": 20, "msg": message or "%s %d" % (sender, seq),
-                       "rt_sender": sender, "rt_seq": seq}).encode()
+    return json.dumps(
+        {"name": "w", "levelno": 20, "msg": message or "%s %d" % (sender, seq), "rt_sender": sender, "rt_seq": seq}
+    ).encode()
 
 
 def worker_record(message):
@@ -282,10 +308,9 @@ def test_forged_senders_cannot_inflate_the_loss_count(received, monkeypatch):
     with plain_leader():
         server = leader_server()
         sender = raw_sender(server, "unix")
-        for datagram in (numbered("liar", 0), numbered("liar", 10 ** 9), numbered("honest", 0),
-                         numbered("honest", 2)):
+        for datagram in (numbered("liar", 0), numbered("liar", 10**9), numbered("honest", 0), numbered("honest", 2)):
             sender.send(datagram)
-        sender.send(numbered("liar", 10 ** 9 + 1, "last"))
+        sender.send(numbered("liar", 10**9 + 1, "last"))
         received.wait_for("last")
         lied = server.statistics()
         for number in range(10):
@@ -300,7 +325,7 @@ def test_forged_senders_cannot_inflate_the_loss_count(received, monkeypatch):
     with RealtimeLogger(host="127.0.0.1"):  # with a secret, unsigned senders count for nothing
         server = leader_server()
         sender = raw_sender(server, "unix")
-        sender.send(numbered("forger", 10 ** 9))
+        sender.send(numbered("forger", 10**9))
         sender.close()
         worker = run_python("from toilcoord.rtlog import RealtimeLogger; RealtimeLogger.info('signed')")
         assert worker.returncode == 0, worker.stderr

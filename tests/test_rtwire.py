@@ -1,5 +1,6 @@
 """toilcoord.rtwire: the wire's pure functions directly, and its cleaning
 and bounding rules end to end through a real leader."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,14 @@ import re
 import time
 
 import pytest
-import rtlog_support
-from conftest import run_python
-from rtlog_support import leader_server, plain_leader, raw_sender, toil_datagram
 
 from toilcoord.rtlog import (
     RealtimeLogger,
 )
+
+import rtlog_support
+from conftest import run_python
+from rtlog_support import leader_server, plain_leader, raw_sender, toil_datagram
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,17 +30,30 @@ clean_state, received = rtlog_support.clean_state, rtlog_support.received
 # LF...), DEL, Unicode line separators, bidi overrides, lone surrogates.
 UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
-HOSTILE_TEXT = ("ok\n2030-01-01 00:00:00,000 CRITICAL root: fake line\r\x1b[2J\x1b]0;owned\x07"
-                "\x9b31m\u2028\u202eevil\ud800\x00end")
+HOSTILE_TEXT = (
+    "ok\n2030-01-01 00:00:00,000 CRITICAL root: fake line\r\x1b[2J\x1b]0;owned\x07\x9b31m\u2028\u202eevil\ud800\x00end"
+)
 
 
 def test_received_text_cannot_fake_lines_or_drive_a_terminal(received):
-    fields = {key: HOSTILE_TEXT for key in ("threadName", "processName", "funcName", "filename", "module",
-                                             "exc_text", "stack_info", "message", "asctime", "custom")}
+    fields = {
+        key: HOSTILE_TEXT
+        for key in (
+            "threadName",
+            "processName",
+            "funcName",
+            "filename",
+            "module",
+            "exc_text",
+            "stack_info",
+            "message",
+            "asctime",
+            "custom",
+        )
+    }
     with plain_leader():
         sender = raw_sender(leader_server(), "udp")
-        sender.send(toil_datagram("msg " + HOSTILE_TEXT + " arg %s", HOSTILE_TEXT, name="w\n" + HOSTILE_TEXT,
-                                  **fields))
+        sender.send(toil_datagram("msg " + HOSTILE_TEXT + " arg %s", HOSTILE_TEXT, name="w\n" + HOSTILE_TEXT, **fields))
         sender.send(toil_datagram("last"))
         sender.close()
         received.wait_for("last")
@@ -90,10 +105,12 @@ def test_a_levelname_contradicting_the_level_is_dropped(received):
 
 def test_a_widening_format_string_cannot_make_a_huge_message(received):
     cap = getattr(RealtimeLogger.serverClass, "max_message_size", 65536)
-    hostile = [("%(a)9999s" * 7000, {"a": "x"}, " " * 9998 + "x"),          # 70 MB if formatted
-               ("%(a)s" * 6000, {"a": "y" * 20000}, "y" * 20000),          # 120 MB
-               ("%9999s" * 3000, ["z"] * 3000, " " * 9998 + "z"),          # 30 MB
-               ("%-9999.9999f|" * 3000, [1e300] * 3000, "%f" % 1e300)]  # 60 MB of digits
+    hostile = [
+        ("%(a)9999s" * 7000, {"a": "x"}, " " * 9998 + "x"),  # 70 MB if formatted
+        ("%(a)s" * 6000, {"a": "y" * 20000}, "y" * 20000),  # 120 MB
+        ("%9999s" * 3000, ["z"] * 3000, " " * 9998 + "z"),  # 30 MB
+        ("%-9999.9999f|" * 3000, [1e300] * 3000, "%f" % 1e300),
+    ]  # 60 MB of digits
     started = time.monotonic()
     with plain_leader():
         sender = raw_sender(leader_server(), "udp")
@@ -122,7 +139,7 @@ def test_wire_functions_sanitize_format_and_number():
     assert format_message("%s", {"k": "v"}, 100) == "{'k': 'v'}"
     assert format_message("line\n%s", ["\x1b"], 100) == "line\\n\\x1b"
     assert format_message("mismatch %s %s", ["one"], 100) == "mismatch %s %s ('one',)"
-    assert format_message("%c", [10 ** 10], 1000) == "%c (10000000000,)"
+    assert format_message("%c", [10**10], 1000) == "%c (10000000000,)"
     cut = format_message("%s|" * 10 + "%s", ["x" * 30] * 11, 100)  # stops before the conversion that might pass
     assert cut == "|".join(["x" * 30] * 2) + "|" + MESSAGE_CUT % 100
     assert format_message("y" * 150, None, 100) == "y" * 100 + MESSAGE_CUT % 100

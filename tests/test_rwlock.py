@@ -1,4 +1,5 @@
 """global_mutex(shared=True): many readers or one writer, writers first."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,7 @@ print("out", flush=True)
 
 
 def start(children, directory, mode):
-    return children.python(HOLD, str(directory), "m", mode, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           text=True)
+    return children.python(HOLD, str(directory), "m", mode, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
 def holding(children, directory, mode):
@@ -102,6 +102,7 @@ def test_a_writer_thread_waits_for_reader_threads_and_keeps_new_ones_out(tmp_pat
     order = []
     writer_waits = threading.Event()
     with global_mutex(tmp_path, "m", shared=True):
+
         def write() -> None:
             writer_waits.set()
             with global_mutex(tmp_path, "m"):

@@ -1,4 +1,5 @@
 """ResourceSlots: n slots at a time, freed by death, none starved."""
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,9 @@ while not select.select([sys.stdin], [], [], 0)[0]:
 
 
 def holding(children, directory, ids, n):
-    holder = children.python(HOLD, str(directory), ids, str(n), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True)
+    holder = children.python(
+        HOLD, str(directory), ids, str(n), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     return holder, holder.stdout.readline().strip().split(",")
 
 
@@ -94,9 +96,11 @@ def test_threads_hold_slots_apart(tmp_path):
     slots = ResourceSlots(tmp_path, "gpu", 2)
     seen = []
     with slots.acquire() as ours:
+
         def other() -> None:
             with slots.acquire(timeout=20) as theirs:
                 seen.extend(theirs)
+
         thread = threading.Thread(target=other)
         thread.start()
         thread.join(30)
@@ -116,9 +120,15 @@ def test_a_waiter_for_two_gets_in_while_three_others_cycle(tmp_path, children):
     cyclers = [children.python(CYCLE, str(coord), "0,1,2", str(count), stdin=subprocess.PIPE) for count in counts]
     try:
         wait_until(lambda: all(count.exists() and count.stat().st_size for count in counts))
-        waiter = children.python(HOLD.replace("with slots", "print('trying', flush=True)\nwith slots"),
-                                 str(coord), "0,1,2", "2",
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        waiter = children.python(
+            HOLD.replace("with slots", "print('trying', flush=True)\nwith slots"),
+            str(coord),
+            "0,1,2",
+            "2",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert waiter.stdout.readline() == "trying\n"
         before = sum(count.stat().st_size for count in counts)
         ids = waiter.stdout.readline().strip().split(",")
@@ -159,8 +169,9 @@ def test_ids_environment_for_a_child(tmp_path, children):
     slots = ResourceSlots(tmp_path, "gpu", ["1", "3"])
     with slots.acquire(2) as ids:
         env = {**os.environ, **ids_environment(ids)}
-        child = children.python("import os; print(os.environ['CUDA_VISIBLE_DEVICES'])", env=env,
-                                stdout=subprocess.PIPE, text=True)
+        child = children.python(
+            "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])", env=env, stdout=subprocess.PIPE, text=True
+        )
         assert child.communicate()[0] == "1,3\n"
     assert ids_environment(["a"], "LICENCES") == {"LICENCES": "a"}
     with pytest.raises(ValueError):

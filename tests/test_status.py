@@ -1,5 +1,6 @@
 """Tests for toilcoord.status and ``python -m toilcoord status``: live,
 dead and planted holders, in real processes."""
+
 from __future__ import annotations
 
 import json
@@ -85,8 +86,15 @@ def by_name(entries):
 
 
 def status_cli(*args):
-    return subprocess.run([sys.executable, "-m", "toilcoord", "status", *args], env=child_env(), cwd=ROOT,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "toilcoord", "status", *args],
+        env=child_env(),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_a_live_holder_is_shown_with_its_purpose_and_waiters(tmp_path, children):
@@ -163,8 +171,13 @@ def test_planted_entries_are_skipped_without_blocking(tmp_path, children):
     os.mkfifo(tmp_path / "deferred" / "funcfifo")
     report = directory_status(str(tmp_path))
     skipped = {entry["name"]: entry["reason"] for entry in report["skipped"]}
-    assert skipped == {"toil-mutex-link": "a symbolic link", "toil-mutex-fifo": "a FIFO", "toil-proc-fifo": "a FIFO",
-                       "x-arena-live": "a directory", "deferred/funcfifo": "a FIFO"}
+    assert skipped == {
+        "toil-mutex-link": "a symbolic link",
+        "toil-mutex-fifo": "a FIFO",
+        "toil-proc-fifo": "a FIFO",
+        "x-arena-live": "a directory",
+        "deferred/funcfifo": "a FIFO",
+    }
     mutexes = by_name(report["mutexes"])
     assert set(mutexes) == {"huge", "garbage"}
     assert (mutexes["huge"]["held"], mutexes["huge"]["holder"]) == (False, None)
@@ -189,8 +202,11 @@ def test_another_users_files_are_reported_as_theirs(tmp_path, children, other_us
     name.write_bytes(b"")
     os.chown(name, *other_user)
     report = directory_status(str(tmp_path))
-    assert by_name(report["process_names"])[name.name] == {"name": name.name, "alive": False,
-                                                           "owner_uid": other_user[0]}
+    assert by_name(report["process_names"])[name.name] == {
+        "name": name.name,
+        "alive": False,
+        "owner_uid": other_user[0],
+    }
     assert report["deferred"]["owners"] == [{"uid": other_user[0], "files": 1, "pending": 0, "uncounted": 0}]
     assert name.exists() and theirs.exists()
 
@@ -208,8 +224,12 @@ def test_the_command_prints_a_table_or_one_json_document(tmp_path, children):
 
 @pytest.mark.parametrize("where", ["missing", "empty", "file", "symlink"])
 def test_a_directory_that_cannot_be_read_is_one_line_and_exit_1(tmp_path, where):
-    path = {"missing": str(tmp_path / "nowhere"), "empty": "", "file": str(tmp_path / "file"),
-            "symlink": str(tmp_path / "link")}[where]
+    path = {
+        "missing": str(tmp_path / "nowhere"),
+        "empty": "",
+        "file": str(tmp_path / "file"),
+        "symlink": str(tmp_path / "link"),
+    }[where]
     (tmp_path / "file").write_text("")
     os.symlink(tmp_path, tmp_path / "link")
     run = status_cli("--dir", path)

@@ -1,5 +1,6 @@
 """install_termination_cleanup: real processes, real signals, sent at
 moments the child reports through pipes."""
+
 from __future__ import annotations
 
 import os
@@ -42,9 +43,17 @@ def script(body: str) -> str:
 def start(children, tmp_path, body: str, *fds: int) -> subprocess.Popen:
     log = tmp_path / "log"
     log.touch()
-    return children.python(script(body), str(tmp_path), str(log), *map(str, fds),
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, pass_fds=fds)
+    return children.python(
+        script(body),
+        str(tmp_path),
+        str(log),
+        *map(str, fds),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        pass_fds=fds,
+    )
 
 
 def finish(child: subprocess.Popen, tmp_path) -> tuple:
@@ -58,7 +67,10 @@ def state_files(tmp_path) -> list:
 
 @pytest.mark.timeout(60)
 def test_sigterm_runs_every_managers_functions_in_order_then_dies_of_it(children, tmp_path) -> None:
-    child = start(children, tmp_path, """
+    child = start(
+        children,
+        tmp_path,
+        """
         first, second = DeferredFunctionManager(base), DeferredFunctionManager(base)
         install_termination_cleanup()
         with first.open() as defer_first, second.open() as defer_second:
@@ -68,7 +80,8 @@ def test_sigterm_runs_every_managers_functions_in_order_then_dies_of_it(children
             say("ready")
             sys.stdin.read()        # the job's work; the signal comes here
             say("not reached")
-    """)
+    """,
+    )
     assert child.stdout.readline() == "ready\n"
     child.send_signal(signal.SIGTERM)
     status, log, stderr = finish(child, tmp_path)
@@ -80,15 +93,27 @@ def test_sigterm_runs_every_managers_functions_in_order_then_dies_of_it(children
 
 @pytest.mark.timeout(60)
 def test_the_shell_sees_128_plus_the_signal(tmp_path) -> None:
-    done = subprocess.run(["sh", "-c", '"$0" -c "$1" "$2" "$3"; echo "status $?"',
-                           sys.executable, script("""
+    done = subprocess.run(
+        [
+            "sh",
+            "-c",
+            '"$0" -c "$1" "$2" "$3"; echo "status $?"',
+            sys.executable,
+            script("""
                                manager = DeferredFunctionManager(base)
                                install_termination_cleanup(manager, signals=(signal.SIGUSR1,))
                                with manager.open() as defer:
                                    defer(note, "ran")
                                    os.kill(os.getpid(), signal.SIGUSR1)
-                           """), str(tmp_path), str(tmp_path / "log")],
-                          env=child_env(), capture_output=True, text=True, timeout=60)
+                           """),
+            str(tmp_path),
+            str(tmp_path / "log"),
+        ],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.stdout.split() == ["status", str(128 + signal.SIGUSR1)], done.stderr
     assert (tmp_path / "log").read_text() == "ran\n"
 
@@ -97,7 +122,10 @@ def test_the_shell_sees_128_plus_the_signal(tmp_path) -> None:
 def test_a_function_running_when_the_signal_comes_finishes_and_never_runs_twice(children, tmp_path) -> None:
     started_read, started_write = os.pipe()
     go_read, go_write = os.pipe()
-    child = start(children, tmp_path, """
+    child = start(
+        children,
+        tmp_path,
+        """
         started, go = int(sys.argv[3]), int(sys.argv[4])
 
         def slow(tag):
@@ -112,7 +140,10 @@ def test_a_function_running_when_the_signal_comes_finishes_and_never_runs_twice(
             defer(slow, "two")
             defer(note, "three")
         say("after the block")      # reached: the signal waits for the run
-    """, started_write, go_read)
+    """,
+        started_write,
+        go_read,
+    )
     os.close(started_write)
     os.close(go_read)
     try:
@@ -135,7 +166,10 @@ def test_a_defer_cut_by_the_signal_finishes_and_its_function_runs(children, tmp_
     # defer, before its record is written.
     inside_read, inside_write = os.pipe()
     go_read, go_write = os.pipe()
-    child = start(children, tmp_path, """
+    child = start(
+        children,
+        tmp_path,
+        """
         inside, go = int(sys.argv[3]), int(sys.argv[4])
 
         class Gate:
@@ -151,7 +185,10 @@ def test_a_defer_cut_by_the_signal_finishes_and_its_function_runs(children, tmp_
             defer(note, "cut", Gate())
             say("defer returned")   # not reached: the handler exits first
             sys.stdin.read()
-    """, inside_write, go_read)
+    """,
+        inside_write,
+        go_read,
+    )
     os.close(inside_write)
     os.close(go_read)
     try:
@@ -170,14 +207,18 @@ def test_a_defer_cut_by_the_signal_finishes_and_its_function_runs(children, tmp_
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("after", [1, 7, 40, 200])
 def test_sigterm_during_defers_in_a_loop(children, tmp_path, after: int) -> None:
-    child = start(children, tmp_path, """
+    child = start(
+        children,
+        tmp_path,
+        """
         manager = DeferredFunctionManager(base)
         install_termination_cleanup(manager)
         with manager.open() as defer:
             for index in range(10**6):
                 defer(note, str(index))
                 say(str(index))
-    """)
+    """,
+    )
     promised = []
     for _ in range(after):
         promised.append(int(child.stdout.readline()))
@@ -199,7 +240,10 @@ def test_sigterm_during_defers_in_a_loop(children, tmp_path, after: int) -> None
 @pytest.mark.timeout(60)
 def test_when_the_grace_period_runs_out_the_rest_is_left_for_the_next_process(children, tmp_path) -> None:
     never_read, never_write = os.pipe()
-    child = start(children, tmp_path, """
+    child = start(
+        children,
+        tmp_path,
+        """
         never = int(sys.argv[3])
 
         def hang():
@@ -213,7 +257,9 @@ def test_when_the_grace_period_runs_out_the_rest_is_left_for_the_next_process(ch
             defer(note, "last")
             say("ready")
             sys.stdin.read()
-    """, never_read)
+    """,
+        never_read,
+    )
     os.close(never_read)
     try:
         assert child.stdout.readline() == "ready\n"
@@ -225,11 +271,14 @@ def test_when_the_grace_period_runs_out_the_rest_is_left_for_the_next_process(ch
     assert log == ["first"]
     assert "grace period" in stderr and "hang" in stderr
     assert len(state_files(tmp_path)) == 1  # the dead worker's file, for the next process
-    later = run_python("""
+    later = run_python(
+        """
         import sys
         from toilcoord import DeferredFunctionManager
         DeferredFunctionManager.cleanupWorker(sys.argv[1])
-    """, str(tmp_path))
+    """,
+        str(tmp_path),
+    )
     assert later.returncode == 0, later.stderr
     assert (tmp_path / "log").read_text().split() == ["first", "last"]
 
@@ -237,7 +286,10 @@ def test_when_the_grace_period_runs_out_the_rest_is_left_for_the_next_process(ch
 @pytest.mark.timeout(60)
 def test_a_second_signal_during_the_cleanup_ends_the_process_at_once(children, tmp_path) -> None:
     started_read, started_write = os.pipe()
-    child = start(children, tmp_path, """
+    child = start(
+        children,
+        tmp_path,
+        """
         started = int(sys.argv[3])
 
         def stuck():
@@ -251,7 +303,9 @@ def test_a_second_signal_during_the_cleanup_ends_the_process_at_once(children, t
             defer(note, "never")
             say("ready")
             signal.pause()
-    """, started_write)
+    """,
+        started_write,
+    )
     os.close(started_write)
     try:
         assert child.stdout.readline() == "ready\n"
@@ -292,16 +346,28 @@ def test_only_the_main_thread_may_install() -> None:
     thread.start()
     thread.join()
     assert len(errors) == 1 and "main thread" in str(errors[0])
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or not callable(signal.getsignal(signal.SIGTERM)) \
+    assert (
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        or not callable(signal.getsignal(signal.SIGTERM))
         or signal.getsignal(signal.SIGTERM).__module__ != termination.__name__
+    )
 
 
-@pytest.mark.parametrize("arguments, error", [
-    ({"grace": 0}, ValueError), ({"grace": -1}, ValueError), ({"grace": float("nan")}, ValueError),
-    ({"grace": "30"}, ValueError), ({"grace": True}, ValueError),
-    ({"signals": ()}, ValueError), ({"signals": (signal.SIGKILL,)}, ValueError), ({"signals": ("TERM",)}, ValueError),
-    ({"signals": (99999,)}, ValueError), ({"manager": "dir"}, TypeError),
-])
+@pytest.mark.parametrize(
+    "arguments, error",
+    [
+        ({"grace": 0}, ValueError),
+        ({"grace": -1}, ValueError),
+        ({"grace": float("nan")}, ValueError),
+        ({"grace": "30"}, ValueError),
+        ({"grace": True}, ValueError),
+        ({"signals": ()}, ValueError),
+        ({"signals": (signal.SIGKILL,)}, ValueError),
+        ({"signals": ("TERM",)}, ValueError),
+        ({"signals": (99999,)}, ValueError),
+        ({"manager": "dir"}, TypeError),
+    ],
+)
 def test_bad_arguments_are_refused_before_any_handler_is_set(arguments, error) -> None:
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(error):

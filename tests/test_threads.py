@@ -1,4 +1,5 @@
 """ExceptionalThread, cpu_count (with scheduler allocations) and memory_limit."""
+
 from __future__ import annotations
 
 import functools
@@ -8,13 +9,13 @@ import threading
 from typing import Dict, List
 
 import pytest
+from test_cgroups import GIB, V2_LINES, fake_cgroups
 
 from toilcoord import threads
+from toilcoord.cgroups import cgroup_memory_limit
 from toilcoord.threads import ExceptionalThread, cpu_count, cpu_count_sources, memory_limit, scheduler_cpus
 
 from conftest import child_env, run_in_fork, run_python
-from toilcoord.cgroups import cgroup_memory_limit
-from test_cgroups import GIB, V2_LINES, fake_cgroups
 
 # The threads here die of their exceptions on purpose: threading.excepthook
 # reports them (as in Toil) and pytest would turn each into a warning.
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExc
 
 
 # ------------------------------------------------------- ExceptionalThread
+
 
 class Boom(Exception):
     pass
@@ -136,6 +138,7 @@ def test_of_many_concurrent_joiners_exactly_one_gets_the_exception() -> None:
 
 # ---------------------------------------------------------------- cpu_count
 
+
 @pytest.fixture
 def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(threads, "_cached", None)
@@ -144,9 +147,21 @@ def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 SCHEDULER_VARIABLES = (
-    "SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SLURM_JOB_CPUS_PER_NODE",
-    "SLURM_NODEID", "PBS_JOBID", "PBS_NUM_PPN", "NCPUS", "PBS_NP", "LSB_JOBID", "LSB_DJOB_NUMPROC",
-    "LSB_MAX_NUM_PROCESSORS", "JOB_ID", "NSLOTS",
+    "SLURM_JOB_ID",
+    "SLURM_JOBID",
+    "SLURM_CPUS_PER_TASK",
+    "SLURM_CPUS_ON_NODE",
+    "SLURM_JOB_CPUS_PER_NODE",
+    "SLURM_NODEID",
+    "PBS_JOBID",
+    "PBS_NUM_PPN",
+    "NCPUS",
+    "PBS_NP",
+    "LSB_JOBID",
+    "LSB_DJOB_NUMPROC",
+    "LSB_MAX_NUM_PROCESSORS",
+    "JOB_ID",
+    "NSLOTS",
 )
 
 
@@ -224,7 +239,8 @@ def test_a_forked_child_reads_the_cgroup_limit_afresh(fresh_cache, monkeypatch) 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no affinity masks here")
 @pytest.mark.timeout(60)
 def test_affinity_narrows_cpu_count_even_after_caching() -> None:
-    result = run_python("""
+    result = run_python(
+        """
         import os
         from toilcoord.threads import cpu_count, cpu_count_sources
         before = cpu_count()                      # fills the cache
@@ -236,7 +252,9 @@ def test_affinity_narrows_cpu_count_even_after_caching() -> None:
             os._exit(cpu_count())
         _, status = os.waitpid(pid, 0)
         print(before, after.count, after.affinity, after.decided_by, os.WEXITSTATUS(status))
-    """, env=_env_without_cpu_override())
+    """,
+        env=_env_without_cpu_override(),
+    )
     assert result.returncode == 0, result.stderr
     before, count, affinity, decided_by, in_child = result.stdout.split()
     assert (count, affinity, in_child) == ("1", "1", "1")
@@ -247,12 +265,15 @@ def test_affinity_narrows_cpu_count_even_after_caching() -> None:
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no affinity masks here")
 @pytest.mark.timeout(60)
 def test_a_process_started_with_one_cpu_counts_one() -> None:
-    result = run_python("""
+    result = run_python(
+        """
         import os, sys
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
         os.execv(sys.executable, [sys.executable, "-c",
                  "from toilcoord.threads import cpu_count; print(cpu_count())"])
-    """, env=_env_without_cpu_override())
+    """,
+        env=_env_without_cpu_override(),
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1"]
 
@@ -267,36 +288,56 @@ def _env_without_cpu_override(**extra: str) -> Dict[str, str]:
 
 # ------------------------------------------------- scheduler allocations
 
-@pytest.mark.parametrize("environ, expected", [
-    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "2", "SLURM_CPUS_ON_NODE": "8"}, (2, "SLURM_CPUS_PER_TASK", "slurm")),
-    ({"SLURM_JOBID": "7", "SLURM_CPUS_ON_NODE": "8", "SLURM_JOB_CPUS_PER_NODE": "16"}, (8, "SLURM_CPUS_ON_NODE", "slurm")),
-    ({"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "4(x3)"}, (4, "SLURM_JOB_CPUS_PER_NODE", "slurm")),
-    ({"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "72(x2),36", "SLURM_NODEID": "2"},
-     (36, "SLURM_JOB_CPUS_PER_NODE", "slurm")),
-    ({"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "72(x2),36", "SLURM_NODEID": "1"},
-     (72, "SLURM_JOB_CPUS_PER_NODE", "slurm")),
-    ({"PBS_JOBID": "1.srv", "PBS_NUM_PPN": "6", "PBS_NP": "24"}, (6, "PBS_NUM_PPN", "pbs")),
-    ({"PBS_JOBID": "1.srv", "NCPUS": "12"}, (12, "NCPUS", "pbs")),
-    ({"PBS_JOBID": "1.srv", "PBS_NP": "24"}, (24, "PBS_NP", "pbs")),
-    ({"LSB_JOBID": "9", "LSB_DJOB_NUMPROC": "3", "LSB_MAX_NUM_PROCESSORS": "8"}, (3, "LSB_DJOB_NUMPROC", "lsf")),
-    ({"LSB_JOBID": "9", "LSB_MAX_NUM_PROCESSORS": "8"}, (8, "LSB_MAX_NUM_PROCESSORS", "lsf")),
-    ({"JOB_ID": "5", "NSLOTS": "5"}, (5, "NSLOTS", "sge")),
-    # Slurm first, then PBS, LSF, SGE: the first whose job id is set decides.
-    ({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "8", "JOB_ID": "5", "NSLOTS": "2"}, (8, "SLURM_CPUS_ON_NODE", "slurm")),
-])
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        (
+            {"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "2", "SLURM_CPUS_ON_NODE": "8"},
+            (2, "SLURM_CPUS_PER_TASK", "slurm"),
+        ),
+        (
+            {"SLURM_JOBID": "7", "SLURM_CPUS_ON_NODE": "8", "SLURM_JOB_CPUS_PER_NODE": "16"},
+            (8, "SLURM_CPUS_ON_NODE", "slurm"),
+        ),
+        ({"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "4(x3)"}, (4, "SLURM_JOB_CPUS_PER_NODE", "slurm")),
+        (
+            {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "72(x2),36", "SLURM_NODEID": "2"},
+            (36, "SLURM_JOB_CPUS_PER_NODE", "slurm"),
+        ),
+        (
+            {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "72(x2),36", "SLURM_NODEID": "1"},
+            (72, "SLURM_JOB_CPUS_PER_NODE", "slurm"),
+        ),
+        ({"PBS_JOBID": "1.srv", "PBS_NUM_PPN": "6", "PBS_NP": "24"}, (6, "PBS_NUM_PPN", "pbs")),
+        ({"PBS_JOBID": "1.srv", "NCPUS": "12"}, (12, "NCPUS", "pbs")),
+        ({"PBS_JOBID": "1.srv", "PBS_NP": "24"}, (24, "PBS_NP", "pbs")),
+        ({"LSB_JOBID": "9", "LSB_DJOB_NUMPROC": "3", "LSB_MAX_NUM_PROCESSORS": "8"}, (3, "LSB_DJOB_NUMPROC", "lsf")),
+        ({"LSB_JOBID": "9", "LSB_MAX_NUM_PROCESSORS": "8"}, (8, "LSB_MAX_NUM_PROCESSORS", "lsf")),
+        ({"JOB_ID": "5", "NSLOTS": "5"}, (5, "NSLOTS", "sge")),
+        # Slurm first, then PBS, LSF, SGE: the first whose job id is set decides.
+        (
+            {"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "8", "JOB_ID": "5", "NSLOTS": "2"},
+            (8, "SLURM_CPUS_ON_NODE", "slurm"),
+        ),
+    ],
+)
 def test_scheduler_variables_and_their_precedence(environ, expected) -> None:
     assert scheduler_cpus(environ) == expected
 
 
-@pytest.mark.parametrize("environ", [
-    {},
-    {"SLURM_CPUS_PER_TASK": "2", "NCPUS": "3", "NSLOTS": "4", "LSB_DJOB_NUMPROC": "5"},  # no job id: not a job
-    {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "72(x2),36"},  # nodes differ, this one unknown
-    {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "72(x2),36", "SLURM_NODEID": "3"},
-    {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "4(x", "SLURM_NODEID": "0"},
-    {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "4(x0)"},
-    {"JOB_ID": "5", "NSLOTS": ""},
-])
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {},
+        {"SLURM_CPUS_PER_TASK": "2", "NCPUS": "3", "NSLOTS": "4", "LSB_DJOB_NUMPROC": "5"},  # no job id: not a job
+        {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "72(x2),36"},  # nodes differ, this one unknown
+        {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "72(x2),36", "SLURM_NODEID": "3"},
+        {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "4(x", "SLURM_NODEID": "0"},
+        {"SLURM_JOB_ID": "7", "SLURM_JOB_CPUS_PER_NODE": "4(x0)"},
+        {"JOB_ID": "5", "NSLOTS": ""},
+    ],
+)
 def test_no_usable_scheduler_value(environ) -> None:
     assert scheduler_cpus(environ) is None
 
@@ -310,11 +351,14 @@ def test_a_malformed_value_is_skipped_for_the_next_one(bad: str, caplog) -> None
 
 
 def run_cpu_count(**environ: str) -> List[str]:
-    result = run_python("""
+    result = run_python(
+        """
         from toilcoord.threads import cpu_count, cpu_count_sources
         s = cpu_count_sources()
         print(cpu_count(), s.count, s.decided_by, s.scheduler, s.scheduler_variable)
-    """, env=_env_without_cpu_override(**environ))
+    """,
+        env=_env_without_cpu_override(**environ),
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.split()
 
@@ -329,11 +373,14 @@ def test_srun_c1_in_a_real_process_counts_one() -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("environ, name", [
-    ({"PBS_JOBID": "1", "NCPUS": "1"}, "pbs"),
-    ({"LSB_JOBID": "1", "LSB_DJOB_NUMPROC": "1"}, "lsf"),
-    ({"JOB_ID": "1", "NSLOTS": "1"}, "sge"),
-])
+@pytest.mark.parametrize(
+    "environ, name",
+    [
+        ({"PBS_JOBID": "1", "NCPUS": "1"}, "pbs"),
+        ({"LSB_JOBID": "1", "LSB_DJOB_NUMPROC": "1"}, "lsf"),
+        ({"JOB_ID": "1", "NSLOTS": "1"}, "sge"),
+    ],
+)
 def test_other_schedulers_in_real_processes(environ, name: str) -> None:
     count, _, decided_by, scheduler, _ = run_cpu_count(**environ)
     assert (count, scheduler) == ("1", "1")
@@ -349,8 +396,7 @@ def test_an_allocation_larger_than_the_machine_does_not_raise_the_count() -> Non
 
 @pytest.mark.timeout(60)
 def test_python_cpu_count_beats_the_scheduler() -> None:
-    count, _, decided_by, scheduler, _ = run_cpu_count(SLURM_JOB_ID="42", SLURM_CPUS_PER_TASK="1",
-                                                       PYTHON_CPU_COUNT="5")
+    count, _, decided_by, scheduler, _ = run_cpu_count(SLURM_JOB_ID="42", SLURM_CPUS_PER_TASK="1", PYTHON_CPU_COUNT="5")
     assert (count, decided_by, scheduler) == ("5", "env", "1")
 
 
@@ -365,10 +411,13 @@ def test_the_scheduler_is_read_on_every_call(fresh_cache, monkeypatch) -> None:
 
 def test_cpu_count_sources_still_builds_from_six_fields() -> None:
     old = threads.CpuCountSources(4, 4, None, None, 4, "machine")
-    assert old.scheduler is None and old.scheduler_variable is None and tuple(old)[:6] == (4, 4, None, None, 4, "machine")
+    assert (
+        old.scheduler is None and old.scheduler_variable is None and tuple(old)[:6] == (4, 4, None, None, 4, "machine")
+    )
 
 
 # ------------------------------------------------------------ memory_limit
+
 
 def test_memory_limit_is_the_cgroup_limit(monkeypatch, tmp_path) -> None:
     fake = fake_cgroups(tmp_path, V2_LINES, {"a/memory.max": f"{GIB}\n"}, limit=cgroup_memory_limit)
@@ -382,6 +431,11 @@ def test_memory_limit_of_this_process_matches_the_cgroup() -> None:
 
 def test_public_names() -> None:
     assert set(threads.__all__) == {
-        "CpuCountSources", "ExceptionalThread", "cgroup_cpu_limit", "cpu_count", "cpu_count_sources",
-        "memory_limit", "scheduler_cpus",
+        "CpuCountSources",
+        "ExceptionalThread",
+        "cgroup_cpu_limit",
+        "cpu_count",
+        "cpu_count_sources",
+        "memory_limit",
+        "scheduler_cpus",
     }

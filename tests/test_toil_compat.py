@@ -10,6 +10,7 @@ Toil and toilcoord side by side in one directory (a node during a migration).
 Skipped when Toil is not importable; ``.ci/toil`` installs ``toil==9.6.0`` in
 a throwaway venv and runs this module there.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from test_arena import MEMBER as ARENA_MEMBER
 
 toil = pytest.importorskip("toil", reason="Toil is not installed (.ci/toil runs this with toil==9.6.0)")
@@ -50,9 +50,8 @@ TOIL_TESTS = (
 #: Tests that pass on Toil and cannot with our names, and why. Each is a row
 #: of docs/toil.md, "Differences from Toil".
 CANNOT_PASS = {
-    "src/resourceTest.py::TestResource::testStandAlone":
-        "mocks toil.resource.urlopen, a name private to Toil's module, and asserts that Toil's "
-        "Resource.create calls the job store's deprecated getSharedPublicUrl(sharedFileName=)",
+    "src/resourceTest.py::TestResource::testStandAlone": "mocks toil.resource.urlopen, a name private to Toil's module, and asserts that Toil's "
+    "Resource.create calls the job store's deprecated getSharedPublicUrl(sharedFileName=)",
     "src/resourceTest.py::TestResource::testPackage": "the same as testStandAlone",
 }
 
@@ -75,8 +74,10 @@ def swap_env(mode: str, scratch: str) -> dict:
         stand_in = os.path.join(scratch, "bin")
         os.makedirs(stand_in, exist_ok=True)
         with open(os.path.join(stand_in, "rsync"), "w") as script:
-            script.write('#!/bin/sh\n[ "$1" = --version ] && echo "rsync  version 3.2.7  protocol version 31" '
-                         '&& exit 0\necho "rsync stand-in: not installed" >&2\nexit 127\n')
+            script.write(
+                '#!/bin/sh\n[ "$1" = --version ] && echo "rsync  version 3.2.7  protocol version 31" '
+                '&& exit 0\necho "rsync stand-in: not installed" >&2\nexit 127\n'
+            )
         os.chmod(os.path.join(stand_in, "rsync"), 0o755)
         env["PATH"] = stand_in + os.pathsep + env.get("PATH", "")
     return env
@@ -94,14 +95,38 @@ def run_toils_tests(mode: str, scratch: str) -> dict:
     report = os.path.join(scratch, "outcomes.json")
     env = swap_env(mode, scratch)
     env["TOILCOORD_COMPAT_REPORT"] = report
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "toil_compat_report",
-               "-c", os.devnull, "--rootdir", os.path.dirname(TOIL_TEST_DIR), "--basetemp", os.path.join(scratch, "tmp"),
-               "--timeout", "300", "-W", "ignore::pytest.PytestUnknownMarkWarning"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "toil_compat_report",
+        "-c",
+        os.devnull,
+        "--rootdir",
+        os.path.dirname(TOIL_TEST_DIR),
+        "--basetemp",
+        os.path.join(scratch, "tmp"),
+        "--timeout",
+        "300",
+        "-W",
+        "ignore::pytest.PytestUnknownMarkWarning",
+    ]
     command += [os.path.join(TOIL_TEST_DIR, name) for name in TOIL_TESTS]
     with open(os.path.join(scratch, "pytest.log"), "w") as log:
         try:
-            subprocess.run(command, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                           stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT)
+            subprocess.run(
+                command,
+                cwd=scratch,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=RUN_TIMEOUT,
+            )
         except subprocess.TimeoutExpired:
             pass  # what finished is in the report, if anything
     try:
@@ -126,16 +151,22 @@ def toil_outcomes(request, tmp_path_factory):
 
 
 def write_table(reporter, outcomes: dict) -> None:
-    lines = ["", "Toil's own tests (Toil 9.6) on Toil and with toilcoord's names:",
-             "%-44s %-26s %-26s" % ("test file", "Toil", "toilcoord")]
+    lines = [
+        "",
+        "Toil's own tests (Toil 9.6) on Toil and with toilcoord's names:",
+        "%-44s %-26s %-26s" % ("test file", "Toil", "toilcoord"),
+    ]
     for name in TOIL_TESTS:
         rows = [value for key, value in outcomes.items() if key.startswith(name)]
         lines.append("%-44s %-26s %-26s" % (name, tally(row[0] for row in rows), tally(row[1] for row in rows)))
     both = [value for value in outcomes.values()]
     lines.append("%-44s %-26s %-26s" % ("all", tally(row[0] for row in both), tally(row[1] for row in both)))
-    differ = ["  %s: Toil %s, toilcoord %s%s" % (key, toil_outcome, ours, " (docs/toil.md: cannot pass)"
-                                                  if key in CANNOT_PASS else "")
-              for key, (toil_outcome, ours) in outcomes.items() if toil_outcome != ours]
+    differ = [
+        "  %s: Toil %s, toilcoord %s%s"
+        % (key, toil_outcome, ours, " (docs/toil.md: cannot pass)" if key in CANNOT_PASS else "")
+        for key, (toil_outcome, ours) in outcomes.items()
+        if toil_outcome != ours
+    ]
     lines += ["differ:"] + (differ or ["  none"])
     text = "\n".join(lines)
     if reporter is not None:
@@ -151,16 +182,23 @@ def tally(outcomes) -> str:
     counts = {}
     for outcome in outcomes:
         counts[outcome] = counts.get(outcome, 0) + 1
-    return ", ".join("%d %s" % (counts[key], key) for key in ("passed", "failed", "error", "skipped", "missing")
-                     if key in counts) or "none"
+    return (
+        ", ".join(
+            "%d %s" % (counts[key], key) for key in ("passed", "failed", "error", "skipped", "missing") if key in counts
+        )
+        or "none"
+    )
 
 
 @pytest.mark.parametrize("test_file", TOIL_TESTS)
 def test_toils_own_tests_pass_with_our_names(toil_outcomes, test_file):
     rows = {key: value for key, value in toil_outcomes.items() if key.startswith(test_file)}
     assert rows, f"no test of {test_file} ran"
-    regressions = [f"{key}: {ours} (passes on Toil)" for key, (plain, ours) in rows.items()
-                   if plain == "passed" and ours != "passed" and key not in CANNOT_PASS]
+    regressions = [
+        f"{key}: {ours} (passes on Toil)"
+        for key, (plain, ours) in rows.items()
+        if plain == "passed" and ours != "passed" and key not in CANNOT_PASS
+    ]
     assert not regressions, "\n".join(regressions)
     assert any(value == ("passed", "passed") for value in rows.values()), f"nothing of {test_file} passed: {rows}"
 
@@ -199,8 +237,14 @@ print(sum(theirs is ours for theirs, ours in pairs), len(pairs))
 
 def test_the_swap_reaches_every_user_of_the_names_in_toil(tmp_path):
     for mode, expected in (("1", "12 12"), ("0", "0 12")):
-        result = subprocess.run([sys.executable, "-c", CHECK_SWAP], env=swap_env(mode, str(tmp_path)),
-                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", CHECK_SWAP],
+            env=swap_env(mode, str(tmp_path)),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.split("\n")[-2] == expected
 
@@ -228,11 +272,21 @@ def run_workflow(name: str, mode: str, scratch: str) -> dict:
     started = time.monotonic()
     with open(os.path.join(directory, "log.txt"), "w") as log:
         try:
-            process = subprocess.run([sys.executable, os.path.join(WORKFLOWS, script), os.path.join(directory, "js"),
-                                      os.path.join(directory, "result.json")] + arguments, cwd=directory,
-                                     env=dict(swap_env(mode, directory), **RUN_ENV.get(name, {})),
-                                     stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, timeout=WORKFLOW_TIMEOUT)
+            process = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.join(WORKFLOWS, script),
+                    os.path.join(directory, "js"),
+                    os.path.join(directory, "result.json"),
+                ]
+                + arguments,
+                cwd=directory,
+                env=dict(swap_env(mode, directory), **RUN_ENV.get(name, {})),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=WORKFLOW_TIMEOUT,
+            )
             returncode = process.returncode
         except subprocess.TimeoutExpired:
             returncode = "timed out after %d s" % WORKFLOW_TIMEOUT
@@ -257,10 +311,16 @@ def workflows(request, tmp_path_factory):
     yield outcomes
     lines = ["", "Real Toil workflows (single machine, file job store): Toil / toilcoord / mixed"]
     for (name, mode), outcome in outcomes.items():
-        label = {"0": "Toil", "1": "toilcoord", "workers": "Toil leader, toilcoord workers",
-                 "leader": "toilcoord leader, Toil workers"}[mode]
-        lines.append("  %-32s %-32s exit %s, %.0f s: %s" % (name, label, outcome["returncode"], outcome["seconds"],
-                                                         summary(outcome["result"])))
+        label = {
+            "0": "Toil",
+            "1": "toilcoord",
+            "workers": "Toil leader, toilcoord workers",
+            "leader": "toilcoord leader, Toil workers",
+        }[mode]
+        lines.append(
+            "  %-32s %-32s exit %s, %.0f s: %s"
+            % (name, label, outcome["returncode"], outcome["seconds"], summary(outcome["result"]))
+        )
     reporter = terminal(request)
     for line in lines:
         if reporter is not None:
@@ -314,7 +374,10 @@ def test_deferred_function_of_a_sigkilled_job_workflow(workflows):
     # Mixed: neither side crashes on the other's state file (docs/toil.md: each runs only its own).
     for mode, worker in (("workers", "swapped True"), ("leader", "swapped False")):
         assert outcome_of(workflows, "deferred after SIGKILL", mode) == {
-            "workflow_failed": True, "deferred": [], "workers": [worker]}
+            "workflow_failed": True,
+            "deferred": [],
+            "workers": [worker],
+        }
 
 
 @pytest.mark.parametrize("root", ["plain", "user"])
@@ -329,8 +392,9 @@ def test_hot_deployment_workflow(workflows, root):
 
 
 def test_file_store_arena_and_mutex_workflow(workflows):
-    results = {mode: outcome_of(workflows, "file store, arena and mutex", mode)
-               for mode in ("0", "1", "workers", "leader")}
+    results = {
+        mode: outcome_of(workflows, "file store, arena and mutex", mode) for mode in ("0", "1", "workers", "leader")
+    }
     for mode, result in results.items():
         assert result["counter"] == 12, f"{mode}: the mutex let two jobs in at once"
         assert result["last_out"] >= 1 and result["members_left"] == [], f"{mode}: no last-one-out cleanup"
@@ -343,14 +407,23 @@ def test_file_store_arena_and_mutex_workflow(workflows):
 
 #: (killed under, restarted under, the killed side's cleanup run first):
 #: Toil's own and ours first, as the reference.
-RESTARTS = (("0", "0", False), ("1", "1", False), ("1", "0", False), ("0", "1", False),
-            ("1", "0", True), ("0", "1", True))
+RESTARTS = (
+    ("0", "0", False),
+    ("1", "1", False),
+    ("1", "0", False),
+    ("0", "1", False),
+    ("1", "0", True),
+    ("0", "1", True),
+)
 #: What a user runs on the killed workflow's coordination directory before
 #: restarting under the other implementation (docs/toil.md).
 CLEANUP_FIRST = {
     "1": [sys.executable, "-m", "toilcoord", "cleanup", "--dir"],
-    "0": [sys.executable, "-c", "import sys; from toil.deferred import DeferredFunctionManager as M; "
-                                "M.cleanupWorker(sys.argv[1])"],
+    "0": [
+        sys.executable,
+        "-c",
+        "import sys; from toil.deferred import DeferredFunctionManager as M; M.cleanupWorker(sys.argv[1])",
+    ],
 }
 KILL_WAIT = 180
 
@@ -369,10 +442,15 @@ def kill_mid_run(mode: str, directory: str) -> dict:
     script = os.path.join(WORKFLOWS, "wf_restart.py")
     ready = os.path.join(directory, "shared", "ready")
     with open(os.path.join(directory, "log-killed.txt"), "w") as log:
-        leader = subprocess.Popen([sys.executable, script, os.path.join(directory, "js"),
-                                   os.path.join(directory, "killed.json"), "start"], cwd=directory,
-                                  env=restart_env(mode, directory), stdin=subprocess.DEVNULL, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        leader = subprocess.Popen(
+            [sys.executable, script, os.path.join(directory, "js"), os.path.join(directory, "killed.json"), "start"],
+            cwd=directory,
+            env=restart_env(mode, directory),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + KILL_WAIT
             while not os.path.exists(ready) and leader.poll() is None and time.monotonic() < deadline:
@@ -406,15 +484,32 @@ def run_restart(killed: str, restarted: str, cleanup_first: bool, scratch: str) 
     os.makedirs(directory)
     outcome = kill_mid_run(killed, directory)
     if cleanup_first:
-        cleanup = subprocess.run(CLEANUP_FIRST[killed] + [workflow_coordination_dir(directory)], cwd=directory,
-                                 env=swap_env("0", directory), stdin=subprocess.DEVNULL, capture_output=True,
-                                 text=True, timeout=120)
+        cleanup = subprocess.run(
+            CLEANUP_FIRST[killed] + [workflow_coordination_dir(directory)],
+            cwd=directory,
+            env=swap_env("0", directory),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cleanup.returncode == 0, cleanup.stderr[-3000:]
     with open(os.path.join(directory, "log-restarted.txt"), "w") as log:
-        process = subprocess.run([sys.executable, os.path.join(WORKFLOWS, "wf_restart.py"),
-                                  os.path.join(directory, "js"), os.path.join(directory, "result.json"), "restart"],
-                                 cwd=directory, env=restart_env(restarted, directory), stdin=subprocess.DEVNULL,
-                                 stdout=log, stderr=subprocess.STDOUT, timeout=WORKFLOW_TIMEOUT)
+        process = subprocess.run(
+            [
+                sys.executable,
+                os.path.join(WORKFLOWS, "wf_restart.py"),
+                os.path.join(directory, "js"),
+                os.path.join(directory, "result.json"),
+                "restart",
+            ],
+            cwd=directory,
+            env=restart_env(restarted, directory),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=WORKFLOW_TIMEOUT,
+        )
     with open(os.path.join(directory, "log-restarted.txt")) as log:
         outcome.update(returncode=process.returncode, log=log.read()[-4000:], directory=directory)
     try:
@@ -434,9 +529,16 @@ def restarts(request, tmp_path_factory):
     lines = ["", "A workflow SIGKILLed mid-run, restarted with --restart on the same job store:"]
     for (killed, restarted, cleanup_first), outcome in outcomes.items():
         names = {"0": "Toil", "1": "toilcoord"}
-        lines.append("  killed under %-9s %-22s restarted under %-9s exit %s: %s" % (
-            names[killed], "(its cleanup run first)" if cleanup_first else "", names[restarted],
-            outcome["returncode"], json.dumps(outcome["result"], sort_keys=True)[:200]))
+        lines.append(
+            "  killed under %-9s %-22s restarted under %-9s exit %s: %s"
+            % (
+                names[killed],
+                "(its cleanup run first)" if cleanup_first else "",
+                names[restarted],
+                outcome["returncode"],
+                json.dumps(outcome["result"], sort_keys=True)[:200],
+            )
+        )
     reporter = terminal(request)
     for line in lines:
         if reporter is not None:
@@ -477,7 +579,9 @@ def test_a_workflow_killed_under_one_restarts_under_the_other(restarts, killed, 
 @pytest.mark.parametrize("killed, restarted", [("1", "0"), ("0", "1")])
 def test_the_killed_sides_cleanup_before_the_restart_runs_it_once(restarts, killed, restarted):
     assert restarted_result(restarts, killed, restarted, cleanup_first=True) == {
-        "deferred": ["deferred function ran"], "state_files": []}
+        "deferred": ["deferred function ran"],
+        "state_files": [],
+    }
 
 
 # ------------------------------------------------- one node, both at once
@@ -508,8 +612,14 @@ with manager.open() as defer:
 
 
 def start(code, *args, env=None):
-    child = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     line = child.stdout.readline().strip()
     if line not in ("ready", "in"):
         child.kill()
@@ -581,8 +691,14 @@ TOIL_ARENA_MEMBER = OUR_ARENA_MEMBER.replace("from toilcoord import", "from toil
 
 
 def start_member(code, directory, env):
-    child = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(directory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert child.stdout.readline().strip() == "in", child.communicate()[1][-2000:]
     return child
 
@@ -603,8 +719,11 @@ def test_our_member_is_not_elected_while_a_toil_member_is_inside(tmp_path):
     assert leave(theirs) == "last"
 
 
-@pytest.mark.xfail(strict=True, reason="Toil's leaver looks only in <name>-arena-members/, where our members "
-                   "are not registered (docs/toil.md: Differences from Toil; the registration is proposed in issue 11)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="Toil's leaver looks only in <name>-arena-members/, where our members "
+    "are not registered (docs/toil.md: Differences from Toil; the registration is proposed in issue 11)",
+)
 def test_a_toil_member_is_not_elected_while_ours_is_inside(tmp_path):
     env = plain_env(tmp_path)
     ours = start_member(OUR_ARENA_MEMBER, tmp_path, env)
@@ -629,11 +748,21 @@ def test_process_names_of_either_are_seen_alive_by_the_other(tmp_path):
     from toilcoord import process_name_exists
 
     env = plain_env(tmp_path)
-    for holder, checks in ((TOIL_NAME_HOLDER, (process_name_exists, toils.process_name_exists)),
-                           (TOIL_NAME_HOLDER.replace("from toil.lib.threading import", "from toilcoord import"),
-                            (toils.process_name_exists, process_name_exists))):
-        child = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path)], stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for holder, checks in (
+        (TOIL_NAME_HOLDER, (process_name_exists, toils.process_name_exists)),
+        (
+            TOIL_NAME_HOLDER.replace("from toil.lib.threading import", "from toilcoord import"),
+            (toils.process_name_exists, process_name_exists),
+        ),
+    ):
+        child = subprocess.Popen(
+            [sys.executable, "-c", holder, str(tmp_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         name = child.stdout.readline().strip()
         assert name, child.communicate()[1][-2000:]
         other, own = checks
@@ -653,7 +782,13 @@ def test_our_warnings_reach_a_toil_users_log(tmp_path):
         assert logging.getLogger("boto3").level == logging.CRITICAL
         logging.getLogger("toilcoord.locks").warning("lock retried")
     """)
-    result = subprocess.run([sys.executable, "-c", code], env=plain_env(tmp_path), stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=plain_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "lock retried" in result.stderr

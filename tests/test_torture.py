@@ -3,6 +3,7 @@ runs, its arguments, that it fails when a primitive is broken, and the
 soundness of its checks. The seeded fuzzers of library modules live with
 those modules' tests (tests/fuzzing.py holds what they share).
 """
+
 from __future__ import annotations
 
 import os
@@ -12,17 +13,25 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, child_env, run_python
-from fuzzing import SEED
 
 from toilcoord._tools.torture_check import check_journal
 
+from conftest import ROOT, child_env, run_python
+from fuzzing import SEED
+
 # ------------------------------------------------------------- torture runs
+
 
 def torture(tmp_path, *args, timeout=300):
     return subprocess.run(
         [sys.executable, "-m", "toilcoord", "torture", "--dir", str(tmp_path), *args],
-        env=child_env(), cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        env=child_env(),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def invariant_lines(output):
@@ -48,10 +57,18 @@ def test_torture_split_across_two_mounts_of_one_directory(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()
     second.mkdir()
-    script = 'mount --bind "$1" "$2" && exec "$3" -m toilcoord torture --seconds 4 --procs 4 --dir "$1" --split-dir "$2"'
-    done = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", str(first), str(second), sys.executable],
-                          env=child_env(), cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=200)
+    script = (
+        'mount --bind "$1" "$2" && exec "$3" -m toilcoord torture --seconds 4 --procs 4 --dir "$1" --split-dir "$2"'
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", str(first), str(second), sys.executable],
+        env=child_env(),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
     if "mount" in done.stderr and done.returncode != 0 and not invariant_lines(done.stdout):
         pytest.skip(f"cannot bind-mount here: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -60,9 +77,15 @@ def test_torture_split_across_two_mounts_of_one_directory(tmp_path):
 
 
 def test_split_dir_needs_dir(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "toilcoord", "torture", "--split-dir", str(tmp_path)],
-                          env=child_env(), cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "toilcoord", "torture", "--split-dir", str(tmp_path)],
+        env=child_env(),
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "--split-dir needs --dir" in done.stderr
 
 
@@ -105,18 +128,21 @@ SABOTAGES = {
     "deferred functions": "import toilcoord.deferred_records as records; records._DONE_BYTE = bytes((records._PENDING,))",
     # Slots handed out whether taken or not.
     "never more holders than slots": "import toilcoord.slots as slots; "
-                                     "slots.ResourceSlots.acquire = lambda self, n=1, timeout=None: "
-                                     "contextlib.nullcontext(tuple(self.ids[:n]))",
+    "slots.ResourceSlots.acquire = lambda self, n=1, timeout=None: "
+    "contextlib.nullcontext(tuple(self.ids[:n]))",
     # Writers exclude each other (on a lock file of their own) but not readers.
     "never a writer beside anyone": "real = workers.global_mutex; "
-                                    "workers.global_mutex = lambda base, name, *args, shared=False, **kwargs: "
-                                    "real(base, name + ('' if shared else '.apart'), *args, shared=shared, **kwargs)",
+    "workers.global_mutex = lambda base, name, *args, shared=False, **kwargs: "
+    "real(base, name + ('' if shared else '.apart'), *args, shared=shared, **kwargs)",
 }
 DEFAULT_SABOTAGES = ["mutex exclusion", "never more holders than slots", "never a writer beside anyone"]
 
 
-@pytest.mark.parametrize("broken", DEFAULT_SABOTAGES + [
-    pytest.param(other, marks=pytest.mark.slow) for other in sorted(set(SABOTAGES) - set(DEFAULT_SABOTAGES))])
+@pytest.mark.parametrize(
+    "broken",
+    DEFAULT_SABOTAGES
+    + [pytest.param(other, marks=pytest.mark.slow) for other in sorted(set(SABOTAGES) - set(DEFAULT_SABOTAGES))],
+)
 @pytest.mark.timeout(120)
 def test_the_torture_fails_when_a_primitive_is_broken(tmp_path, broken):
     run_sabotaged(tmp_path, broken)
@@ -130,6 +156,7 @@ def run_sabotaged(tmp_path, broken):
 
 
 # ------------------------------------------------- soundness of the checks
+
 
 def journal(*records):
     return "".join("@%s\n" % record for record in records).encode()
@@ -149,25 +176,56 @@ def test_a_potato_found_while_its_holder_lived_on_is_an_overlap():
 
 
 def test_an_arena_cleanup_while_a_member_is_inside_is_caught():
-    fine = journal("i1 arena-entered i1.a1", "i2 arena-entered i2.a2", "i1 arena-leaving i1.a1",
-                   "i2 arena-leaving i2.a2", "i2 arena-clean-begin", "i2 arena-clean-end removed=2 died-inside=0")
-    inside = journal("i1 arena-entered i1.a1", "i2 arena-entered i2.a2", "i2 arena-leaving i2.a2",
-                     "i2 arena-clean-begin", "i2 arena-clean-end removed=2 died-inside=0", "i1 arena-leaving i1.a1")
-    died_inside = journal("i1 arena-entered i1.a1", "sup killed i1 5 random", "i2 arena-entered i2.a2",
-                          "i2 arena-leaving i2.a2", "i2 arena-clean-begin",
-                          "i2 arena-clean-end removed=2 died-inside=1")
+    fine = journal(
+        "i1 arena-entered i1.a1",
+        "i2 arena-entered i2.a2",
+        "i1 arena-leaving i1.a1",
+        "i2 arena-leaving i2.a2",
+        "i2 arena-clean-begin",
+        "i2 arena-clean-end removed=2 died-inside=0",
+    )
+    inside = journal(
+        "i1 arena-entered i1.a1",
+        "i2 arena-entered i2.a2",
+        "i2 arena-leaving i2.a2",
+        "i2 arena-clean-begin",
+        "i2 arena-clean-end removed=2 died-inside=0",
+        "i1 arena-leaving i1.a1",
+    )
+    died_inside = journal(
+        "i1 arena-entered i1.a1",
+        "sup killed i1 5 random",
+        "i2 arena-entered i2.a2",
+        "i2 arena-leaving i2.a2",
+        "i2 arena-clean-begin",
+        "i2 arena-clean-end removed=2 died-inside=1",
+    )
     assert verdict(fine, "arena last one out").held
     assert not verdict(inside, "arena last one out").held
     assert verdict(died_inside, "arena last one out").held
 
 
 def test_two_cleanups_of_one_generation_are_caught():
-    twice = journal("i1 arena-entered i1.a1", "i2 arena-entered i2.a2", "i1 arena-leaving i1.a1",
-                    "i2 arena-leaving i2.a2", "i1 arena-clean-begin", "i1 arena-clean-end removed=2 died-inside=0",
-                    "i2 arena-clean-begin", "i2 arena-clean-end removed=0 died-inside=0")
-    redone = journal("i1 arena-entered i1.a1", "i1 arena-leaving i1.a1", "i1 arena-clean-begin",
-                     "sup killed i1 7 random", "i2 arena-entered i2.a2", "i2 arena-leaving i2.a2",
-                     "i2 arena-clean-begin", "i2 arena-clean-end removed=1 died-inside=0")
+    twice = journal(
+        "i1 arena-entered i1.a1",
+        "i2 arena-entered i2.a2",
+        "i1 arena-leaving i1.a1",
+        "i2 arena-leaving i2.a2",
+        "i1 arena-clean-begin",
+        "i1 arena-clean-end removed=2 died-inside=0",
+        "i2 arena-clean-begin",
+        "i2 arena-clean-end removed=0 died-inside=0",
+    )
+    redone = journal(
+        "i1 arena-entered i1.a1",
+        "i1 arena-leaving i1.a1",
+        "i1 arena-clean-begin",
+        "sup killed i1 7 random",
+        "i2 arena-entered i2.a2",
+        "i2 arena-leaving i2.a2",
+        "i2 arena-clean-begin",
+        "i2 arena-clean-end removed=1 died-inside=0",
+    )
     assert not verdict(twice, "arena last one out").held
     assert verdict(redone, "arena last one out").held
 
@@ -188,19 +246,36 @@ def test_a_deferred_function_that_returned_and_ran_again_is_caught():
 
 def test_process_names_read_wrong_either_way_are_caught():
     head = ("i1 name toil-proc-1", "i2 name toil-proc-2")
-    assert verdict(journal(*head, "i2 polling", "i2 poll toil-proc-1 1", "sup killed i1 0 random",
-                           "i2 polling", "i2 poll toil-proc-1 0"), "process names").held
+    assert verdict(
+        journal(
+            *head,
+            "i2 polling",
+            "i2 poll toil-proc-1 1",
+            "sup killed i1 0 random",
+            "i2 polling",
+            "i2 poll toil-proc-1 0",
+        ),
+        "process names",
+    ).held
     assert not verdict(journal(*head, "i2 polling", "i2 poll toil-proc-1 0", "i1 mutex"), "process names").held
-    assert not verdict(journal(*head, "sup killed i1 0 random", "i2 polling", "i2 poll toil-proc-1 1"),
-                       "process names").held
+    assert not verdict(
+        journal(*head, "sup killed i1 0 random", "i2 polling", "i2 poll toil-proc-1 1"), "process names"
+    ).held
     # Probed while i1 lived, recorded after it was reaped: not a violation.
-    assert verdict(journal(*head, "i2 polling", "sup killed i1 0 random", "i2 poll toil-proc-1 1"),
-                   "process names").held
+    assert verdict(
+        journal(*head, "i2 polling", "sup killed i1 0 random", "i2 poll toil-proc-1 1"), "process names"
+    ).held
 
 
 def test_a_slot_held_by_two_at_once_is_caught():
-    fine = journal("i1 slots-held 0 3", "i2 slots-held 1,2 3", "i1 slots-free 0", "i2 slots-free 1,2",
-                   "i3 slots-held 0,1,2 3", "i3 slots-free 0,1,2")
+    fine = journal(
+        "i1 slots-held 0 3",
+        "i2 slots-held 1,2 3",
+        "i1 slots-free 0",
+        "i2 slots-free 1,2",
+        "i3 slots-held 0,1,2 3",
+        "i3 slots-free 0,1,2",
+    )
     shared_slot = journal("i1 slots-held 0 3", "i2 slots-held 1,0 3", "i1 slots-free 0", "i2 slots-free 1,0")
     too_many = journal("i1 slots-held 0,1 2", "i2 slots-held 2 2", "i1 slots-free 0,1", "i2 slots-free 2")
     assert verdict(fine, "never more holders than slots").held
@@ -210,11 +285,23 @@ def test_a_slot_held_by_two_at_once_is_caught():
 
 def test_a_slot_taken_from_a_holder_is_fine_only_once_the_holder_was_killed():
     # i1 dies holding slot 0; i2 finds its mark: fine, i1 was killed and never wrote again.
-    killed = journal("i1 slots-held 0 3", "i1 mutex", "sup killed i1 16 random", "i2 slot-orphan i1 0",
-                     "i2 slots-held 0 3", "i2 slots-free 0")
+    killed = journal(
+        "i1 slots-held 0 3",
+        "i1 mutex",
+        "sup killed i1 16 random",
+        "i2 slot-orphan i1 0",
+        "i2 slots-held 0 3",
+        "i2 slots-free 0",
+    )
     # i1's hold is open until its last record: i2 held slot 0 inside it.
-    lived_on = journal("i1 slots-held 0 3", "i2 slot-orphan i1 0", "i2 slots-held 0 3", "i1 mutex",
-                       "sup killed i1 16 random", "i2 slots-free 0")
+    lived_on = journal(
+        "i1 slots-held 0 3",
+        "i2 slot-orphan i1 0",
+        "i2 slots-held 0 3",
+        "i1 mutex",
+        "sup killed i1 16 random",
+        "i2 slots-free 0",
+    )
     never_killed = journal("i1 slots-held 0 3", "i2 slot-orphan i1 0", "i2 slots-held 0 3", "i2 slots-free 0")
     assert verdict(killed, "never more holders than slots").held
     assert not verdict(lived_on, "never more holders than slots").held
@@ -227,8 +314,7 @@ def test_a_writer_beside_a_reader_or_a_writer_is_caught():
     assert verdict(journal(*readers, "i3 rw-write", "i3 rw-write-end"), name).held
     assert not verdict(journal("i1 rw-read", "i3 rw-write", "i3 rw-write-end", "i1 rw-read-end"), name).held
     assert not verdict(journal(*readers, "i3 rw-write", "i1 rw-read", "i1 rw-read-end", "i3 rw-write-end"), name).held
-    assert not verdict(journal(*readers, "i3 rw-write", "i4 rw-write", "i3 rw-write-end", "i4 rw-write-end"),
-                       name).held
+    assert not verdict(journal(*readers, "i3 rw-write", "i4 rw-write", "i3 rw-write-end", "i4 rw-write-end"), name).held
     # A reader killed inside: its mark is the next writer's to remove, once it is dead.
     died = ("i1 rw-read", "sup killed i1 18 random", "i3 rw-orphan i1 r-i1", "i3 rw-write", "i3 rw-write-end")
     assert verdict(journal(*died), name).held

@@ -5,16 +5,19 @@ across containers, crash-safe deferred cleanup functions, real-time log
 shipping over UDP and module shipping, with the names of Toil's
 coordination layer. Vendorable: copy this folder anywhere.
 """
+
 from __future__ import annotations
 
 try:
     import fcntl  # noqa: F401 - everything here stands on flock
 except ImportError:  # pragma: no cover - exercised only off POSIX
     raise ImportError(
-        "toilcoord needs a POSIX system: it is built on fcntl.flock, "
-        "which this platform does not have"
+        "toilcoord needs a POSIX system: it is built on fcntl.flock, which this platform does not have"
     ) from None
 
+from .arena import LastProcessStandingArena
+from .deferred import DeferredFunction, DeferredFunctionManager
+from .files import robust_rmtree
 from .locks import (
     LockTimeout,
     UnsafeFilesystemError,
@@ -22,6 +25,15 @@ from .locks import (
     locked_file_is,
     safe_lock,
     safe_unlock_and_close,
+)
+from .modules import (
+    DirectoryResource,
+    FileResource,
+    LocalJobStore,
+    ModuleDescriptor,
+    Resource,
+    ResourceException,
+    VirtualEnvResource,
 )
 from .mounts import FilesystemInfo, filesystem_info
 from .mutex import global_mutex
@@ -33,20 +45,8 @@ from .procnames import (
     get_process_name,
     process_name_exists,
 )
-from .arena import LastProcessStandingArena
-from .deferred import DeferredFunction, DeferredFunctionManager
 from .rtlog import RealtimeLogger
-from .modules import (
-    DirectoryResource,
-    FileResource,
-    LocalJobStore,
-    ModuleDescriptor,
-    Resource,
-    ResourceException,
-    VirtualEnvResource,
-)
 from .threads import ExceptionalThread, cgroup_cpu_limit, cpu_count, cpu_count_sources, memory_limit
-from .files import robust_rmtree
 
 __version__ = "0.1.0"
 
@@ -103,8 +103,11 @@ __all__ = [
 # Beyond Toil's names: imported on first use, so that `import toilcoord`
 # stays as light as the Toil-compatible core (a few milliseconds less).
 _LAZY = {
-    "ResourceSlots": "slots", "ids_environment": "slots",
-    "CoordinationDirError": "coorddir", "coordination_dir": "coorddir", "job_private_reasons": "coorddir",
+    "ResourceSlots": "slots",
+    "ids_environment": "slots",
+    "CoordinationDirError": "coorddir",
+    "coordination_dir": "coorddir",
+    "job_private_reasons": "coorddir",
     "install_termination_cleanup": "termination",
     "directory_status": "status",
 }

@@ -1,4 +1,5 @@
 """``python -m toilcoord``: see ``python -m toilcoord --help``."""
+
 from __future__ import annotations
 
 import sys

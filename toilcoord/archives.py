@@ -11,6 +11,7 @@ limit, so an archive whose declared sizes lie is stopped too (CPython's
 CRC check; the count does not rely on that). Both limits are read at call
 time, so a caller may lower or raise them.
 """
+
 from __future__ import annotations
 
 import os

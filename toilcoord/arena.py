@@ -1,4 +1,5 @@
 """Last-process-standing election: the last process to leave runs the cleanup."""
+
 from __future__ import annotations
 
 import errno
@@ -7,8 +8,8 @@ import os
 import time
 from typing import Iterator, Optional, Tuple
 
-from .locks import PathArg, check_name, fork_epoch, safe_lock
 from .gates import _acquire, _Gate, _hold_gate, _unlock, remove_unheld_lock_file
+from .locks import PathArg, check_name, fork_epoch, safe_lock
 from .mutex import global_mutex
 
 __all__ = ["LastProcessStandingArena", "reap_dead_arenas"]
@@ -192,9 +193,13 @@ def reap_dead_arenas(base_dir: PathArg) -> Iterator[Tuple[str, bool]]:
     is dead, under the arena's own mutex; yield ``(name, members live)``.
     Safe while the arenas are in use."""
     with os.scandir(base_dir) as entries:
-        names = sorted(entry.name[:-len(_LIVE_SUFFIX)] for entry in entries
-                       if entry.name.endswith(_LIVE_SUFFIX) and len(entry.name) > len(_LIVE_SUFFIX)
-                       and entry.is_file(follow_symlinks=False))
+        names = sorted(
+            entry.name[: -len(_LIVE_SUFFIX)]
+            for entry in entries
+            if entry.name.endswith(_LIVE_SUFFIX)
+            and len(entry.name) > len(_LIVE_SUFFIX)
+            and entry.is_file(follow_symlinks=False)
+        )
     for name in names:
         path = os.path.abspath(os.path.join(os.fspath(base_dir), name + _LIVE_SUFFIX))
         with global_mutex(base_dir, name + _LOCK_SUFFIX):

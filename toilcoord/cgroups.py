@@ -7,6 +7,7 @@ of its own while its parent (the job allocation, the container) has one.
 Both functions take the paths to read, so a test can hand them a fake tree.
 Missing, unreadable or garbled files never raise: they just do not limit.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,9 +27,7 @@ _CGROUP_ROOT = "/sys/fs/cgroup"
 _UNLIMITED_MEMORY = 1 << 60
 
 
-def cgroup_cpu_limit(
-    proc_self_cgroup: str = _PROC_SELF_CGROUP, cgroup_root: str = _CGROUP_ROOT
-) -> Optional[float]:
+def cgroup_cpu_limit(proc_self_cgroup: str = _PROC_SELF_CGROUP, cgroup_root: str = _CGROUP_ROOT) -> Optional[float]:
     """The CPU quota, in CPUs, of the tightest cgroup this process is in.
 
     Reads the process's cgroups from *proc_self_cgroup* and, under
@@ -46,9 +45,7 @@ def cgroup_cpu_limit(
     return _smallest(_CPU, proc_self_cgroup, cgroup_root)
 
 
-def cgroup_memory_limit(
-    proc_self_cgroup: str = _PROC_SELF_CGROUP, cgroup_root: str = _CGROUP_ROOT
-) -> Optional[int]:
+def cgroup_memory_limit(proc_self_cgroup: str = _PROC_SELF_CGROUP, cgroup_root: str = _CGROUP_ROOT) -> Optional[int]:
     """The memory limit, in bytes, of the tightest cgroup this process is in.
 
     v2: ``memory.max`` (``max`` is unlimited); v1: the ``memory``
@@ -62,6 +59,7 @@ def cgroup_memory_limit(
 
 
 # ------------------------------------------------------------- readers
+
 
 def _read_words(path: str) -> Optional[List[str]]:
     try:
@@ -123,6 +121,7 @@ def _memory_reader(file_name: str) -> Callable[[str], Optional[int]]:
             logger.debug("ignoring garbled %s: %r", path, fields)
             return None
         return limit if limit < _UNLIMITED_MEMORY else None
+
     return read
 
 
@@ -137,6 +136,7 @@ _MEMORY = _Controller(("memory",), _memory_reader("memory.limit_in_bytes"), _mem
 
 
 # ---------------------------------------------------------- the walk
+
 
 def _smallest(controller: _Controller, proc_self_cgroup: str, cgroup_root: str) -> Optional[float]:
     limits = []

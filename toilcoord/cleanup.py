@@ -9,6 +9,7 @@ root never reads a user's files, runs a user's deferred functions or
 follows a user's symlinks with its own rights). :func:`check_directory` is
 the health check: the directory is usable and a mutex can be taken there.
 """
+
 from __future__ import annotations
 
 import errno
@@ -20,12 +21,20 @@ import stat
 import sys
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
-
 from .watchdog import Watched, describe_error, run_watched
 
-__all__ = ["DirectoryReport", "Finding", "NotACoordinationDirectoryError", "check_directory",
-           "clean_directories", "cleanup_directory", "cleanup_findings", "directory_owner", "run_as_owner",
-           "summary_lines"]
+__all__ = [
+    "DirectoryReport",
+    "Finding",
+    "NotACoordinationDirectoryError",
+    "check_directory",
+    "clean_directories",
+    "cleanup_directory",
+    "cleanup_findings",
+    "directory_owner",
+    "run_as_owner",
+    "summary_lines",
+]
 
 _PACKAGE = __name__.rpartition(".")[0]
 
@@ -44,6 +53,7 @@ class Finding(NamedTuple):
     ``"file"``; *reason* is a category (``"dead"``, ``"live"``,
     ``"foreign"``, ``"error"``) and *detail* says it in words.
     """
+
     action: str
     kind: str
     name: str
@@ -52,6 +62,7 @@ class Finding(NamedTuple):
 
 
 # ------------------------------------------------------------ the cleanup
+
 
 def cleanup_findings(directory: str) -> Iterator[Finding]:
     """Remove what dead processes left in *directory*, one finding at a time.
@@ -138,8 +149,11 @@ def _leftovers_step(directory: str) -> Iterator[Finding]:
 
     for name, (reason, detail) in sorted(_probe_all(directory).items()):
         # Live arenas were said by their step (members hold them shared).
-        if reason in ("live", "foreign") and name != DeferredFunctionManager.STATE_DIR_STEM \
-                and not (reason == "live" and name.endswith("-arena-live")):
+        if (
+            reason in ("live", "foreign")
+            and name != DeferredFunctionManager.STATE_DIR_STEM
+            and not (reason == "live" and name.endswith("-arena-live"))
+        ):
             yield Finding("left", _kind_of(name), name, reason, detail)
 
 
@@ -233,40 +247,49 @@ class _logged_errors:  # noqa: N801 - used as a context manager
 def summary_lines(findings: Sequence[Finding]) -> List[str]:
     """What an admin reads: one line per step, per arena, per kind of
     leftover and per failure (failures begin with ``could not clean``)."""
+
     def count(action: str, kind: str, reason: Optional[str] = None) -> int:
         return sum(f.action == action and f.kind == kind and reason in (None, f.reason) for f in findings)
 
     lines = []
     if any(f.kind == "deferred" for f in findings):
-        line = (f"deferred functions: ran those of {count('removed', 'deferred')} dead processes; "
-                f"{count('left', 'deferred', 'live')} live state files left")
+        line = (
+            f"deferred functions: ran those of {count('removed', 'deferred')} dead processes; "
+            f"{count('left', 'deferred', 'live')} live state files left"
+        )
         foreign = count("left", "deferred", "foreign")
         lines.append(line + (f"; {foreign} skipped because foreign" if foreign else ""))
     lines.append(f"process names: removed {count('removed', 'process name')} of dead processes")
     for finding in findings:
         if finding.kind == "arena" and finding.action != "failed" and finding.reason != "foreign":
-            lines.append(f"arena {finding.name}: " + ("live members remain" if finding.action == "left"
-                                                else "no live members; removed"))
+            lines.append(
+                f"arena {finding.name}: "
+                + ("live members remain" if finding.action == "left" else "no live members; removed")
+            )
     lines.append(f"mutexes: removed {count('removed', 'mutex')} lock files left by dead holders")
-    live = sum(f.action == "left" and f.reason == "live" and f.kind in ("process name", "mutex", "file")
-               for f in findings)
+    live = sum(
+        f.action == "left" and f.reason == "live" and f.kind in ("process name", "mutex", "file") for f in findings
+    )
     if live:
         lines.append(f"left {live} files held by live processes")
     for finding in findings:
         if finding.action == "left" and finding.reason == "foreign":
             lines.append(f"skipped {finding.name}: {finding.detail}")
-    lines.extend(f"could not clean {f.kind} {f.name}: {f.detail}".replace("  ", " ")
-                 for f in findings if f.action == "failed")
+    lines.extend(
+        f"could not clean {f.kind} {f.name}: {f.detail}".replace("  ", " ") for f in findings if f.action == "failed"
+    )
     return lines
 
 
 # ------------------------------------------------- many directories, watched
+
 
 class DirectoryReport(NamedTuple):
     """What :func:`clean_directories` did in one directory. *status* is 0
     (cleaned, or nothing to do), 1 (something could not be cleaned, or the
     deadline passed) or 2 (not a coordination directory); *note* is the
     one line said instead of findings (missing, refused, timed out)."""
+
     directory: str
     status: int
     findings: List[Finding]
@@ -274,12 +297,29 @@ class DirectoryReport(NamedTuple):
 
 
 # Pseudo filesystems: never anyone's coordination directory.
-_PSEUDO = frozenset(("proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
-                     "securityfs", "pstore", "bpf", "configfs", "fusectl", "mqueue", "binfmt_misc", "autofs"))
+_PSEUDO = frozenset(
+    (
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "cgroup",
+        "cgroup2",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "pstore",
+        "bpf",
+        "configfs",
+        "fusectl",
+        "mqueue",
+        "binfmt_misc",
+        "autofs",
+    )
+)
 
 
-def clean_directories(directories: Sequence[str], timeout: float, user: Optional[str] = None
-                      ) -> List[DirectoryReport]:
+def clean_directories(directories: Sequence[str], timeout: float, user: Optional[str] = None) -> List[DirectoryReport]:
     """Clean each directory in a child process of its own, all at once;
     children still running after *timeout* seconds are killed with their
     process group (and abandoned if stuck in the kernel: a hung NFS call
@@ -297,8 +337,12 @@ def _report(directory: str, watched: Watched, timeout: float) -> DirectoryReport
     findings = [Finding(**event["finding"]) for event in watched.events if "finding" in event]
     notes = [event["note"] for event in watched.events if "note" in event]
     if watched.status is None:
-        return DirectoryReport(directory, 1, findings, f"timed out after {timeout:g} s (a hung filesystem?): "
-                                                       "the cleanup was killed and abandoned")
+        return DirectoryReport(
+            directory,
+            1,
+            findings,
+            f"timed out after {timeout:g} s (a hung filesystem?): the cleanup was killed and abandoned",
+        )
     return DirectoryReport(directory, watched.status, findings, notes[-1] if notes else "")
 
 
@@ -315,11 +359,13 @@ def _cleanup_job(directory: str, user: Optional[str]) -> Callable[[Callable[[dic
                 send({"finding": finding._asdict()})
                 failed |= finding.action == "failed"
             return failed
+
         try:
             return run_as_owner(directory, work, user)
         except OSError as error:  # refused: a symlink, not the owner, no account
             send({"note": f"cleanup refused: {describe_error(error)}"})
             return 1
+
     return job
 
 
@@ -339,16 +385,20 @@ def _refusal(directory: str) -> Optional[tuple]:
     if not stat.S_ISDIR(info.st_mode):
         return 2, f"{directory} is not a directory"
     from .mounts import filesystem_info
+
     fstype = filesystem_info(directory).fstype
     if fstype in _PSEUDO:
         return 2, f"{directory} is on {fstype}, a pseudo filesystem: not a coordination directory"
     if os.geteuid() != 0 and info.st_uid != os.geteuid():
-        return 1, (f"{directory} belongs to uid {info.st_uid}, not to this user "
-                   f"(uid {os.geteuid()}): run it as that user, or as root")
+        return 1, (
+            f"{directory} belongs to uid {info.st_uid}, not to this user "
+            f"(uid {os.geteuid()}): run it as that user, or as root"
+        )
     return None
 
 
 # ------------------------------------------------------------ health check
+
 
 def check_directory(directory: str) -> str:
     """Check that *directory* can coordinate processes: it exists, is a
@@ -358,24 +408,27 @@ def check_directory(directory: str) -> str:
     line; raises OSError (or UnsafeFilesystemError) saying what is wrong."""
     refusal = _refusal(directory)
     if refusal is not None:
-        raise OSError(errno.ENOTDIR if refusal[0] == 2 else errno.ENOENT if refusal[0] == 0 else errno.EPERM,
-                      refusal[1])
+        raise OSError(
+            errno.ENOTDIR if refusal[0] == 2 else errno.ENOENT if refusal[0] == 0 else errno.EPERM, refusal[1]
+        )
     info = os.lstat(directory)
     if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
-        raise PermissionError(errno.EPERM, "writable by everyone and not sticky: anyone could remove a held "
-                              "lock file", directory)
+        raise PermissionError(
+            errno.EPERM, "writable by everyone and not sticky: anyone could remove a held lock file", directory
+        )
     from .locks import ensure_filesystem_lockable
     from .mounts import filesystem_info
+
     ensure_filesystem_lockable(directory, timeout=2)
     scope = filesystem_info(directory)
     if run_as_owner(directory, lambda: _take_mutex(directory)) != 0:
-        raise OSError(errno.EIO, "the mutex could not be taken and released (as the directory's owner)",
-                      directory)
+        raise OSError(errno.EIO, "the mutex could not be taken and released (as the directory's owner)", directory)
     return f"OK: {directory}: {scope.fstype}, lock scope {scope.lock_scope}; a mutex was taken and released"
 
 
 def _take_mutex(directory: str) -> int:
     from .mutex import global_mutex, retire_mutex_files
+
     with global_mutex(directory, f"toilcoord-check-{os.uname().nodename}", timeout=2):
         pass
     retire_mutex_files()  # its lock file goes: a health check leaves nothing
@@ -383,6 +436,7 @@ def _take_mutex(directory: str) -> int:
 
 
 # ------------------------------------------------------- as the owner
+
 
 def directory_owner(directory: str) -> int:
     """The uid that owns *directory*, a real directory (a symlink there is
@@ -392,8 +446,9 @@ def directory_owner(directory: str) -> int:
     except OSError as error:
         # O_NOFOLLOW gives ELOOP for a symlink, or ENOTDIR with O_DIRECTORY.
         if error.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(directory):
-            raise NotADirectoryError(errno.ENOTDIR, "refusing a coordination directory that is a symlink",
-                                     directory) from None
+            raise NotADirectoryError(
+                errno.ENOTDIR, "refusing a coordination directory that is a symlink", directory
+            ) from None
         raise
     try:
         return os.fstat(fd).st_uid
@@ -425,8 +480,7 @@ def run_as_owner(directory: str, work: Callable[[], int], user: Optional[str] = 
             _become(account)
             code = work()
         except BaseException as error:
-            print(f"cleanup of {directory} as uid {owner} failed: {type(error).__name__}: {error}",
-                  file=sys.stderr)
+            print(f"cleanup of {directory} as uid {owner} failed: {type(error).__name__}: {error}", file=sys.stderr)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -441,16 +495,18 @@ def _check_user(directory: str, owner: int, user: str) -> None:
     except KeyError:
         raise PermissionError(errno.EPERM, f"there is no user {user!r}", directory) from None
     if wanted != owner:
-        raise PermissionError(errno.EPERM, f"the directory belongs to uid {owner}, not to {user} (uid {wanted})",
-                              directory)
+        raise PermissionError(
+            errno.EPERM, f"the directory belongs to uid {owner}, not to {user} (uid {wanted})", directory
+        )
 
 
 def _account(directory: str, owner: int) -> pwd.struct_passwd:
     try:
         return pwd.getpwuid(owner)
     except KeyError:
-        raise PermissionError(errno.EPERM, f"the directory belongs to uid {owner}, which has no account to "
-                              "run its cleanup as", directory) from None
+        raise PermissionError(
+            errno.EPERM, f"the directory belongs to uid {owner}, which has no account to run its cleanup as", directory
+        ) from None
 
 
 def _become(account: pwd.struct_passwd) -> None:

@@ -1,4 +1,5 @@
 """``python -m toilcoord``: smoke check, filesystem probe, benchmark, cleanup."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=(
-        "Check that toilcoord's primitives work on this node (and in --dir), "
-        "benchmark them, check a coordination directory, or clean up after dead processes."))
+    parser = _Parser(
+        prog=prog,
+        description=(
+            "Check that toilcoord's primitives work on this node (and in --dir), "
+            "benchmark them, check a coordination directory, or clean up after dead processes."
+        ),
+    )
     parser.add_argument("--version", action="version", version=f"toilcoord {__version__}")
     parser.add_argument("--dir", help="run in this directory (say, the scratch filesystem a pipeline will use)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON document")
@@ -36,23 +41,37 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     bench.add_argument("--json", dest="sub_json", action="store_true", help="print the table as JSON")
     bench.add_argument("--only", help="comma-separated benchmarks to run (say: mutex,contended mutex,arena)")
     cleanup = commands.add_parser("cleanup", help="run dead processes' deferred functions and remove their leftovers")
-    cleanup.add_argument("--dir", dest="sub_dir", action="append", required=True,
-                         help="a coordination directory to clean (may be given several times)")
-    cleanup.add_argument("--user", help="refuse unless this user owns the directory (as root, the cleanup "
-                         "always runs as the directory's owner)")
-    cleanup.add_argument("--timeout", type=float, default=CLEANUP_TIMEOUT,
-                         help=f"give up (exit 1) after this many seconds (default {CLEANUP_TIMEOUT:g}, below "
-                         "Slurm's 60 s epilog limit)")
+    cleanup.add_argument(
+        "--dir",
+        dest="sub_dir",
+        action="append",
+        required=True,
+        help="a coordination directory to clean (may be given several times)",
+    )
+    cleanup.add_argument(
+        "--user",
+        help="refuse unless this user owns the directory (as root, the cleanup always runs as the directory's owner)",
+    )
+    cleanup.add_argument(
+        "--timeout",
+        type=float,
+        default=CLEANUP_TIMEOUT,
+        help=f"give up (exit 1) after this many seconds (default {CLEANUP_TIMEOUT:g}, below Slurm's 60 s epilog limit)",
+    )
     cleanup.add_argument("--json", dest="sub_json", action="store_true", help="print one JSON document")
     check = commands.add_parser("check", help="health check of a coordination directory (for NHC): one line")
     check.add_argument("--dir", dest="sub_dir", required=True, help="the coordination directory to check")
-    torture = commands.add_parser("torture", help="every primitive at once under random SIGKILLs, then check every guarantee")
+    torture = commands.add_parser(
+        "torture", help="every primitive at once under random SIGKILLs, then check every guarantee"
+    )
     torture.add_argument("--seconds", type=float, default=60.0, help="how long to torture (default 60)")
     torture.add_argument("--procs", type=int, default=4, help="worker processes, at least 2 (default 4)")
     torture.add_argument("--dir", dest="sub_dir", help="torture in this directory (default: a temporary one)")
     torture.add_argument("--seed", help="seed of every random choice (default: a random one, printed)")
-    torture.add_argument("--split-dir", help="--dir seen through another mount (another NFS client of the same "
-                         "export): half of the workers use it")
+    torture.add_argument(
+        "--split-dir",
+        help="--dir seen through another mount (another NFS client of the same export): half of the workers use it",
+    )
     status = commands.add_parser("status", help="show who holds what in a coordination directory (read-only)")
     status.add_argument("--dir", dest="status_dir", required=True, help="the coordination directory to show")
     status.add_argument("--json", dest="sub_json", action="store_true", help="print one JSON document")
@@ -111,8 +130,10 @@ def _tool(name: str) -> Any:
     except ModuleNotFoundError as error:
         if not (error.name or "").endswith(("._tools", f"._tools.{name}")):
             raise
-        raise UsageError(f"{name} is not in this copy of {__name__.rpartition('.')[0]} "
-                               "(its _tools/ folder was left out when it was vendored)") from None
+        raise UsageError(
+            f"{name} is not in this copy of {__name__.rpartition('.')[0]} "
+            "(its _tools/ folder was left out when it was vendored)"
+        ) from None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -129,7 +150,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _torture(args: argparse.Namespace) -> int:
     if args.procs < 2 or not args.seconds > 0:
-        raise UsageError(f"torture needs --procs of at least 2 and --seconds above 0, not {args.procs} and {args.seconds}")
+        raise UsageError(
+            f"torture needs --procs of at least 2 and --seconds above 0, not {args.procs} and {args.seconds}"
+        )
     directory = _usable_directory(args.sub_dir or args.dir)
     if args.split_dir is not None and directory is None:
         raise UsageError("torture --split-dir needs --dir: the same directory through another mount")
@@ -143,6 +166,7 @@ def _smoke_command(args: argparse.Namespace) -> int:
 
 def _cleanup(args: argparse.Namespace) -> int:
     from .cleanup import NotACoordinationDirectoryError, clean_directories
+
     if not args.timeout > 0:
         raise UsageError(f"--timeout must be above 0, not {args.timeout:g}")
     try:
@@ -158,6 +182,7 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 def _print_cleanup(reports: list) -> None:
     from .cleanup import summary_lines
+
     several = len(reports) > 1
     for report in reports:
         prefix = f"{report.directory}: " if several else ""
@@ -173,20 +198,43 @@ def _print_cleanup_json(reports: list) -> None:
     import json
     import socket
     import time
-    directories = [{
-        "directory": report.directory, "status": report.status, "note": report.note,
-        "removed": [{"kind": f.kind, "name": f.name, "why": f.detail} for f in report.findings if f.action == "removed"],
-        "left": [{"kind": f.kind, "name": f.name, "reason": f.reason, "why": f.detail}
-                 for f in report.findings if f.action == "left"],
-        "failed": [{"kind": f.kind, "name": f.name, "why": f.detail} for f in report.findings if f.action == "failed"],
-    } for report in reports]
-    print(json.dumps({"host": socket.gethostname(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      "status": max(report.status for report in reports), "directories": directories}, indent=2))
+
+    directories = [
+        {
+            "directory": report.directory,
+            "status": report.status,
+            "note": report.note,
+            "removed": [
+                {"kind": f.kind, "name": f.name, "why": f.detail} for f in report.findings if f.action == "removed"
+            ],
+            "left": [
+                {"kind": f.kind, "name": f.name, "reason": f.reason, "why": f.detail}
+                for f in report.findings
+                if f.action == "left"
+            ],
+            "failed": [
+                {"kind": f.kind, "name": f.name, "why": f.detail} for f in report.findings if f.action == "failed"
+            ],
+        }
+        for report in reports
+    ]
+    print(
+        json.dumps(
+            {
+                "host": socket.gethostname(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "status": max(report.status for report in reports),
+                "directories": directories,
+            },
+            indent=2,
+        )
+    )
 
 
 def _check(args: argparse.Namespace) -> int:
     from .cleanup import check_directory
     from .watchdog import run_watched
+
     directory = args.sub_dir
     if not directory:
         raise UsageError("--dir is empty (an unset variable?)")
@@ -194,6 +242,7 @@ def _check(args: argparse.Namespace) -> int:
     def job(send: Callable[[dict], None]) -> int:
         send({"line": check_directory(directory)})
         return 0
+
     watched = run_watched([job], CHECK_TIMEOUT)[0]
     said = [event.get("line") or event.get("note", "") for event in watched.events]
     if watched.status == 0 and said:
@@ -218,6 +267,7 @@ def _smoke(directory: Optional[str], as_json: bool) -> int:
     report["passed"] = not failed
     if as_json:
         import json
+
         print(json.dumps(report, indent=2))
     else:
         counts = {status: sum(r.status == status for r in results) for status in ("ok", "FAIL", "skip")}
@@ -250,6 +300,7 @@ def _status(args: argparse.Namespace) -> int:
         return 1
     if args.json or args.sub_json:
         import json
+
         print(json.dumps(report, indent=2))
     else:
         print(format_status(report))
@@ -257,6 +308,10 @@ def _status(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: Dict[Optional[str], Callable[[argparse.Namespace], int]] = {
-    None: _smoke_command, "bench": _bench, "check": _check, "cleanup": _cleanup, "status": _status,
+    None: _smoke_command,
+    "bench": _bench,
+    "check": _check,
+    "cleanup": _cleanup,
+    "status": _status,
     "torture": _torture,
 }

@@ -9,6 +9,7 @@ job-private ``/tmp`` (Slurm's ``job_container/tmpfs``, systemd's
 to the user; :func:`job_private_reasons` says why a directory may be seen
 by this job only.
 """
+
 from __future__ import annotations
 
 import errno
@@ -82,10 +83,11 @@ def coordination_dir(purpose: str = "toilcoord", *, mountinfo: Optional[str] = N
 def _check_purpose(purpose: str) -> None:
     if not isinstance(purpose, str):
         raise TypeError(f"purpose must be a str, not {type(purpose).__name__}")
-    if not purpose or "/" in purpose or "\0" in purpose or purpose.startswith(".") \
-            or len(os.fsencode(purpose)) > 200:
-        raise ValueError(f"purpose {purpose!r} cannot be a directory name: it must be 1-200 bytes "
-                         "with no '/' or NUL, not starting with '.'")
+    if not purpose or "/" in purpose or "\0" in purpose or purpose.startswith(".") or len(os.fsencode(purpose)) > 200:
+        raise ValueError(
+            f"purpose {purpose!r} cannot be a directory name: it must be 1-200 bytes "
+            "with no '/' or NUL, not starting with '.'"
+        )
 
 
 def _candidates(purpose: str, uid: int) -> List[Tuple[str, str, bool]]:
@@ -146,7 +148,8 @@ def _make_private_dir(base: str, name: str, uid: int) -> str:
                 raise CoordinationDirError(
                     f"{path} is {'a symlink' if error.errno == errno.ELOOP else 'not a directory'}, "
                     "not the private directory toilcoord makes; remove it if it is yours, "
-                    "or set TMPDIR elsewhere") from None
+                    "or set TMPDIR elsewhere"
+                ) from None
             raise
     finally:
         os.close(base_fd)
@@ -163,14 +166,18 @@ def _check_private(fd: int, path: str, uid: int) -> None:
     info = os.fstat(fd)
     mode = stat.S_IMODE(info.st_mode)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
-        raise CoordinationDirError(f"{path} belongs to uid {info.st_uid}, not to this user ({uid}); "
-                                   "it is not used (someone may have planted it)")
+        raise CoordinationDirError(
+            f"{path} belongs to uid {info.st_uid}, not to this user ({uid}); "
+            "it is not used (someone may have planted it)"
+        )
     if mode != _PRIVATE:
-        raise CoordinationDirError(f"{path} has mode {mode:o}: others may have put files in it; "
-                                   "check it and `chmod 700` it, or remove it")
+        raise CoordinationDirError(
+            f"{path} has mode {mode:o}: others may have put files in it; check it and `chmod 700` it, or remove it"
+        )
 
 
 # ------------------------------------------------------- job-private /tmp
+
 
 def job_private_reasons(path: str, mountinfo: Optional[str] = None) -> List[str]:
     """Why *path* may be visible to this job only (empty: no sign of it).
@@ -189,8 +196,10 @@ def job_private_reasons(path: str, mountinfo: Optional[str] = None) -> List[str]
     real = os.path.realpath(path)
     for point, root, fstype in _per_job_binds(mountinfo):
         if real == point or real.startswith(point + "/"):
-            reasons.append(f"{point} is {root} of a {fstype} filesystem mounted there for this job alone "
-                           "(as Slurm's job_container/tmpfs or systemd's PrivateTmp do)")
+            reasons.append(
+                f"{point} is {root} of a {fstype} filesystem mounted there for this job alone "
+                "(as Slurm's job_container/tmpfs or systemd's PrivateTmp do)"
+            )
     return reasons
 
 
@@ -225,6 +234,10 @@ def _warn_if_job_private(path: str, mountinfo: Optional[str]) -> None:
     reasons = job_private_reasons(path, mountinfo)
     if reasons and path not in _warned:
         _warned.add(path)
-        logger.warning("coordination directory %s may be private to this job: jobs on this node will not "
-                       "see each other's locks there (%s); set XDG_RUNTIME_DIR or TMPDIR to a directory "
-                       "all jobs share", path, "; ".join(reasons))
+        logger.warning(
+            "coordination directory %s may be private to this job: jobs on this node will not "
+            "see each other's locks there (%s); set XDG_RUNTIME_DIR or TMPDIR to a directory "
+            "all jobs share",
+            path,
+            "; ".join(reasons),
+        )

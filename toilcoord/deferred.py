@@ -24,6 +24,7 @@ returns, which is all that SIGKILL-safety needs; nothing is fsynced, so
 after a power loss the newest records may be missing or torn (a torn record
 is skipped with an error log, never a crash).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,8 +80,9 @@ def _make_state_dir(path: str) -> None:
     except FileExistsError:
         pass
     except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, "the base directory for deferred functions does not exist",
-                                os.path.dirname(path)) from None
+        raise FileNotFoundError(
+            errno.ENOENT, "the base directory for deferred functions does not exist", os.path.dirname(path)
+        ) from None
     try:
         fd = _open_state_dir(path)
     except FileNotFoundError:
@@ -111,16 +113,21 @@ def _open_state_dir(path: str) -> int:
             raise
     except OSError as error:
         if error.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise PermissionError(errno.EPERM, "refusing to use a deferred-function directory that is not "
-                                  "a directory (a symlink?)", path) from None
+            raise PermissionError(
+                errno.EPERM, "refusing to use a deferred-function directory that is not a directory (a symlink?)", path
+            ) from None
         if error.errno == errno.ESTALE:
             raise FileNotFoundError(errno.ENOENT, "removed meanwhile (a stale NFS file handle)", path) from None
         raise
     if info.st_uid != os.geteuid() or info.st_mode & 0o022:
         os.close(fd)
-        raise PermissionError(errno.EPERM, f"refusing to use a deferred-function directory owned by uid "
-                              f"{info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}: it must belong to this "
-                              f"user (uid {os.geteuid()}) and be writable by nobody else", path)
+        raise PermissionError(
+            errno.EPERM,
+            f"refusing to use a deferred-function directory owned by uid "
+            f"{info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}: it must belong to this "
+            f"user (uid {os.geteuid()}) and be writable by nobody else",
+            path,
+        )
     return fd
 
 
@@ -143,15 +150,20 @@ def _trusted(fd: int, path: str) -> bool:
     nobody else can write, with no other link (a hard link to someone's
     file is not theirs to run). Refusals are logged once per file."""
     info = os.fstat(fd)
-    if (stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022
-            and info.st_nlink == 1):
+    if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o022 and info.st_nlink == 1:
         return True
     if (info.st_dev, info.st_ino) not in _reported_untrusted:
         _reported_untrusted.add((info.st_dev, info.st_ino))
-        logger.error("refusing to read deferred functions from %s: it is owned by uid %d with mode %o and "
-                     "%d links, but only files of this user (uid %d) that nobody else can write, with one "
-                     "link, are read; leaving it alone", path, info.st_uid, stat.S_IMODE(info.st_mode),
-                     info.st_nlink, os.geteuid())
+        logger.error(
+            "refusing to read deferred functions from %s: it is owned by uid %d with mode %o and "
+            "%d links, but only files of this user (uid %d) that nobody else can write, with one "
+            "link, are read; leaving it alone",
+            path,
+            info.st_uid,
+            stat.S_IMODE(info.st_mode),
+            info.st_nlink,
+            os.geteuid(),
+        )
     return False
 
 
@@ -217,8 +229,11 @@ def _run_taken(fd: int, name: str, dir_fd: int, where: str) -> bool:
         info = os.fstat(fd)
         if (info.st_dev, info.st_ino) not in _reported_foreign:
             _reported_foreign.add((info.st_dev, info.st_ino))
-            logger.error("deferred-function file %s does not begin with a record (not toilcoord's: Toil's, "
-                         "or damaged); leaving it", where)
+            logger.error(
+                "deferred-function file %s does not begin with a record (not toilcoord's: Toil's, "
+                "or damaged); leaving it",
+                where,
+            )
         return False
     write_fd = _open_for_writing(name, fd, dir_fd)
     try:
@@ -299,9 +314,14 @@ def _run_orphans_in(state_dir: str, manager: "type[DeferredFunctionManager]") ->
     own, older = manager.OWN_PREFIX + manager.PREFIX, manager.PREFIX
     try:
         with os.scandir(dir_fd) as entries:
-            names = [entry.name for entry in entries
-                     if entry.name.startswith((own, older)) and not entry.name.endswith(manager.WIP_SUFFIX)
-                     and entry.name not in _held_here and entry.is_file(follow_symlinks=False)]
+            names = [
+                entry.name
+                for entry in entries
+                if entry.name.startswith((own, older))
+                and not entry.name.endswith(manager.WIP_SUFFIX)
+                and entry.name not in _held_here
+                and entry.is_file(follow_symlinks=False)
+            ]
         for name in names:
             # A func* name is Toil's, unless an older toilcoord wrote it.
             if name.startswith(own) or _begins_like_ours(dir_fd, name):
@@ -414,12 +434,16 @@ class DeferredFunctionManager:
 
     def _unusable_error(self, what: str) -> RuntimeError:
         if self._inert:
-            return RuntimeError(f"{what}: this DeferredFunctionManager belongs to the parent of this forked "
-                                "process; create a new one here")
+            return RuntimeError(
+                f"{what}: this DeferredFunctionManager belongs to the parent of this forked "
+                "process; create a new one here"
+            )
         if self._closed:
             return RuntimeError(f"{what}: this DeferredFunctionManager is closed")
-        return RuntimeError(f"{what} was called outside DeferredFunctionManager.open(); "
-                            "register deferred functions inside the with block")
+        return RuntimeError(
+            f"{what} was called outside DeferredFunctionManager.open(); "
+            "register deferred functions inside the with block"
+        )
 
     def _keep_state_file(self) -> None:
         """Make a new state file if ours was removed from under us (say, by
@@ -427,8 +451,7 @@ class DeferredFunctionManager:
         lost with us."""
         if locked_file_is(self._file.fd, self._file.path):
             return
-        logger.warning("deferred-function state file %s was removed by someone else; making a new one",
-                       self._file.path)
+        logger.warning("deferred-function state file %s was removed by someone else; making a new one", self._file.path)
         self._run_own()
         old_file, old_fd = self._file, self._write_fd
         self._file, self._write_fd = _new_state_file(self.stateDir, self.OWN_PREFIX + self.PREFIX)

@@ -8,6 +8,7 @@ ever rewritten: PENDING to DONE, in place, by one ``pwrite`` after the
 function returned, so a finished function never runs again. How state
 files are owned, found and taken over is ``deferred.py``'s business.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,8 +19,17 @@ from typing import Any, Dict, Iterator, NamedTuple, Optional, Tuple
 
 from .pickler import PROTOCOL, ForeignCodeError, callable_name, dumps, is_reachable, short_repr, unserialisable
 
-__all__ = ["HEADER_SIZE", "MAGIC", "DeferredFunction", "call_fields", "frame", "load_codec", "pending_records",
-           "run_file", "starts_with_a_record"]
+__all__ = [
+    "HEADER_SIZE",
+    "MAGIC",
+    "DeferredFunction",
+    "call_fields",
+    "frame",
+    "load_codec",
+    "pending_records",
+    "run_file",
+    "starts_with_a_record",
+]
 
 # One logger for everything about deferred functions, whichever module reports.
 logger = logging.getLogger(__name__.rpartition(".")[0] + ".deferred")
@@ -31,6 +41,7 @@ _crc32: Any = None
 _header: Any = None
 _EMPTY_ARGS: Any = None  # pickles of () and {}, made once
 _EMPTY_KWARGS: Any = None
+
 
 def load_codec() -> None:
     """Import what records need (once; the hot path then reads globals)."""
@@ -142,8 +153,7 @@ def call_fields(function: Any, args: tuple, kwargs: dict) -> tuple:
         else:
             pickled = dumps(function)
             name, module = callable_name(function), _module_descriptor(function)
-        return (pickled, dumps(args) if args else _EMPTY_ARGS, dumps(kwargs) if kwargs else _EMPTY_KWARGS,
-                name, module)
+        return (pickled, dumps(args) if args else _EMPTY_ARGS, dumps(kwargs) if kwargs else _EMPTY_KWARGS, name, module)
     except Exception as error:
         report, cause = unserialisable(function, args, kwargs, error)
         raise report from cause
@@ -199,9 +209,13 @@ def _decode(payload: bytes) -> DeferredFunction:
     from .modules import ModuleDescriptor
 
     fields = pickle.loads(payload)
-    if not (isinstance(fields, tuple) and len(fields) == 5
-            and all(isinstance(blob, bytes) for blob in fields[:3])
-            and isinstance(fields[3], str) and isinstance(fields[4], (bytes, str, type(None)))):
+    if not (
+        isinstance(fields, tuple)
+        and len(fields) == 5
+        and all(isinstance(blob, bytes) for blob in fields[:3])
+        and isinstance(fields[3], str)
+        and isinstance(fields[4], (bytes, str, type(None)))
+    ):
         raise ValueError("the record does not hold a deferred function")
     module = fields[4]
     if isinstance(module, bytes):  # a pickled ModuleDescriptor (a str: written by an older toilcoord)
@@ -257,7 +271,7 @@ def _record_end(data: bytes, pos: int) -> Tuple[int, bool]:
     end = pos + HEADER_SIZE + length
     if magic != MAGIC or version != _FORMAT or state not in (_PENDING, _DONE) or end > len(data):
         return -1, False
-    return end, _crc32(memoryview(data)[pos + HEADER_SIZE:end]) == crc
+    return end, _crc32(memoryview(data)[pos + HEADER_SIZE : end]) == crc
 
 
 def pending_records(data: bytes, where: str) -> Iterator[Tuple[int, bytes]]:
@@ -275,7 +289,7 @@ def pending_records(data: bytes, where: str) -> Iterator[Tuple[int, bytes]]:
         if not intact:
             _log_skipped(where, pos, end, size)
         elif data[pos + _STATE_OFFSET] == _PENDING:
-            yield pos, data[pos + HEADER_SIZE:end]
+            yield pos, data[pos + HEADER_SIZE : end]
         pos = end
 
 
@@ -283,18 +297,28 @@ def starts_with_a_record(data: bytes) -> bool:
     """True for a state file of ours: empty (no function deferred yet), or
     beginning with a record header, whole or torn by a crash."""
     if len(data) < HEADER_SIZE:
-        return MAGIC.startswith(data[:len(MAGIC)])
+        return MAGIC.startswith(data[: len(MAGIC)])
     magic, state, version, _, _ = _header.unpack_from(data, 0)
     return magic == MAGIC and version == _FORMAT and state in (_PENDING, _DONE)
 
 
 def _log_skipped(where: str, start: int, stop: int, size: int) -> None:
     if stop == size:
-        logger.error("deferred-function file %s ends in %d unreadable bytes at offset %d "
-                     "(a record torn by a crash, or corrupt); skipped them", where, stop - start, start)
+        logger.error(
+            "deferred-function file %s ends in %d unreadable bytes at offset %d "
+            "(a record torn by a crash, or corrupt); skipped them",
+            where,
+            stop - start,
+            start,
+        )
     else:
-        logger.error("deferred-function file %s has a corrupt record of %d bytes at offset %d; skipped "
-                     "it, the records after it still run", where, stop - start, start)
+        logger.error(
+            "deferred-function file %s has a corrupt record of %d bytes at offset %d; skipped "
+            "it, the records after it still run",
+            where,
+            stop - start,
+            start,
+        )
 
 
 def _read_all(fd: int) -> bytes:

@@ -6,6 +6,7 @@ directory; Python code expects FileNotFoundError or NotADirectoryError. The
 classes here are both, so ``except RuntimeError`` (written for Toil) and
 ``except FileNotFoundError`` (or ``OSError``) both work.
 """
+
 from __future__ import annotations
 
 __all__ = ["MissingDirectoryError", "NotADirectoryRuntimeError"]

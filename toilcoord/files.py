@@ -10,6 +10,7 @@ the ``.nfsXXXX`` names a client gives deleted files still held open) are
 retried for a bounded time while everything else is removed; what is still
 busy at the end is reported in one :class:`BusyEntriesError`.
 """
+
 from __future__ import annotations
 
 import errno
@@ -172,8 +173,10 @@ def _busy_error(path: PathStr, left: List[PathStr], busy_timeout: float) -> Busy
     named = ", ".join(map(repr, left[:_NAMED_IN_MESSAGE]))
     if len(left) > _NAMED_IN_MESSAGE:
         named += " and %d more" % (len(left) - _NAMED_IN_MESSAGE)
-    message = ("robust_rmtree removed all but %d entries, still busy after %g s "
-               "(on NFS: deleted files a process still holds open): %s" % (len(left), busy_timeout, named))
+    message = (
+        "robust_rmtree removed all but %d entries, still busy after %g s "
+        "(on NFS: deleted files a process still holds open): %s" % (len(left), busy_timeout, named)
+    )
     error = BusyEntriesError(errno.EBUSY, message, path)
     error.left = left  # an attribute, not an argument: pickling passes only errno, strerror, filename
     return error
@@ -206,8 +209,9 @@ def _check_relative(path: PathStr, dir_fd: int) -> None:
     directory (else lookups relative to it would quietly find nothing)."""
     separator, dots = (b"/", (b".", b"..")) if isinstance(path, bytes) else ("/", (".", ".."))
     if path.startswith(separator) or any(part in dots for part in path.split(separator)):
-        raise ValueError("with dir_fd, robust_rmtree takes a path relative to it without . or .. "
-                         "components, not %r" % (path,))
+        raise ValueError(
+            "with dir_fd, robust_rmtree takes a path relative to it without . or .. components, not %r" % (path,)
+        )
     if not stat.S_ISDIR(os.fstat(dir_fd).st_mode):
         raise NotADirectoryError(errno.ENOTDIR, "dir_fd %d is not a directory" % dir_fd, path)
 

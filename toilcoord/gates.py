@@ -14,6 +14,7 @@ create cannot be answered from a cached name), and a lock on a file another
 node unlinked is seen by its link count, which the lock makes the client
 fetch afresh.
 """
+
 from __future__ import annotations
 
 import errno
@@ -27,10 +28,10 @@ from typing import Dict, List, Optional
 
 from .files import unlink_if_present
 from .locks import (
+    _OPEN_OR_CREATE,
     ForeignFileError,
     LockTimeout,
     PathArg,
-    _OPEN_OR_CREATE,
     _close_tracked,
     _create_if_free,
     _lock_until,
@@ -111,8 +112,10 @@ def _hold_gate(path: str, timeout: Optional[float] = None) -> _Gate:
             gate.lock.acquire()
         # Lock.acquire refuses timeouts beyond TIMEOUT_MAX (float("inf") too).
         elif not gate.lock.acquire(timeout=min(max(deadline - time.monotonic(), 0), threading.TIMEOUT_MAX)):
-            raise LockTimeout(f"timed out after {timeout} s waiting for {path}: another thread of this "
-                              f"process (pid {os.getpid()}) holds it or waits for it")
+            raise LockTimeout(
+                f"timed out after {timeout} s waiting for {path}: another thread of this "
+                f"process (pid {os.getpid()}) holds it or waits for it"
+            )
         if not gate.retired:
             return gate
         gate.lock.release()  # retired while we queued: take the new one
@@ -141,6 +144,7 @@ def _retire_idle(count: int) -> None:
 
 
 # ------------------------------------------------------------ the lock file
+
 
 def _drop(gate: _Gate) -> None:
     """Close the kept fd (releasing any lock on it): its file is garbage."""
@@ -215,8 +219,9 @@ def _let_others_in(gate: _Gate, deadline: Optional[float]) -> None:
         time.sleep(pause)
 
 
-def _acquire(gate: _Gate, path: str, deadline: Optional[float] = None, block: bool = True,
-             shared: bool = False) -> bool:
+def _acquire(
+    gate: _Gate, path: str, deadline: Optional[float] = None, block: bool = True, shared: bool = False
+) -> bool:
     """Lock the file at *path* through ``gate.fd`` (exclusively unless
     *shared*), opening or creating it as needed; False only if not *block*
     and another process holds it."""
@@ -254,14 +259,25 @@ def _check_directory(directory: str) -> None:
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", directory)
     euid = os.geteuid()
     if info.st_uid not in (euid, 0):
-        raise ForeignFileError(errno.EPERM, f"the directory belongs to uid {info.st_uid}, not to this user "
-                               f"(uid {euid}): a coordination directory must belong to one user", directory)
+        raise ForeignFileError(
+            errno.EPERM,
+            f"the directory belongs to uid {info.st_uid}, not to this user "
+            f"(uid {euid}): a coordination directory must belong to one user",
+            directory,
+        )
     if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
-        raise ForeignFileError(errno.EPERM, "anyone may remove files in this directory (writable by all, "
-                               "not sticky): use a directory of your own for coordination", directory)
+        raise ForeignFileError(
+            errno.EPERM,
+            "anyone may remove files in this directory (writable by all, "
+            "not sticky): use a directory of your own for coordination",
+            directory,
+        )
     if info.st_mode & 0o022:
-        logger.warning("%s is writable by other users, who can put files where toilcoord keeps its own "
-                       "(those are refused, never used); a directory of your own is safer", directory)
+        logger.warning(
+            "%s is writable by other users, who can put files where toilcoord keeps its own "
+            "(those are refused, never used); a directory of your own is safer",
+            directory,
+        )
     _checked_directories[directory] = True
 
 
@@ -300,8 +316,9 @@ def _unlock(gate: _Gate) -> None:
 
 def _unlock_failed(gate: _Gate, error: OSError) -> None:
     # Closing releases the lock all the same; the next acquisition reopens.
-    logger.warning("unlocking %d failed with %s; closing it instead",
-                   gate.fd, errno.errorcode.get(error.errno, error.errno))
+    logger.warning(
+        "unlocking %d failed with %s; closing it instead", gate.fd, errno.errorcode.get(error.errno, error.errno)
+    )
     _drop(gate)
 
 
@@ -340,8 +357,11 @@ def reap_unheld_mutex_files(base_dir: PathArg) -> List[str]:
     their paths. Safe at any time: a process that later locks a removed
     file sees it gone and makes a new one."""
     with os.scandir(base_dir) as entries:
-        candidates = sorted(os.path.abspath(entry.path) for entry in entries
-                            if entry.name.startswith(_MUTEX_PREFIX) and entry.is_file(follow_symlinks=False))
+        candidates = sorted(
+            os.path.abspath(entry.path)
+            for entry in entries
+            if entry.name.startswith(_MUTEX_PREFIX) and entry.is_file(follow_symlinks=False)
+        )
     return [path for path in candidates if remove_unheld_lock_file(path)]
 
 

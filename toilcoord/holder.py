@@ -14,6 +14,7 @@ of the rest (4 bytes), wall time locked (8, nanoseconds), pid (4), PID-namespace
 process start time (8, clock ticks since boot), then host, command and purpose
 as UTF-8, NUL-separated, NUL-padded.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,19 @@ import sys
 import time
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
-__all__ = ["PURPOSE_MAX_BYTES", "RECORD_SIZE", "Holder", "LockTable", "check_purpose", "confirm", "describe",
-           "lock_table", "read_record", "record_for", "write_record"]
+__all__ = [
+    "PURPOSE_MAX_BYTES",
+    "RECORD_SIZE",
+    "Holder",
+    "LockTable",
+    "check_purpose",
+    "confirm",
+    "describe",
+    "lock_table",
+    "read_record",
+    "record_for",
+    "write_record",
+]
 
 RECORD_SIZE = 512
 #: The longest purpose string, in UTF-8 bytes.
@@ -51,8 +63,14 @@ class Holder(NamedTuple):
 
     def public(self) -> dict:
         """The fields a report shows."""
-        return {"pid": self.pid, "host": self.host, "command": self.command, "since": self.since,
-                "purpose": self.purpose, "verified": self.verified}
+        return {
+            "pid": self.pid,
+            "host": self.host,
+            "command": self.command,
+            "since": self.since,
+            "purpose": self.purpose,
+            "verified": self.verified,
+        }
 
 
 def check_purpose(purpose: object) -> Optional[str]:
@@ -84,8 +102,7 @@ _crc32 = None
 
 def _this_process() -> Tuple[int, int, int, bytes, bytes]:
     pid = os.getpid()
-    return (pid, _pid_namespace("self"), _start_ticks("self"),
-            _host(), _command())
+    return (pid, _pid_namespace("self"), _start_ticks("self"), _host(), _command())
 
 
 def _host() -> bytes:
@@ -97,8 +114,9 @@ def _command() -> bytes:
         with open("/proc/self/comm", "rb") as comm:
             return comm.read(_COMMAND_MAX).strip()
     except OSError:  # no /proc (macOS)
-        return os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else sys.executable).encode(
-            "utf-8", "replace")[:_COMMAND_MAX]
+        return os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else sys.executable).encode("utf-8", "replace")[
+            :_COMMAND_MAX
+        ]
 
 
 def _tail(purpose: Optional[str]) -> bytes:
@@ -107,6 +125,7 @@ def _tail(purpose: Optional[str]) -> bytes:
     if tail is None:
         if _crc32 is None:
             import zlib
+
             _crc32 = zlib.crc32
         pid, namespace, ticks, host, command = _this_process()
         text = b"\0".join((host, command, (purpose or "").encode("utf-8")))
@@ -146,6 +165,7 @@ os.register_at_fork(after_in_child=_tails.clear)
 
 # ------------------------------------------------------------- reading
 
+
 def _printable(raw: bytes) -> str:
     # A record may be anyone's bytes: nothing reaches a terminal unescaped.
     return "".join(char if char.isprintable() else "\ufffd" for char in raw.decode("utf-8", "replace"))
@@ -161,15 +181,17 @@ def read_record(fd: int) -> Optional[Holder]:
     if len(data) != RECORD_SIZE:
         return None
     import zlib
+
     if data[:4] != _MAGIC or zlib.crc32(data[8:]) != int.from_bytes(data[4:8], "little"):
         return None
-    since, pid, namespace, ticks = (int.from_bytes(data[at:at + size], "little") for at, size in _FIELDS)
+    since, pid, namespace, ticks = (int.from_bytes(data[at : at + size], "little") for at, size in _FIELDS)
     fields = data[_TEXT_AT:].rstrip(b"\0").split(b"\0")
     if len(fields) < 2:
         return None
     host, command, purpose = (fields + [b""])[:3]
-    return Holder(pid, _printable(host), _printable(command), since / 1e9, _printable(purpose) or None,
-                  False, namespace, ticks)
+    return Holder(
+        pid, _printable(host), _printable(command), since / 1e9, _printable(purpose) or None, False, namespace, ticks
+    )
 
 
 def _pid_namespace(pid: str) -> int:
@@ -219,6 +241,7 @@ def describe(holder: Holder) -> str:
 
 
 # ---------------------------------------------------------- /proc/locks
+
 
 class LockTable(NamedTuple):
     """/proc/locks by file: (major, minor, inode) -> holder pids, and ->

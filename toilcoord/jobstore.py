@@ -7,6 +7,7 @@ saves to it and workers download from its URLs. Toil's job stores qualify;
 :class:`LocalJobStore` is one backed by a local or shared directory, whose
 URLs are ``file:`` URLs.
 """
+
 from __future__ import annotations
 
 import os

@@ -19,6 +19,7 @@ stands on three ideas kept in this module:
 the deferred-function manager; :class:`global_mutex` keeps its lock file
 open between acquisitions.
 """
+
 from __future__ import annotations
 
 import errno
@@ -107,7 +108,11 @@ def _retry_flock(fd: int, operation: int, error: OSError) -> None:
     for attempt in range(1, _RETRIES + 1):
         logger.warning(
             "flock(%d) failed with %s; retry %d of %d in %g s",
-            fd, errno.errorcode.get(error.errno, error.errno), attempt, _RETRIES, delay,
+            fd,
+            errno.errorcode.get(error.errno, error.errno),
+            attempt,
+            _RETRIES,
+            delay,
         )
         time.sleep(delay)
         delay = min(delay * 2, _MAX_BACKOFF)
@@ -118,9 +123,13 @@ def _retry_flock(fd: int, operation: int, error: OSError) -> None:
             if again.errno not in _RETRYABLE:
                 raise
             error = again
-    logger.error("flock(%d) still fails with %s after %d retries: %s",
-                 fd, errno.errorcode.get(error.errno, error.errno), _RETRIES,
-                 _ADVICE[error.errno])
+    logger.error(
+        "flock(%d) still fails with %s after %d retries: %s",
+        fd,
+        errno.errorcode.get(error.errno, error.errno),
+        _RETRIES,
+        _ADVICE[error.errno],
+    )
     raise error
 
 
@@ -137,8 +146,9 @@ def safe_unlock_and_close(fd: int) -> None:
         if error.errno == errno.ESTALE:
             logger.debug("fd %d is stale (removed on the NFS server); closing it", fd)
         elif error.errno in _RETRYABLE:
-            logger.warning("unlocking fd %d failed with %s; closing it anyway",
-                           fd, errno.errorcode.get(error.errno, error.errno))
+            logger.warning(
+                "unlocking fd %d failed with %s; closing it anyway", fd, errno.errorcode.get(error.errno, error.errno)
+            )
         else:
             raise
     finally:
@@ -215,8 +225,9 @@ def _open_tracked(path: str, flags: int, dir_fd: Optional[int] = None, owned: bo
     existing file raises FileNotFoundError (it is gone)."""
     for attempt in range(_STALE_RETRIES):
         try:
-            fd = _open_looking_again(path, flags, dir_fd) if attempt else os.open(path, flags, _FILE_MODE,
-                                                                                  dir_fd=dir_fd)
+            fd = (
+                _open_looking_again(path, flags, dir_fd) if attempt else os.open(path, flags, _FILE_MODE, dir_fd=dir_fd)
+            )
         except OSError as error:
             _raise_unless_stale(error, path, flags)
             continue
@@ -261,13 +272,18 @@ def _check_opened(fd: int, info: os.stat_result, path: str, owned: bool) -> None
     one link, if *owned*)."""
     if not stat.S_ISREG(info.st_mode):
         _close_tracked(fd)
-        raise OSError(errno.EINVAL, "not a regular file, so never used as a lock file "
-                      "(something else was put at this path)", path)
+        raise OSError(
+            errno.EINVAL, "not a regular file, so never used as a lock file (something else was put at this path)", path
+        )
     if owned and (info.st_uid != os.geteuid() or info.st_nlink > 1):
         _close_tracked(fd)
-        raise ForeignFileError(errno.EPERM, f"a lock file owned by uid {info.st_uid} with {info.st_nlink} links, "
-                               f"not by this user (uid {os.geteuid()}) with one: never used; a coordination "
-                               "directory must belong to one user", path)
+        raise ForeignFileError(
+            errno.EPERM,
+            f"a lock file owned by uid {info.st_uid} with {info.st_nlink} links, "
+            f"not by this user (uid {os.geteuid()}) with one: never used; a coordination "
+            "directory must belong to one user",
+            path,
+        )
 
 
 class HeldFile:
@@ -301,8 +317,9 @@ class HeldFile:
         return self.fd >= 0 and self._epoch == _fork_epoch
 
     @classmethod
-    def create(cls, directory: str, prefix: str = "", suffix: str = "",
-               mode: int = _FILE_MODE, verify: bool = True) -> "HeldFile":
+    def create(
+        cls, directory: str, prefix: str = "", suffix: str = "", mode: int = _FILE_MODE, verify: bool = True
+    ) -> "HeldFile":
         """Create a new, randomly named file in *directory* and lock it.
 
         The name is made with O_EXCL; the lock is taken and verified before
@@ -449,8 +466,9 @@ def take_over(path: PathArg, shared: bool = False, dir_fd: Optional[int] = None)
         if error.errno in (errno.EAGAIN, errno.EACCES):
             return None
         if error.errno == errno.ESTALE:  # removed on the NFS server meanwhile
-            raise FileNotFoundError(errno.ENOENT, "removed meanwhile (a stale NFS file handle)",
-                                    os.fspath(path)) from error
+            raise FileNotFoundError(
+                errno.ENOENT, "removed meanwhile (a stale NFS file handle)", os.fspath(path)
+            ) from error
         raise
     if locked_file_is(fd, path, dir_fd):
         return fd

@@ -18,6 +18,7 @@ place.
 Everything heavy (json, importlib's machinery) is imported inside the
 function that needs it: the package's ``__init__`` imports this module.
 """
+
 from __future__ import annotations
 
 import logging
@@ -92,8 +93,10 @@ class ModuleDescriptor(NamedTuple):
             )
         stem, extension = os.path.splitext(os.path.abspath(file_name))
         if extension not in (".py", ".pyc"):
-            raise ResourceException(f"module {name!r} is {file_name}; only .py and .pyc modules can be shipped "
-                                    "(The name of a user script/module must end in .py or .pyc.)")
+            raise ResourceException(
+                f"module {name!r} is {file_name}; only .py and .pyc modules can be shipped "
+                "(The name of a user script/module must end in .py or .pyc.)"
+            )
         if name == "__main__":
             name, dir_path = _main_module_location(module, stem)
         else:
@@ -234,8 +237,9 @@ class ModuleDescriptor(NamedTuple):
             return DirectoryResource
         if os.path.isfile(path):
             return FileResource
-        raise ResourceException(f"{path} is neither a file nor a directory" if os.path.exists(path)
-                                else f"{path} does not exist")
+        raise ResourceException(
+            f"{path} is neither a file nor a directory" if os.path.exists(path) else f"{path} does not exist"
+        )
 
     def _expected_files(self) -> List[str]:
         base = os.path.join(self.dirPath, *self.name.split("."))

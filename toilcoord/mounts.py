@@ -12,6 +12,7 @@ Two questions are answered here:
   after locking (NFS caches names and attributes for up to a minute by
   default).
 """
+
 from __future__ import annotations
 
 import os
@@ -69,10 +70,24 @@ def parse_mountinfo(text: str) -> List[_Mount]:
     return mounts
 
 
-_NODE_LOCAL_TYPES = frozenset((
-    "ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "jfs", "reiserfs",
-    "tmpfs", "ramfs", "overlay", "devtmpfs", "shm",
-))
+_NODE_LOCAL_TYPES = frozenset(
+    (
+        "ext2",
+        "ext3",
+        "ext4",
+        "xfs",
+        "btrfs",
+        "zfs",
+        "f2fs",
+        "jfs",
+        "reiserfs",
+        "tmpfs",
+        "ramfs",
+        "overlay",
+        "devtmpfs",
+        "shm",
+    )
+)
 _SMB_TYPES = frozenset(("cifs", "smb3", "smbfs"))
 
 
@@ -86,15 +101,22 @@ def lock_scope(fstype: str, options: Tuple[str, ...]) -> Tuple[str, str]:
     if fstype == "beegfs":
         # tuneUseGlobalFileLocks is set in the client's configuration file,
         # not as a mount option, so the mount table cannot show it.
-        return "node", ("BeeGFS: flock is node-local unless the client sets tuneUseGlobalFileLocks=true "
-                        "in its configuration, which the mount table does not show")
+        return "node", (
+            "BeeGFS: flock is node-local unless the client sets tuneUseGlobalFileLocks=true "
+            "in its configuration, which the mount table does not show"
+        )
     if fstype in ("ceph", "fuse.ceph-fuse", "fuse.ceph"):
         return "unsafe", "CephFS: flock is known to hang or be lost; use local storage for coordination"
     if fstype in _SMB_TYPES:
-        return "unknown", (f"{fstype} (SMB): byte-range locks reach the server only in some configurations "
-                           "and names are cached; not proven here")
+        return "unknown", (
+            f"{fstype} (SMB): byte-range locks reach the server only in some configurations "
+            "and names are cached; not proven here"
+        )
     if fstype == "gpfs":
-        return "unknown", "GPFS (Spectrum Scale): flock holds between nodes only in some configurations; not proven here"
+        return (
+            "unknown",
+            "GPFS (Spectrum Scale): flock holds between nodes only in some configurations; not proven here",
+        )
     if fstype.startswith("fuse"):
         return "unknown", f"{fstype}: a FUSE filesystem decides for itself whether flock reaches other nodes"
     if fstype in _NODE_LOCAL_TYPES:
@@ -110,9 +132,11 @@ def _nfs_scope(opts: set) -> Tuple[str, str]:
         return "node", "NFS mounted nolock: locks hold only between processes of this node"
     # Proven on real NFSv3 and NFSv4.2 (Linux client and nfsd, default
     # mount options) by the project's NFS rig.
-    return "cluster", ("NFS with server-side locking: flock is emulated with byte-range locks that hold "
-                       "between nodes; a dead node's locks are freed only after the NFSv4 lease "
-                       "(about 90 s) or NLM recovery")
+    return "cluster", (
+        "NFS with server-side locking: flock is emulated with byte-range locks that hold "
+        "between nodes; a dead node's locks are freed only after the NFSv4 lease "
+        "(about 90 s) or NLM recovery"
+    )
 
 
 def _lustre_scope(opts: set) -> Tuple[str, str]:
@@ -138,7 +162,8 @@ def _mount_of_path(mounts: List[_Mount], real: str) -> Optional[_Mount]:
     for mount in mounts:
         point = mount.mount_point
         if (real == point or real.startswith(point.rstrip("/") + "/")) and (
-                best is None or len(point) >= len(best.mount_point)):
+            best is None or len(point) >= len(best.mount_point)
+        ):
             best = mount
     return best
 

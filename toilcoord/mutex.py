@@ -18,6 +18,7 @@ the client fetch afresh.
 Threads of one process queue on an in-process lock per file first: flock
 is per open file, and this process's one file is shared by its threads.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -70,6 +71,7 @@ def kept_lock_files() -> int:
 
 
 # ----------------------------------------------------------- shared holders
+
 
 class _Readers:
     """This process's shared holders of one lock file. Its threads share one
@@ -131,7 +133,7 @@ def _readers_for(path: str) -> _Readers:
         readers = _readers.get(path)
         if readers is None:
             readers = _readers[path] = _Readers()
-            for old_path, old in list(_readers.items())[:max(len(_readers) - _KEEP_AT_MOST, 0)]:
+            for old_path, old in list(_readers.items())[: max(len(_readers) - _KEEP_AT_MOST, 0)]:
                 _retire_readers(old_path, old)
     return readers
 
@@ -179,6 +181,7 @@ def _retire_readers(path: str, readers: _Readers) -> None:
 
 # ------------------------------------------------------------- the mutex
 
+
 def _mutex_path(base_dir: PathArg, mutex: object) -> str:
     """The lock file's canonical path (the gate's key); ValueError for a bad
     *mutex*, TypeError for a bad *base_dir*."""
@@ -211,8 +214,9 @@ def _clearer_error(error: BaseException, path: str) -> Optional[OSError]:
     if isinstance(error, FileNotFoundError):
         return MissingDirectoryError(errno.ENOENT, "mutex base directory does not exist", os.path.dirname(path))
     if isinstance(error, NotADirectoryError):
-        return NotADirectoryRuntimeError(errno.ENOTDIR, "mutex base directory is not a directory",
-                                         os.path.dirname(path))
+        return NotADirectoryRuntimeError(
+            errno.ENOTDIR, "mutex base directory is not a directory", os.path.dirname(path)
+        )
     if isinstance(error, OSError) and error.errno == errno.ELOOP and os.path.islink(path):
         return OSError(errno.ELOOP, "mutex lock file is a symbolic link, which is never followed", path)
     return None
@@ -264,8 +268,15 @@ class global_mutex:  # noqa: N801 - a context manager named like Toil's function
 
     __slots__ = ("path", "timeout", "purpose", "shared", "_gate", "_readers", "_epoch")
 
-    def __init__(self, base_dir: PathArg, mutex: str, timeout: Optional[float] = None, *,
-                 purpose: Optional[str] = None, shared: bool = False) -> None:
+    def __init__(
+        self,
+        base_dir: PathArg,
+        mutex: str,
+        timeout: Optional[float] = None,
+        *,
+        purpose: Optional[str] = None,
+        shared: bool = False,
+    ) -> None:
         self.path = _mutex_path(base_dir, mutex)  # checks the name before anything else
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"timeout must be None or a number >= 0, not {timeout!r}")

@@ -12,6 +12,7 @@ module name where another process can import the module, else by value.
 Only files this user wrote are ever unpickled (see ``deferred.py``): a
 pickle runs code by design.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,7 @@ import sys
 import types
 from typing import Any, Optional, Tuple
 
-__all__ = ["PROTOCOL", "ForeignCodeError", "callable_name", "dumps", "is_reachable", "short_repr",
-           "unserialisable"]
+__all__ = ["PROTOCOL", "ForeignCodeError", "callable_name", "dumps", "is_reachable", "short_repr", "unserialisable"]
 
 # A fixed protocol, so every Python from 3.8 on reads what any other wrote.
 PROTOCOL = 5
@@ -151,11 +151,13 @@ def _reduce_class_by_value(cls: type) -> Any:
     as lambdas are carried. Plain classes only: a metaclass could do
     anything when the class is made again."""
     if type(cls) is not type:
-        raise TypeError(f"class {cls.__qualname__} cannot be imported by another process and has the metaclass "
-                        f"{type(cls).__qualname__}; only plain classes defined in functions can be deferred")
+        raise TypeError(
+            f"class {cls.__qualname__} cannot be imported by another process and has the metaclass "
+            f"{type(cls).__qualname__}; only plain classes defined in functions can be deferred"
+        )
     namespace = {key: value for key, value in vars(cls).items() if key not in _CLASS_MACHINERY}
     slots = namespace.get("__slots__", ())
-    for slot in ((slots,) if isinstance(slots, str) else slots):
+    for slot in (slots,) if isinstance(slots, str) else slots:
         namespace.pop(slot, None)  # member descriptors: made again from __slots__
     # The class exists (and is memoised) before its namespace is set, so its
     # methods may refer to it (super(), a closure over __class__).
@@ -192,8 +194,7 @@ def _reduce_function(fn: types.FunctionType) -> Any:
     values = tuple(_cell_value(cell) for cell in closure)
     # The state is set after the function exists and is memoised, so a
     # function may refer to itself through its closure or globals.
-    state = (fn.__qualname__, fn.__module__, fn.__defaults__, fn.__kwdefaults__,
-             fn.__dict__ or None, values, captured)
+    state = (fn.__qualname__, fn.__module__, fn.__defaults__, fn.__kwdefaults__, fn.__dict__ or None, values, captured)
     arguments = (_code_tag(), marshal.dumps(fn.__code__), globals_module, fn.__name__, len(closure))
     return _new_function, arguments, state, None, None, _set_function_state
 
@@ -240,14 +241,16 @@ def _code_tag() -> Tuple[str, bytes]:
     return f"{sys.implementation.name} {sys.version_info[0]}.{sys.version_info[1]}", MAGIC_NUMBER
 
 
-def _new_function(tag: Tuple[str, bytes], code: bytes, globals_module: Optional[str],
-                  name: str, cells: int) -> types.FunctionType:
+def _new_function(
+    tag: Tuple[str, bytes], code: bytes, globals_module: Optional[str], name: str, cells: int
+) -> types.FunctionType:
     ours = _code_tag()
     if tuple(tag) != ours:
         # Checked before marshal.loads: foreign bytecode could crash us.
         raise ForeignCodeError(
             f"deferred function {name} was compiled by {tag[0]} (bytecode {tag[1].hex()}) "
-            f"and cannot run on {ours[0]} (bytecode {ours[1].hex()})")
+            f"and cannot run on {ours[0]} (bytecode {ours[1].hex()})"
+        )
     import builtins
     import marshal
 

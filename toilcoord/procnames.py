@@ -6,6 +6,7 @@ can tell whether the name's owner lives by trying to lock the file, whatever
 PID namespace either of them is in, and a reused PID can never revive a
 name: the file's lock dies with the process that took it.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -17,8 +18,8 @@ import stat
 import threading
 from typing import Dict, List
 
-from .locks import HeldFile, PathArg, check_name, discard_taken, locked_file_is, take_over
 from .gates import _check_directory
+from .locks import HeldFile, PathArg, check_name, discard_taken, locked_file_is, take_over
 
 __all__ = [
     "NAME_PREFIX",
@@ -171,8 +172,11 @@ def reap_dead_process_names(base_dir: PathArg) -> List[str]:
     key = _key(base_dir)
     directory = _open_directory(key)
     try:
-        return [name for name in sorted(os.listdir(directory))
-                if name.startswith(NAME_PREFIX) and not _lives_or_skipped(directory, key, name)]
+        return [
+            name
+            for name in sorted(os.listdir(directory))
+            if name.startswith(NAME_PREFIX) and not _lives_or_skipped(directory, key, name)
+        ]
     finally:
         os.close(directory)
 

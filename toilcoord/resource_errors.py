@@ -3,6 +3,7 @@
 They live apart from the classes that raise them so that :mod:`.archives`,
 which :mod:`.resources` imports, can raise them too without an import cycle.
 """
+
 from __future__ import annotations
 
 from .errors import NotADirectoryRuntimeError

@@ -14,6 +14,7 @@ Everything heavy (hashlib, json, zipfile, urllib, tempfile, shutil) is
 imported inside the function that needs it: the package's ``__init__``
 imports this module.
 """
+
 from __future__ import annotations
 
 import errno
@@ -39,6 +40,7 @@ _UNSHIPPABLE_DIRS = ("/", "/bin", "/dev", "/etc", "/home", "/proc", "/run", "/sb
 
 
 # ------------------------------------------------------------------ hashing
+
 
 def _new_hash() -> Any:
     """An MD5 hash object that FIPS-mode Pythons allow, or SHA-256 where
@@ -166,6 +168,7 @@ def _settle_lost_race(temp_dir: str, dir_path: str, why: Optional[str], name: st
 
 # ------------------------------------------------------------------ resources
 
+
 class Resource(NamedTuple):
     """A file or directory saved by the leader for every worker to download.
 
@@ -218,8 +221,11 @@ class Resource(NamedTuple):
         as Toil raises). Worker only; idempotent, not thread-safe."""
         root = os.environ.get(_ROOT_ENV)
         if root is not None and not os.path.isdir(root):
-            raise ResourceRootError(errno.ENOTDIR, f"{_ROOT_ENV} is {root!r}, which is not a directory "
-                                    "(Resource root path is not a directory)", root)
+            raise ResourceRootError(
+                errno.ENOTDIR,
+                f"{_ROOT_ENV} is {root!r}, which is not a directory (Resource root path is not a directory)",
+                root,
+            )
         _trusted_root(create=True)
 
     @classmethod
@@ -327,7 +333,9 @@ class Resource(NamedTuple):
             fields = json.loads(payload) if colon else None
         except ValueError:
             fields = None
-        if not (isinstance(fields, list) and len(fields) == len(cls._fields) and all(isinstance(f, str) for f in fields)):
+        if not (
+            isinstance(fields, list) and len(fields) == len(cls._fields) and all(isinstance(f, str) for f in fields)
+        ):
             raise ValueError(f"not an encoded resource: {s[:200]!r}")
         resource = _subclass_named(cls, class_name)(*fields)
         _check_local_names(resource)
@@ -448,6 +456,7 @@ class VirtualEnvResource(DirectoryResource):
 
 # ------------------------------------------------------------------ archiving a directory
 
+
 def _unshippable_dirs() -> Tuple[str, ...]:
     import tempfile
 
@@ -501,6 +510,7 @@ def _files_to_ship(path: str) -> Iterator[str]:
 
 
 # ------------------------------------------------------------------ paths (also used by .modules)
+
 
 def _init_file(dir_path: str) -> Optional[str]:
     """The name of *dir_path*'s ``__init__`` module file, if it is a package."""

@@ -5,6 +5,7 @@ it provably belongs to this user, else over UDP. What a datagram holds is
 :mod:`toilcoord.rtwire`'s; like the handlers of ``logging.handlers``,
 ``emit`` never raises.
 """
+
 from __future__ import annotations
 
 import errno
@@ -47,8 +48,13 @@ class RealtimeLogHandler(logging.Handler):
     #: the leader takes a record again, so a stopped leader costs one timeout.
     local_send_timeout = 1.0
 
-    def __init__(self, address: str, local_address: Optional[str] = None,
-                 secret: Optional[str] = None, level: Union[int, str] = logging.NOTSET) -> None:
+    def __init__(
+        self,
+        address: str,
+        local_address: Optional[str] = None,
+        secret: Optional[str] = None,
+        level: Union[int, str] = logging.NOTSET,
+    ) -> None:
         super().__init__(level)
         import socket
 
@@ -101,8 +107,7 @@ class RealtimeLogHandler(logging.Handler):
             sock.close()
             return None
         if owner != os.geteuid():
-            log.warning("Real-time logging over UDP: %s is not this user's leader (owner uid %s)",
-                        local_address, owner)
+            log.warning("Real-time logging over UDP: %s is not this user's leader (owner uid %s)", local_address, owner)
             sock.close()
             return None
         return sock
@@ -156,8 +161,9 @@ class RealtimeLogHandler(logging.Handler):
     def encode(self, record: logging.LogRecord) -> bytes:
         """The datagram for ``record``: its fields as JSON, message formatted,
         cut to fit, numbered and (with a secret) signed (:class:`rtwire.Encoder`)."""
-        return self._encoder.encode(self.record_fields(record), self._next_seq(), self.sender_id,
-                                    self.max_datagram_size)
+        return self._encoder.encode(
+            self.record_fields(record), self._next_seq(), self.sender_id, self.max_datagram_size
+        )
 
     def record_fields(self, record: logging.LogRecord) -> Dict[str, Any]:
         """The record's attributes as sent: message formatted (args dropped),

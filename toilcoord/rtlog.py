@@ -37,6 +37,7 @@ environment; it imports the rest: :mod:`toilcoord.rtwire`, the wire format
 :mod:`toilcoord.rthandler`, the worker's sending handler, and
 :mod:`toilcoord.rtserver`, the leader's receiver (sockets and threads).
 """
+
 from __future__ import annotations
 
 import logging
@@ -175,8 +176,9 @@ def _export(prefix: str, variables: Dict[str, str], batchSystem: Any, prefixed: 
             batchSystem.setEnv(key)
 
 
-def _configure_worker(logger: logging.Logger, prefix: str, default_level: str,
-                      handler_class: Callable[..., RealtimeLogHandler]) -> Optional[RealtimeLogHandler]:
+def _configure_worker(
+    logger: logging.Logger, prefix: str, default_level: str, handler_class: Callable[..., RealtimeLogHandler]
+) -> Optional[RealtimeLogHandler]:
     """Give a worker's ``logger`` the handler sending to the leader its
     environment names, at the leader's level, and return that handler; with
     no leader (or one it cannot reach) set it to CRITICAL and return None."""
@@ -191,8 +193,9 @@ def _configure_worker(logger: logging.Logger, prefix: str, default_level: str,
         log.warning("Real-time logging at %s: %s", default_level, error)
         level = parse_level(default_level)
     try:
-        handler = handler_class(address, local_address=environ.get(prefix + "LOCAL_ADDRESS"),
-                                secret=environ.get(prefix + "SECRET") or None)
+        handler = handler_class(
+            address, local_address=environ.get(prefix + "LOCAL_ADDRESS"), secret=environ.get(prefix + "SECRET") or None
+        )
     except (OSError, ValueError) as error:
         log.warning("Real-time logging disabled: cannot send to %s: %s", address, error)
         logger.setLevel(logging.CRITICAL)
@@ -275,9 +278,15 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
     _leaderLevel = logging.INFO
     _savedEnvironment: Dict[str, str] = {}
 
-    def __init__(self, batchSystem: Any = None, level: LevelArg = defaultLevel,
-                 host: Optional[str] = None, port: int = 0, secret: Union[str, bool, None] = None,
-                 localSocket: bool = True) -> None:
+    def __init__(
+        self,
+        batchSystem: Any = None,
+        level: LevelArg = defaultLevel,
+        host: Optional[str] = None,
+        port: int = 0,
+        secret: Union[str, bool, None] = None,
+        localSocket: bool = True,
+    ) -> None:
         if level not in (None, False, ""):
             parse_level(level)  # type: ignore[arg-type]
         if host is not None and (not isinstance(host, str) or not host or "%" in host):
@@ -294,8 +303,9 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
         self._localSocket = localSocket
 
     def __enter__(self) -> "RealtimeLogger":
-        RealtimeLogger._startLeader(self._batchSystem, self._level, self._host, self._port,
-                                    self._secret, self._localSocket)
+        RealtimeLogger._startLeader(
+            self._batchSystem, self._level, self._host, self._port, self._secret, self._localSocket
+        )
         self._entered_in = fork_epoch()
         return self
 
@@ -307,9 +317,15 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
     # -- leader
 
     @classmethod
-    def _startLeader(cls, batchSystem: Any = None, level: LevelArg = defaultLevel,
-                     host: Optional[str] = None, port: int = 0, secret: Union[str, bool, None] = None,
-                     localSocket: bool = True) -> None:
+    def _startLeader(
+        cls,
+        batchSystem: Any = None,
+        level: LevelArg = defaultLevel,
+        host: Optional[str] = None,
+        port: int = 0,
+        secret: Union[str, bool, None] = None,
+        localSocket: bool = True,
+    ) -> None:
         with cls.lock:
             if cls.initialized == 0:
                 # Restored at the last exit: a leader that is itself a worker
@@ -324,8 +340,15 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
             cls.initialized += 1
 
     @classmethod
-    def _startServer(cls, batchSystem: Any, level: int, host: Optional[str], port: int,
-                     secret: Union[str, bool, None], localSocket: bool) -> None:
+    def _startServer(
+        cls,
+        batchSystem: Any,
+        level: int,
+        host: Optional[str],
+        port: int,
+        secret: Union[str, bool, None],
+        localSocket: bool,
+    ) -> None:
         unsigned_by_environment = secret is None and _unsigned_by_environment()
         secret = None if unsigned_by_environment else _leader_secret(cls.envPrefix, secret)
         if host == "localhost":
@@ -349,8 +372,12 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
         cls._resetLogger()  # from now on this process logs locally
         log.info("Real-time logging listening on %s", variables["ADDRESS"])
         if unsigned_by_environment:
-            log.warning("Real-time logging unsigned (%s=1): records from any process on this node, and from "
-                        "anyone who can reach %s, are accepted", UNSIGNED_VARIABLE, variables["ADDRESS"])
+            log.warning(
+                "Real-time logging unsigned (%s=1): records from any process on this node, and from "
+                "anyone who can reach %s, are accepted",
+                UNSIGNED_VARIABLE,
+                variables["ADDRESS"],
+            )
 
     @classmethod
     def _stopLeader(cls) -> None:

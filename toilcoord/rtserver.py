@@ -9,6 +9,7 @@ from there, and one more thread reads and re-logs the local socket, whose
 senders wait when it is full. So a burst lands in memory rather than
 overflowing the kernel's buffer, however slow the leader's handlers.
 """
+
 from __future__ import annotations
 
 import errno
@@ -62,17 +63,19 @@ class _Counts:
         """See :meth:`RealtimeLogServer.statistics`."""
         stats: Dict[str, Any] = {key: getattr(self.udp, key) + getattr(self.local, key) for key in _COUNTS}
         with self._lock:
-            stats.update(lost=self._senders.lost(), senders=self._senders.senders(),
-                         forgotten=self._senders.forgotten)
+            stats.update(lost=self._senders.lost(), senders=self._senders.senders(), forgotten=self._senders.forgotten)
         return stats
 
 
 def _summary(stats: Dict[str, Any]) -> str:
-    line = ("Real-time logging received %(received)d records; dropped %(malformed)d malformed, "
-            "%(forged)d unsigned or forged, %(replayed)d replayed, %(overflow)d over the backlog limit; "
-            "lost %(lost)d in transit" % stats)
-    losers = sorted(((entry["lost"], sender) for sender, entry in stats["senders"].items()
-                     if entry["lost"]), reverse=True)
+    line = (
+        "Real-time logging received %(received)d records; dropped %(malformed)d malformed, "
+        "%(forged)d unsigned or forged, %(replayed)d replayed, %(overflow)d over the backlog limit; "
+        "lost %(lost)d in transit" % stats
+    )
+    losers = sorted(
+        ((entry["lost"], sender) for sender, entry in stats["senders"].items() if entry["lost"]), reverse=True
+    )
     if losers:
         shown = ", ".join("%s lost %d" % (sender, lost) for lost, sender in losers[:5])
         line += " (%s%s)" % (shown, ", and %d more senders" % (len(losers) - 5) if len(losers) > 5 else "")
@@ -141,8 +144,9 @@ class _Readers:
         self._threads.append(thread)
         thread.start()
 
-    def read(self, sock: Any, size: int, sink: Callable[[bytes, _Tally], None], tally: _Tally,
-             at_end: Callable[[], None]) -> None:
+    def read(
+        self, sock: Any, size: int, sink: Callable[[bytes, _Tally], None], tally: _Tally, at_end: Callable[[], None]
+    ) -> None:
         """Receive datagrams of up to ``size`` bytes into ``sink`` until the
         socket is shut down or closed; then call ``at_end``."""
         import time
@@ -296,8 +300,9 @@ class RealtimeLogServer:
     #: the ``toil-rt`` logger's ``propagate`` is False.
     toil_logger_name = "toil.realtimeLogger"
 
-    def __init__(self, bind_host: str = "0.0.0.0", port: int = 0, secret: Optional[str] = None,
-                 local_socket: bool = True) -> None:
+    def __init__(
+        self, bind_host: str = "0.0.0.0", port: int = 0, secret: Optional[str] = None, local_socket: bool = True
+    ) -> None:
         self.logger = logging.getLogger(self.logger_name)
         self.toil_logger = logging.getLogger(self.toil_logger_name)
         self._key = secret.encode("utf-8") if secret else None
@@ -323,11 +328,15 @@ class RealtimeLogServer:
 
         try:
             family, kind, proto, _, address = socket.getaddrinfo(bind_host, port, 0, socket.SOCK_DGRAM)[0]
-            return _closed_on_error(lambda sock: (_enlarge_receive_buffer(sock, self.receive_buffer_size), sock.bind(address)),
-                                    socket.socket(family, kind, proto))
+            return _closed_on_error(
+                lambda sock: (_enlarge_receive_buffer(sock, self.receive_buffer_size), sock.bind(address)),
+                socket.socket(family, kind, proto),
+            )
         except OSError as error:
-            raise OSError(error.errno, "real-time logging cannot listen on %s port %d: %s"
-                          % (bind_host, port, error.strerror or error)) from error
+            raise OSError(
+                error.errno,
+                "real-time logging cannot listen on %s port %d: %s" % (bind_host, port, error.strerror or error),
+            ) from error
 
     def make_local_socket(self) -> Tuple[Any, str]:
         """An AF_UNIX datagram socket bound in the abstract namespace (no file
@@ -336,8 +345,9 @@ class RealtimeLogServer:
         import socket
 
         name = "toil-rt-%d-%s" % (os.getpid(), os.urandom(8).hex())
-        return _closed_on_error(lambda sock: sock.bind("\0" + name),
-                                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)), "@" + name
+        return _closed_on_error(
+            lambda sock: sock.bind("\0" + name), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        ), "@" + name
 
     def make_owner_socket(self, local_address: str) -> Any:
         """The owner check: a stream socket listening at ``local_address`` +
@@ -349,8 +359,9 @@ class RealtimeLogServer:
         import socket
 
         name = "\0" + local_address[1:] + rtwire.OWNER_SUFFIX
-        return _closed_on_error(lambda sock: (sock.bind(name), sock.listen(128)),
-                                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        return _closed_on_error(
+            lambda sock: (sock.bind(name), sock.listen(128)), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        )
 
     # -- serving
 
@@ -362,8 +373,15 @@ class RealtimeLogServer:
         try:
             readers.start("toil-rt-udp", readers.read, self.socket, size, backlog.put, counts.udp, backlog.close)
             if self.local_socket is not None:
-                readers.start("toil-rt-local", readers.read, self.local_socket, size, self.handle_datagram,
-                              counts.local, lambda: None)
+                readers.start(
+                    "toil-rt-local",
+                    readers.read,
+                    self.local_socket,
+                    size,
+                    self.handle_datagram,
+                    counts.local,
+                    lambda: None,
+                )
             if self.owner_socket is not None:
                 readers.start("toil-rt-owner", _answer_owner_checks, self.owner_socket)
             backlog.drain(self.handle_datagram, counts.udp)

@@ -14,6 +14,7 @@ exactly those bytes -- sequence number and sender included, so a replay is
 recognisable and cannot be renumbered. ``json`` and ``hmac`` are imported
 when first used, keeping ``import toilcoord`` light.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,18 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
-    "Encoder", "SenderTable", "format_message", "load", "make_record", "record_template", "sanitize",
-    "sanitize_fields", "sign", "split_address", "validate", "verify",
+    "Encoder",
+    "SenderTable",
+    "format_message",
+    "load",
+    "make_record",
+    "record_template",
+    "sanitize",
+    "sanitize_fields",
+    "sign",
+    "split_address",
+    "validate",
+    "verify",
 ]
 
 SEQ, SENDER, MAC = "rt_seq", "rt_sender", "rt_hmac"
@@ -57,7 +68,7 @@ def verify(key: bytes, data: bytes) -> bool:
     if not data.startswith(MAC_HEAD) or data[MAC_END:MAC_BODY] != b'",':
         return False
     expected = hmac.digest(key, memoryview(data)[MAC_BODY:], "sha256").hex().encode("ascii")
-    return hmac.compare_digest(expected, data[len(MAC_HEAD):MAC_END])
+    return hmac.compare_digest(expected, data[len(MAC_HEAD) : MAC_END])
 
 
 def split_address(address: str) -> Tuple[str, int]:
@@ -142,14 +153,16 @@ class Encoder:
 
 
 def _stringify_extras(fields: Dict[str, Any]) -> Dict[str, Any]:
-    return {key: (value if key in FIELD_TYPES or key in ("msg", "args", "exc_info") else str(value))
-            for key, value in fields.items()}
+    return {
+        key: (value if key in FIELD_TYPES or key in ("msg", "args", "exc_info") else str(value))
+        for key, value in fields.items()
+    }
 
 
 def _cut(text: str, remove: int, keep_tail: bool) -> str:
     keep = max(0, len(text) - remove)
     marker = _TRUNCATED % (len(text) - keep)
-    return marker + "\n" + text[len(text) - keep:] if keep_tail else text[:keep] + "\n" + marker
+    return marker + "\n" + text[len(text) - keep :] if keep_tail else text[:keep] + "\n" + marker
 
 
 # ------------------------------------------------------------- validation
@@ -159,19 +172,38 @@ _NUMBER = (int, float)
 _OPTIONAL_STR = (str, _NONE)
 # Types a received field must have, where handlers or formatters rely on them.
 FIELD_TYPES: Dict[str, Any] = {
-    "name": str, "levelno": int, "levelname": str, "pathname": str, "filename": str,
-    "module": str, "lineno": int, "funcName": _OPTIONAL_STR, "created": _NUMBER,
-    "msecs": _NUMBER, "relativeCreated": _NUMBER, "thread": (int, _NONE),
-    "threadName": _OPTIONAL_STR, "process": (int, _NONE), "processName": _OPTIONAL_STR,
-    "exc_text": _OPTIONAL_STR, "stack_info": _OPTIONAL_STR, "taskName": _OPTIONAL_STR,
-    SEQ: int, SENDER: str,
+    "name": str,
+    "levelno": int,
+    "levelname": str,
+    "pathname": str,
+    "filename": str,
+    "module": str,
+    "lineno": int,
+    "funcName": _OPTIONAL_STR,
+    "created": _NUMBER,
+    "msecs": _NUMBER,
+    "relativeCreated": _NUMBER,
+    "thread": (int, _NONE),
+    "threadName": _OPTIONAL_STR,
+    "process": (int, _NONE),
+    "processName": _OPTIONAL_STR,
+    "exc_text": _OPTIONAL_STR,
+    "stack_info": _OPTIONAL_STR,
+    "taskName": _OPTIONAL_STR,
+    SEQ: int,
+    SENDER: str,
 }
 # Times that formatters turn into dates or integers: NaN, Infinity and dates
 # past the year 5000 make every logging.Formatter raise.
 _TIME_LIMITS = {"created": 1e11, "msecs": 1e15, "relativeCreated": 1e15}
 # Keys that would shadow LogRecord methods (getMessage...) if accepted.
 _SHADOWING = frozenset(name for name in dir(logging.LogRecord) if not name.startswith("__")) | {
-    "__class__", "__dict__", "__init__", "__repr__", "__getattr__", "__getattribute__",
+    "__class__",
+    "__dict__",
+    "__init__",
+    "__repr__",
+    "__getattr__",
+    "__getattribute__",
 }
 
 
@@ -206,8 +238,9 @@ def validate(fields: Any, numbered: bool = False) -> bool:
 # Characters that end or fake a log line or drive a terminal: C0 and C1
 # controls (LF, CR, ESC, CSI, OSC, BEL...), DEL, line and paragraph
 # separators, bidirectional and invisible format characters, lone surrogates.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff"
-                     "\ufff9-\ufffb\ud800-\udfff]")
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ufff9-\ufffb\ud800-\udfff]"
+)
 
 
 def _escape(match: Any) -> str:
@@ -334,8 +367,9 @@ def record_template(name: str) -> Dict[str, Any]:
     return fields
 
 
-def make_record(fields: Any, template: Dict[str, Any], numbered: bool,
-                max_message_size: int) -> Optional[logging.LogRecord]:
+def make_record(
+    fields: Any, template: Dict[str, Any], numbered: bool, max_message_size: int
+) -> Optional[logging.LogRecord]:
     """The LogRecord to re-log for decoded JSON (changed in place), or None
     if :func:`validate` refuses it. Text fields are :func:`sanitize_fields`\\ d;
     arguments are applied here (a Toil worker sends them as a list) by

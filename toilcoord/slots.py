@@ -18,6 +18,7 @@ while others cycle, whatever it asks for. A head that dies leaves its head
 file, which only sends acquirers through the queue until the next head
 removes it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 from . import gates
 from .files import unlink_if_present
-from .locks import LockTimeout, PathArg, check_name
 from .gates import _MUTEX_PREFIX, _acquire, _Gate, _gate_for, _hold_gate, _unlock
 from .holder import check_purpose, write_record
+from .locks import LockTimeout, PathArg, check_name
 from .mutex import global_mutex
 
 __all__ = ["ResourceSlots", "ids_environment"]
@@ -62,8 +63,9 @@ class ResourceSlots:
         self._head = os.path.join(directory, _MUTEX_PREFIX + name + _HEAD)
 
     @contextlib.contextmanager
-    def acquire(self, n: int = 1, timeout: Optional[float] = None, *,
-                purpose: Optional[str] = None) -> Iterator[Tuple[str, ...]]:
+    def acquire(
+        self, n: int = 1, timeout: Optional[float] = None, *, purpose: Optional[str] = None
+    ) -> Iterator[Tuple[str, ...]]:
         """Hold *n* slots for the ``with`` block, which gets their ids.
 
         Waits in turn (see the module) for at most *timeout* seconds, then

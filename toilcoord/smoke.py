@@ -1,21 +1,22 @@
 """The smoke check behind ``python -m toilcoord``: every primitive exercised
 with real processes and signals in one directory."""
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import tempfile
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 from .arena import LastProcessStandingArena
-from .mutex import global_mutex, retire_mutex_files
 from .files import robust_rmtree
+from .mutex import global_mutex, retire_mutex_files
 from .procnames import destroy_all_process_names, get_process_name, process_name_exists
 
 __all__ = ["CHECKS", "CheckResult", "import_root", "run_checks", "smoke_check"]
@@ -40,6 +41,7 @@ def check(name: str) -> Callable:
     def register(function: Callable[[str], str]) -> Callable[[str], str]:
         CHECKS.append((name, function))
         return function
+
     return register
 
 
@@ -66,8 +68,9 @@ def run_checks(directory: str, on_result: Optional[Callable[[CheckResult], None]
     return results
 
 
-def smoke_check(directory: Optional[str] = None, on_result: Optional[Callable[[CheckResult], None]] = None
-                ) -> List[CheckResult]:
+def smoke_check(
+    directory: Optional[str] = None, on_result: Optional[Callable[[CheckResult], None]] = None
+) -> List[CheckResult]:
     """Run every check in a fresh scratch directory in *directory* (or the
     temporary directory), calling *on_result* with each result as it comes.
 
@@ -180,6 +183,7 @@ def _let_go() -> None:
 
 # ------------------------------------------------------------ processes
 
+
 class Forked:
     """A forked child running ``target(child, *args)``; its exit status is 0
     iff *target* returned. The child talks to the parent with ``tell()``,
@@ -197,6 +201,7 @@ class Forked:
                 code = 0
             except BaseException:
                 import traceback
+
                 traceback.print_exc()  # the parent only sees the exit status
             finally:
                 os._exit(code)
@@ -207,6 +212,7 @@ class Forked:
 
     def hear(self, timeout: float = 10) -> bytes:
         import select
+
         readable, _, _ = select.select([self._read], [], [], timeout)
         message = os.read(self._read, 4096) if readable else b""
         if not message:
@@ -378,7 +384,10 @@ def check_pid_namespace(directory: str) -> str:
     root, package = import_root()
     inner = subprocess.Popen(
         [unshare, "--pid", "--fork", "--kill-child", sys.executable, "-c", _NAMESPACE_CHILD, root, package, directory],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = inner.stdout.readline().split()
@@ -442,7 +451,12 @@ def check_module_round_trip(directory: str) -> str:
     env[resource.resourceEnvNamePrefix + resource.pathHash] = resource.pickle()
     worker = subprocess.run(
         [sys.executable, "-c", _MODULE_WORKER, root, package, *descriptor.toCommand()],
-        env=env, cwd=directory, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        env=env,
+        cwd=directory,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if worker.stdout.strip() != "42":
         raise AssertionError(f"the worker could not load the shipped module: {worker.stderr.strip()[-300:]}")
@@ -464,6 +478,7 @@ print(os.getpid())
 @check("real-time log round trip over loopback")
 def check_realtime_log(directory: str) -> str:
     import logging
+
     from .rtlog import RealtimeLogger
 
     arrived = threading.Event()
@@ -480,15 +495,22 @@ def check_realtime_log(directory: str) -> str:
     try:
         with RealtimeLogger(level="INFO", host="127.0.0.1"):
             root, package = import_root()
-            worker = subprocess.run([sys.executable, "-c", _LOG_WORKER, root, package], stdin=subprocess.DEVNULL,
-                                    capture_output=True, text=True, timeout=60)
+            worker = subprocess.run(
+                [sys.executable, "-c", _LOG_WORKER, root, package],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             if worker.returncode != 0:
                 raise AssertionError(f"the worker failed to log: {worker.stderr.strip()[-300:]}")
             if not arrived.wait(10):
                 raise AssertionError("no record reached the leader within 10 s")
     finally:
         receiver.removeHandler(catch)
-    if [record.levelname for record in seen] != ["INFO"] or f"from pid {worker.stdout.strip()}" not in seen[0].getMessage():
+    if [record.levelname for record in seen] != ["INFO"] or f"from pid {worker.stdout.strip()}" not in seen[
+        0
+    ].getMessage():
         raise AssertionError(f"unexpected records at the leader: {[r.getMessage() for r in seen]}")
     return "a worker's INFO record arrived at the leader; its DEBUG did not"
 
@@ -542,5 +564,7 @@ def check_cpu_count(directory: str) -> str:
         raise AssertionError(f"cpu_count() gave {cpu_count()}, its sources say {sources}")
     cgroup = "unlimited" if sources.cgroup is None else f"{sources.cgroup:g}"
     env = "" if sources.env is None else f", PYTHON_CPU_COUNT {sources.env}"
-    return (f"{sources.count} (decided by {sources.decided_by}: machine {sources.machine}, "
-            f"affinity {sources.affinity}, cgroup quota {cgroup}{env})")
+    return (
+        f"{sources.count} (decided by {sources.decided_by}: machine {sources.machine}, "
+        f"affinity {sources.affinity}, cgroup quota {cgroup}{env})"
+    )

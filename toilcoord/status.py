@@ -9,6 +9,7 @@ and only a bounded number of bytes of each is read; nothing is locked
 except by a brief non-blocking shared probe, nothing is unpickled, written
 or removed. A hung network filesystem can still hang any system call.
 """
+
 from __future__ import annotations
 
 import errno
@@ -63,8 +64,17 @@ def directory_status(path: str) -> dict:
     dir_fd = os.open(path, _DIR_FLAGS)
     try:
         local = not names_may_be_stale(os.fstat(dir_fd).st_dev, path)
-        report: dict = {"directory": os.path.abspath(path), "host": os.uname().nodename, "time": time.time(),
-                        "mutexes": [], "slots": [], "process_names": [], "arenas": [], "skipped": [], "truncated": False}
+        report: dict = {
+            "directory": os.path.abspath(path),
+            "host": os.uname().nodename,
+            "time": time.time(),
+            "mutexes": [],
+            "slots": [],
+            "process_names": [],
+            "arenas": [],
+            "skipped": [],
+            "truncated": False,
+        }
         table = lock_table()
         names, report["truncated"] = _listing(dir_fd)
         for name in names:
@@ -141,8 +151,14 @@ def _open_regular(dir_fd: int, name: str) -> Union[Tuple[int, os.stat_result], s
 
 
 def _not_regular(mode: int) -> str:
-    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    kinds = (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
     return next((what for test, what in kinds if test(mode)), "not a regular file")
 
 
@@ -162,8 +178,12 @@ def _mutex(fd: int, info: os.stat_result, name: str, table: LockTable, local: bo
     held = _locked(fd)
     holder = confirm(read_record(fd), table.holders.get(key, [])) if held else None
     listed = key in table.holders or key in table.waiters
-    return {"name": name[len(_MUTEX_PREFIX):], "held": held, "holder": None if holder is None else holder.public(),
-            "waiters": table.waiters.get(key, 0) if listed else None}
+    return {
+        "name": name[len(_MUTEX_PREFIX) :],
+        "held": held,
+        "holder": None if holder is None else holder.public(),
+        "waiters": table.waiters.get(key, 0) if listed else None,
+    }
 
 
 def _process_name(fd: int, info: os.stat_result, name: str, table: LockTable, local: bool) -> dict:
@@ -176,13 +196,14 @@ def _arena(fd: int, info: os.stat_result, name: str, table: LockTable, local: bo
     # probe for a live member, and nobody would clean up.
     members = len(table.holders.get(table.key(info), []))
     live = True if members else (False if local and table.readable else None)
-    return {"name": name[:-len(_ARENA_SUFFIX)], "members": members if table.readable else None, "live": live}
+    return {"name": name[: -len(_ARENA_SUFFIX)], "members": members if table.readable else None, "live": live}
 
 
 _DESCRIBE = {"mutexes": _mutex, "process_names": _process_name, "arenas": _arena}
 
 
 # ------------------------------------------------------------ deferred
+
 
 def _deferred(dir_fd: int, report: dict) -> dict:
     """The deferred-function state files in ``deferred/``, and per owner."""
@@ -208,8 +229,9 @@ def _deferred(dir_fd: int, report: dict) -> dict:
 def _is_state_file(name: str) -> bool:
     from .deferred import DeferredFunctionManager as Manager
 
-    return (name.startswith((Manager.OWN_PREFIX + Manager.PREFIX, Manager.PREFIX))
-            and not name.endswith(Manager.WIP_SUFFIX))
+    return name.startswith((Manager.OWN_PREFIX + Manager.PREFIX, Manager.PREFIX)) and not name.endswith(
+        Manager.WIP_SUFFIX
+    )
 
 
 def _add_state_file(files: List[dict], folder: int, name: str, report: dict) -> None:
@@ -221,8 +243,9 @@ def _add_state_file(files: List[dict], folder: int, name: str, report: dict) -> 
     fd, info = opened
     try:
         format_, pending = _count_pending(fd, info, name, shown)
-        files.append({"name": name, "owner_uid": info.st_uid, "format": format_, "owner_alive": _locked(fd),
-                      "pending": pending})
+        files.append(
+            {"name": name, "owner_uid": info.st_uid, "format": format_, "owner_alive": _locked(fd), "pending": pending}
+        )
     finally:
         os.close(fd)
 
@@ -261,8 +284,9 @@ def _read_bounded(fd: int, limit: int) -> bytes:
 def _per_owner(files: List[dict]) -> List[dict]:
     owners: Dict[int, dict] = {}
     for entry in files:
-        owner = owners.setdefault(entry["owner_uid"], {"uid": entry["owner_uid"], "files": 0, "pending": 0,
-                                                        "uncounted": 0})
+        owner = owners.setdefault(
+            entry["owner_uid"], {"uid": entry["owner_uid"], "files": 0, "pending": 0, "uncounted": 0}
+        )
         owner["files"] += 1
         if entry["pending"] is None:
             owner["uncounted"] += 1
@@ -273,24 +297,56 @@ def _per_owner(files: List[dict]) -> List[dict]:
 
 # ------------------------------------------------------------- the table
 
+
 def format_status(report: dict) -> str:
     """*report* (from :func:`directory_status`) as a table for people;
     every name is shown with anything unprintable replaced."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report["time"]))
     lines = [f"{_shown(report['directory'])} on {_shown(report['host'])} at {when}"]
-    lines += _section("mutexes", report["mutexes"], lambda m: (
-        f"{_shown(m['name'])}  {_yes_no(m['held'], 'held', 'free')}  waiters {_unknown(m['waiters'])}"
-        + (f"  by {describe(Holder(**m['holder']))}" if m["holder"] else ("  by an unrecorded holder" if m["held"] else ""))))
-    lines += _section("slots", report["slots"], lambda m: (
-        f"{_shown(m['name'])} slot {_shown(m['slot'])}  {_yes_no(m['held'], 'held', 'free')}"
-        + (f"  by {describe(Holder(**m['holder']))}" if m["holder"] else ("  by an unrecorded holder" if m["held"] else ""))))
-    lines += _section("process names", report["process_names"], lambda p: (
-        f"{_shown(p['name'])}  {_yes_no(p['alive'], 'alive', 'dead')}  uid {p['owner_uid']}"))
-    lines += _section("arenas", report["arenas"], lambda a: (
-        f"{_shown(a['name'])}  {_yes_no(a['live'], 'live', 'no live member')}  members {_unknown(a['members'])}"))
-    lines += _section("deferred functions", report["deferred"]["owners"], lambda o: (
-        f"uid {o['uid']}: {o['files']} state files, {o['pending']} functions pending"
-        + (f" ({o['uncounted']} files not counted: Toil's or too large)" if o["uncounted"] else "")))
+    lines += _section(
+        "mutexes",
+        report["mutexes"],
+        lambda m: (
+            f"{_shown(m['name'])}  {_yes_no(m['held'], 'held', 'free')}  waiters {_unknown(m['waiters'])}"
+            + (
+                f"  by {describe(Holder(**m['holder']))}"
+                if m["holder"]
+                else ("  by an unrecorded holder" if m["held"] else "")
+            )
+        ),
+    )
+    lines += _section(
+        "slots",
+        report["slots"],
+        lambda m: (
+            f"{_shown(m['name'])} slot {_shown(m['slot'])}  {_yes_no(m['held'], 'held', 'free')}"
+            + (
+                f"  by {describe(Holder(**m['holder']))}"
+                if m["holder"]
+                else ("  by an unrecorded holder" if m["held"] else "")
+            )
+        ),
+    )
+    lines += _section(
+        "process names",
+        report["process_names"],
+        lambda p: f"{_shown(p['name'])}  {_yes_no(p['alive'], 'alive', 'dead')}  uid {p['owner_uid']}",
+    )
+    lines += _section(
+        "arenas",
+        report["arenas"],
+        lambda a: (
+            f"{_shown(a['name'])}  {_yes_no(a['live'], 'live', 'no live member')}  members {_unknown(a['members'])}"
+        ),
+    )
+    lines += _section(
+        "deferred functions",
+        report["deferred"]["owners"],
+        lambda o: (
+            f"uid {o['uid']}: {o['files']} state files, {o['pending']} functions pending"
+            + (f" ({o['uncounted']} files not counted: Toil's or too large)" if o["uncounted"] else "")
+        ),
+    )
     lines += _section("skipped", report["skipped"], lambda s: f"{_shown(s['name'])}: {s['reason']}")
     if report["truncated"]:
         lines.append(f"(only the first {_MAX_ENTRIES} entries were read)")

@@ -16,6 +16,7 @@ handler lets that piece finish first (it waits for the frame to return),
 then runs the rest; the deferred-function file's own "done" marks make sure
 nothing that finished runs again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,8 +77,9 @@ def install_termination_cleanup(
     within the grace period).
     """
     if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("install_termination_cleanup() must be called from the main thread: "
-                           "Python runs signal handlers only there")
+        raise RuntimeError(
+            "install_termination_cleanup() must be called from the main thread: Python runs signal handlers only there"
+        )
     if manager is not None and not isinstance(manager, DeferredFunctionManager):
         raise TypeError(f"manager must be a DeferredFunctionManager or None, not {type(manager).__name__}")
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 < grace < float("inf"):
@@ -90,6 +92,7 @@ def install_termination_cleanup(
         """Put back the handlers that were there before."""
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
     return uninstall
 
 
@@ -120,18 +123,23 @@ class _Cleanup:
             signal.signal(caught, signal.SIG_DFL)  # a second signal ends us at once
         deadline = time.monotonic() + self.grace
         threading.Thread(target=self._watch, args=(signum,), name="toilcoord-termination", daemon=True).start()
-        logger.warning("got %s: running this process's deferred functions (within %g s), then exiting",
-                       signal.Signals(signum).name, self.grace)
+        logger.warning(
+            "got %s: running this process's deferred functions (within %g s), then exiting",
+            signal.Signals(signum).name,
+            self.grace,
+        )
         busy = _outermost_critical_frame(frame)
         if busy is None:
             self._run_and_exit(signum, deadline)
             return
+
         # The main thread is writing a record or running a function: let
         # that return, then run the rest (see the module's docstring).
         def on_return(frame: types.FrameType, event: str, arg: object) -> None:
             if frame is busy and event == "return":
                 sys.setprofile(None)
                 self._run_and_exit(signum, deadline)
+
         sys.setprofile(on_return)
 
     def _run_and_exit(self, signum: int, deadline: float) -> None:
@@ -140,8 +148,10 @@ class _Cleanup:
             try:
                 _run_own_functions(manager)
             except Exception:
-                logger.exception("cannot run the deferred functions in %s; they stay there for the next process",
-                                 manager.stateFileName)
+                logger.exception(
+                    "cannot run the deferred functions in %s; they stay there for the next process",
+                    manager.stateFileName,
+                )
         self.finished.set()
         logger.info("deferred functions done; exiting on %s", signal.Signals(signum).name)
         _die_of(signum)
@@ -154,11 +164,14 @@ class _Cleanup:
         if self.finished.wait(self.grace):
             return
         running = _running_function()
-        logger.error("the %g s grace period after %s ran out%s; the deferred functions not yet run stay in %s "
-                     "for the next DeferredFunctionManager on that directory (or cleanupWorker)",
-                     self.grace, signal.Signals(signum).name,
-                     f" while {running} was running" if running else "",
-                     ", ".join(manager.stateFileName for manager in self._managers()) or "their state files")
+        logger.error(
+            "the %g s grace period after %s ran out%s; the deferred functions not yet run stay in %s "
+            "for the next DeferredFunctionManager on that directory (or cleanupWorker)",
+            self.grace,
+            signal.Signals(signum).name,
+            f" while {running} was running" if running else "",
+            ", ".join(manager.stateFileName for manager in self._managers()) or "their state files",
+        )
         _die_of(signum)
 
 
@@ -179,11 +192,13 @@ def _die_of(signum: int) -> None:
 # a function run; these few lines are the only place that reaches in (read
 # only, plus the run the manager itself would do on leaving open()).
 
-_CRITICAL_CODES = frozenset((
-    DeferredFunctionManager._defer.__code__,       # a record being written
-    deferred._write_rest.__code__,
-    deferred_records.run_file.__code__,            # functions being run and marked done
-))
+_CRITICAL_CODES = frozenset(
+    (
+        DeferredFunctionManager._defer.__code__,  # a record being written
+        deferred._write_rest.__code__,
+        deferred_records.run_file.__code__,  # functions being run and marked done
+    )
+)
 
 
 def _run_own_functions(manager: DeferredFunctionManager) -> None:

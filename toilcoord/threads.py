@@ -9,6 +9,7 @@ SGE), with ``PYTHON_CPU_COUNT`` overriding everything as in Python 3.13.
 :func:`memory_limit` is the cgroup memory limit. The cgroup files are read
 by :mod:`.cgroups`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------- ExceptionalThread
+
 
 class ExceptionalThread(threading.Thread):
     """A thread whose ``join()`` re-raises the exception ``run()`` raised.
@@ -76,6 +78,7 @@ class ExceptionalThread(threading.Thread):
 
 
 # --------------------------------------------------------------- cpu_count
+
 
 class CpuCountSources(NamedTuple):
     """How :func:`cpu_count` got its answer.
@@ -146,8 +149,12 @@ def cpu_count_sources() -> CpuCountSources:
         return CpuCountSources(machine, affinity, cgroup, env, env, "env", scheduler, variable)
     candidates = [
         (math.ceil(value), name)
-        for value, name in ((machine, "machine"), (affinity, "affinity"), (cgroup, "cgroup"),
-                            (scheduler, scheduler_name))
+        for value, name in (
+            (machine, "machine"),
+            (affinity, "affinity"),
+            (cgroup, "cgroup"),
+            (scheduler, scheduler_name),
+        )
         if value is not None
     ]
     # min() keeps the first of equal counts, so a narrower source is named
@@ -183,8 +190,11 @@ _SCHEDULERS: Tuple[Tuple[str, Tuple[str, ...], Tuple[str, ...]], ...] = (
     # script), set only when -c was given; SLURM_CPUS_ON_NODE: the CPUs of
     # the allocation on this node; SLURM_JOB_CPUS_PER_NODE: the job's CPUs
     # on each of its nodes, as "72(x2),36".
-    ("slurm", ("SLURM_JOB_ID", "SLURM_JOBID"),
-     ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SLURM_JOB_CPUS_PER_NODE")),
+    (
+        "slurm",
+        ("SLURM_JOB_ID", "SLURM_JOBID"),
+        ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SLURM_JOB_CPUS_PER_NODE"),
+    ),
     # Torque: PBS_NUM_PPN per node, PBS_NP for the whole job; PBS Pro:
     # NCPUS, the ncpus of the job's chunk on this node.
     ("pbs", ("PBS_JOBID",), ("PBS_NUM_PPN", "NCPUS", "PBS_NP")),
@@ -248,6 +258,7 @@ def _slurm_node_cpus(value: str, environ: Mapping[str, str]) -> Optional[int]:
 
 
 # ------------------------------------------------------------ memory_limit
+
 
 def memory_limit() -> Optional[int]:
     """The memory this process's cgroups allow, in bytes; None when

@@ -8,6 +8,7 @@ the whole group is SIGKILLed; a child stuck in the kernel is abandoned to
 init after one more second. SIGINT, SIGTERM and SIGHUP to the caller kill
 the children too.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ def describe_error(error: BaseException) -> str:
 class Watched(NamedTuple):
     """A watched child's messages, and its exit status (None: killed at
     the deadline)."""
+
     events: List[dict]
     status: Optional[int]
 
@@ -91,6 +93,7 @@ def _run_child(job: Callable[[Callable[[dict], None]], int], write: int) -> None
 
         def send(event: dict) -> None:
             os.write(write, json.dumps(event).encode() + b"\n")
+
         code = job(send)
     except BaseException as error:
         try:

@@ -31,6 +31,7 @@ this node's workers for `combine`, which reads the counter once every node is
 done. The last line printed is `nfs race: O overlaps, L lost updates, E errors
 in A acquisitions`. Exit status 0 whenever a verdict was written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,7 +88,7 @@ def bump_counter(directory: str, tally: dict) -> None:
     fd = open_counter(directory, os.O_RDWR | os.O_CREAT)
     try:
         value = int(os.read(fd, 64).strip() or b"0")  # ValueError on garbage: an error, counted
-        os.pwrite(fd, b"%020d\n" % (value + 1), 0)    # fixed width: no truncation needed
+        os.pwrite(fd, b"%020d\n" % (value + 1), 0)  # fixed width: no truncation needed
     finally:
         os.close(fd)
     if cached.isdigit() and int(cached) < value:
@@ -128,8 +129,18 @@ def worker(index: int, args: argparse.Namespace) -> dict:
     group = args.groups[index % len(args.groups)]
     stop = os.path.join(args.oracle, "stop")
     me = f"pid {os.getpid()} ({group})"
-    tally = dict(group=group, acquired=0, contended=None, bumps=0, overlaps=0, stale_reads=0, errors={},
-                 first_error=None, example=None, longest_wait_s=0.0)
+    tally = dict(
+        group=group,
+        acquired=0,
+        contended=None,
+        bumps=0,
+        overlaps=0,
+        stale_reads=0,
+        errors={},
+        first_error=None,
+        example=None,
+        longest_wait_s=0.0,
+    )
     rng = random.Random(os.getpid())
     deadline = time.monotonic() + args.seconds
     for _ in range(args.rounds):
@@ -182,8 +193,11 @@ def run_workers(args: argparse.Namespace) -> list:
         with os.fdopen(read_end) as pipe:
             text = pipe.read()
         _, status = os.waitpid(pid, 0)
-        tallies.append(json.loads(text) if text else dict(
-            group=args.groups[index % len(args.groups)], died=f"worker {pid} died (wait status {status})"))
+        tallies.append(
+            json.loads(text)
+            if text
+            else dict(group=args.groups[index % len(args.groups)], died=f"worker {pid} died (wait status {status})")
+        )
     return tallies
 
 
@@ -204,16 +218,26 @@ def verdict(args: argparse.Namespace, tallies: list, counted: int | None, elapse
     starved = sorted(g for g, n in shares.items() if len(shares) > 1 and n < FAIR_SHARE * contended)
     ok = bool(acquired) and lost == 0 and not errors and not starved and not any(t["overlaps"] for t in live)
     return dict(
-        kind="race", label=args.label, version=args.version, variant=args.variant, ok=ok,
-        acquired=acquired, overlaps=sum(t["overlaps"] for t in live), lost=lost, errors=errors,
+        kind="race",
+        label=args.label,
+        version=args.version,
+        variant=args.variant,
+        ok=ok,
+        acquired=acquired,
+        overlaps=sum(t["overlaps"] for t in live),
+        lost=lost,
+        errors=errors,
         stale_reads=sum(t["stale_reads"] for t in live),
         per_worker=[f"{t['group']}: {t.get('acquired', 0)}" for t in tallies],
-        contended=shares, starved=starved,
+        contended=shares,
+        starved=starved,
         longest_wait_s=round(max([t["longest_wait_s"] for t in live] or [0]), 2),
-        first_error=next((t.get("first_error") or t.get("died") for t in tallies
-                          if t.get("first_error") or t.get("died")), None),
+        first_error=next(
+            (t.get("first_error") or t.get("died") for t in tallies if t.get("first_error") or t.get("died")), None
+        ),
         example=next((t["example"] for t in live if t["example"]), None),
-        elapsed_s=round(elapsed, 1))
+        elapsed_s=round(elapsed, 1),
+    )
 
 
 def report(result: dict, results_file: str) -> None:
@@ -222,8 +246,11 @@ def report(result: dict, results_file: str) -> None:
     errors = sum(result["errors"].values())
     lost = "?" if result["lost"] is None else result["lost"]
     print(json.dumps(result))
-    print(f"nfs race: {result['overlaps']} overlaps, {lost} lost updates, {errors} errors "
-          f"in {result['acquired']} acquisitions", flush=True)
+    print(
+        f"nfs race: {result['overlaps']} overlaps, {lost} lost updates, {errors} errors "
+        f"in {result['acquired']} acquisitions",
+        flush=True,
+    )
 
 
 def main() -> int:

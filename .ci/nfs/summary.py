@@ -7,6 +7,7 @@ check, race and VM, the race totals per NFS version and variant, and last
 Exit status 0 only if every check and race passed and every VM ran all its
 steps.
 """
+
 from __future__ import annotations
 
 import glob
@@ -19,15 +20,24 @@ def load(logs: str) -> list:
     entries = []
     # the one VM, then the two-VM run, then the host's VM lines
     order = {"onevm": 0, "node1": 1, "node2": 2}
-    for path in sorted(glob.glob(os.path.join(logs, "results-*.jsonl")),
-                       key=lambda p: order.get(os.path.basename(p)[8:-6], 3)):
+    for path in sorted(
+        glob.glob(os.path.join(logs, "results-*.jsonl")), key=lambda p: order.get(os.path.basename(p)[8:-6], 3)
+    ):
         with open(path, errors="replace") as f:
             for line in f:
                 try:
                     entries.append(json.loads(line))
                 except ValueError:
-                    entries.append(dict(kind="check", label=f"a line of {os.path.basename(path)}", status=1,
-                                        seconds=0, note=f"not JSON: {line.strip()[:100]}", detail=[]))
+                    entries.append(
+                        dict(
+                            kind="check",
+                            label=f"a line of {os.path.basename(path)}",
+                            status=1,
+                            seconds=0,
+                            note=f"not JSON: {line.strip()[:100]}",
+                            detail=[],
+                        )
+                    )
     return entries
 
 
@@ -38,11 +48,13 @@ def race_line(r: dict) -> list:
     total = sum(r["contended"].values()) or 1
     stale = r.get("stale_reads")
     shares = ", ".join(f"{g} {100 * n // total}%" for g, n in sorted(r["contended"].items()))
-    lines = [f"{'ok  ' if r['ok'] else 'FAIL'}  {r['label']} ({r['elapsed_s']:.0f} s): {r['overlaps']} overlaps, "
-             f"{lost} lost updates, {errors} errors{f' ({kinds})' if kinds else ''} in {r['acquired']} acquisitions"
-             f"{f'; {stale} stale cached reads of the counter (not counted against the mutex)' if stale else ''}",
-             f"        per worker {', '.join(r['per_worker'])}; contended share {shares}"
-             f"{' STARVED: ' + ', '.join(r['starved']) if r['starved'] else ''}; longest wait {r['longest_wait_s']} s"]
+    lines = [
+        f"{'ok  ' if r['ok'] else 'FAIL'}  {r['label']} ({r['elapsed_s']:.0f} s): {r['overlaps']} overlaps, "
+        f"{lost} lost updates, {errors} errors{f' ({kinds})' if kinds else ''} in {r['acquired']} acquisitions"
+        f"{f'; {stale} stale cached reads of the counter (not counted against the mutex)' if stale else ''}",
+        f"        per worker {', '.join(r['per_worker'])}; contended share {shares}"
+        f"{' STARVED: ' + ', '.join(r['starved']) if r['starved'] else ''}; longest wait {r['longest_wait_s']} s",
+    ]
     if r["first_error"]:
         lines.append(f"        first error: {r['first_error'][:300]}")
     if r["example"]:
@@ -78,15 +90,24 @@ def main(logs: str, headline: str) -> int:
             done = e["guest_rc"] == 0
             ok &= done
             boot = f", its guest started after {e['ready_s']} s" if e["ready_s"] is not None else ""
-            why = "ran every step" if done else (
-                f"guest exit status {e['guest_rc']} (see its .log)" if e["guest_rc"] is not None
-                else f"no guest exit status: {'killed at its deadline' if e['qemu_rc'] == 124 else 'crashed or killed'}"
-                     f" (qemu/timeout exit {e['qemu_rc']}; see its .console and .qemu)")
+            why = (
+                "ran every step"
+                if done
+                else (
+                    f"guest exit status {e['guest_rc']} (see its .log)"
+                    if e["guest_rc"] is not None
+                    else f"no guest exit status: {'killed at its deadline' if e['qemu_rc'] == 124 else 'crashed or killed'}"
+                    f" (qemu/timeout exit {e['qemu_rc']}; see its .console and .qemu)"
+                )
+            )
             print(f"{'ok  ' if done else 'FAIL'}  VM {e['name']}: {e['seconds']} s{boot}; {why}")
     if totals:
         print("race totals:")
-        lines = {key: f"{t['o']} overlaps, {t['l']}{' (and an unreadable counter)' if t['unknown'] else ''} "
-                      f"lost updates, {t['e']} errors in {t['a']} acquisitions" for key, t in totals.items()}
+        lines = {
+            key: f"{t['o']} overlaps, {t['l']}{' (and an unreadable counter)' if t['unknown'] else ''} "
+            f"lost updates, {t['e']} errors in {t['a']} acquisitions"
+            for key, t in totals.items()
+        }
         for key in sorted(k for k in lines if k != "all"):
             print(f"  {key}: {lines[key]}")
         print(f"nfs race: {lines['all']}")

@@ -1,6 +1,7 @@
 """Runs at interpreter start-up when this directory is on PYTHONPATH (the
 compatibility harness puts it there): swaps toilcoord's names into Toil when
 TOILCOORD_SWAP asks for it, then runs any other sitecustomize it hides."""
+
 import os
 import sys
 

@@ -1,6 +1,7 @@
 """A pytest plugin for the compatibility harness's runs of Toil's own tests:
 writes each test's outcome (passed, failed, error, skipped) as JSON to
 $TOILCOORD_COMPAT_REPORT, keyed by its id below toil/test/."""
+
 import json
 import os
 
@@ -13,8 +14,8 @@ def _key(nodeid):
     the rootdir, so ids begin with "test/")."""
     marker = "toil/test/"
     if marker in nodeid:
-        return nodeid[nodeid.index(marker) + len(marker):]
-    return nodeid[len("test/"):] if nodeid.startswith("test/") else nodeid
+        return nodeid[nodeid.index(marker) + len(marker) :]
+    return nodeid[len("test/") :] if nodeid.startswith("test/") else nodeid
 
 
 def pytest_runtest_logreport(report):

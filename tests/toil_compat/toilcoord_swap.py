@@ -10,6 +10,7 @@ systems, job store) and its tests use ours throughout.
 ``TOILCOORD_SWAP=workers`` swaps only in Toil's worker processes (a Toil
 leader with toilcoord workers), ``TOILCOORD_SWAP=leader`` only outside them.
 """
+
 import importlib.abc
 import importlib.util
 import os
@@ -18,15 +19,29 @@ import sys
 # Toil module -> names replaced by toilcoord's of the same name.
 SWAPS = {
     "toil.lib.threading": (
-        "global_mutex", "LastProcessStandingArena", "process_name_exists", "get_process_name",
-        "collect_process_name_garbage", "destroy_all_process_names", "current_process_name_lock",
-        "current_process_name_for", "safe_lock", "safe_unlock_and_close", "locked_file_is",
-        "ensure_filesystem_lockable", "ExceptionalThread", "cpu_count",
+        "global_mutex",
+        "LastProcessStandingArena",
+        "process_name_exists",
+        "get_process_name",
+        "collect_process_name_garbage",
+        "destroy_all_process_names",
+        "current_process_name_lock",
+        "current_process_name_for",
+        "safe_lock",
+        "safe_unlock_and_close",
+        "locked_file_is",
+        "ensure_filesystem_lockable",
+        "ExceptionalThread",
+        "cpu_count",
     ),
     "toil.deferred": ("DeferredFunction", "DeferredFunctionManager"),
     "toil.realtimeLogger": ("RealtimeLogger",),
     "toil.resource": (
-        "ModuleDescriptor", "Resource", "FileResource", "DirectoryResource", "VirtualEnvResource",
+        "ModuleDescriptor",
+        "Resource",
+        "FileResource",
+        "DirectoryResource",
+        "VirtualEnvResource",
         "ResourceException",
     ),
     "toil.lib.io": ("robust_rmtree",),

@@ -4,6 +4,7 @@ Every primitive is timed beside its physical floor, the raw system calls it
 cannot avoid, with the two interleaved round by round so that the machine's
 mood affects both alike; the table gives medians and their ratio.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -124,6 +125,7 @@ def _timer(operation: Callable[[], object]) -> Timer:
         for _ in range(n):
             operation()
         return time.perf_counter() - start
+
     return timed
 
 
@@ -131,6 +133,7 @@ def _acquire_release(directory: str, name: str) -> Callable[[], None]:
     def cycle() -> None:
         with global_mutex(directory, name):
             pass
+
     return cycle
 
 
@@ -154,6 +157,7 @@ def _unrecorded(cycle: Callable[[], None]) -> Timer:
             return _timer(cycle)(n)
         finally:
             mutex._record_holder = recording
+
     return timed
 
 
@@ -183,8 +187,9 @@ def bench_shared(directory: str, settings: Settings) -> Row:
             pass
 
     contenders = {"primitive": _timer(shared), "floor": _timer(_acquire_release(directory, "bench"))}
-    return _latency_row("shared mutex acquire+release (vs the mutex)",
-                        interleaved(contenders, settings.rounds, settings.ops), 1.5)
+    return _latency_row(
+        "shared mutex acquire+release (vs the mutex)", interleaved(contenders, settings.rounds, settings.ops), 1.5
+    )
 
 
 def bench_slots(directory: str, settings: Settings) -> Row:
@@ -195,8 +200,9 @@ def bench_slots(directory: str, settings: Settings) -> Row:
             pass
 
     contenders = {"primitive": _timer(cycle), "floor": _timer(_acquire_release(directory, "bench"))}
-    return _latency_row("slot acquire+release, 1 of 4 (vs the mutex)",
-                        interleaved(contenders, settings.rounds, settings.ops), 2)
+    return _latency_row(
+        "slot acquire+release, 1 of 4 (vs the mutex)", interleaved(contenders, settings.rounds, settings.ops), 2
+    )
 
 
 def bench_process_name(directory: str, settings: Settings) -> Row:
@@ -204,6 +210,7 @@ def bench_process_name(directory: str, settings: Settings) -> Row:
     name = holder.hear().decode()
     path = os.path.join(directory, name)
     try:
+
         def primitive(n: int) -> float:
             start = time.perf_counter()
             for _ in range(n):
@@ -235,6 +242,7 @@ def _report_name_and_wait(child: Forked, directory: str) -> None:
 
 
 # ------------------------------------------------------------- contention
+
 
 def _contend(procs: int, seconds: float, acquire_release: Callable[[], None]) -> float:
     """Acquisitions per second, all *procs* processes together."""
@@ -268,8 +276,11 @@ def bench_contended(directory: str, procs: int, settings: Settings) -> List[Row]
     a mutex that keeps no file (Toil's)."""
     kept = _KeptFile(os.path.join(directory, "floor-kept"))
     cycle_path = os.path.join(directory, "toil-mutex-raw")
-    contenders = {"ours": _acquire_release(directory, "contended"), "kept": kept.cycle,
-                  "cycle": lambda: _raw_mutex_cycle(cycle_path)}
+    contenders = {
+        "ours": _acquire_release(directory, "contended"),
+        "kept": kept.cycle,
+        "cycle": lambda: _raw_mutex_cycle(cycle_path),
+    }
     rates: Dict[str, List[float]] = {name: [] for name in contenders}
     try:
         for _ in range(max(1, settings.rounds // 2)):
@@ -281,14 +292,23 @@ def bench_contended(directory: str, procs: int, settings: Settings) -> List[Row]
     return [
         # Information: on a loaded machine, with more processes than cores,
         # the Python around each acquisition decides this ratio, not design.
-        Row(f"contended mutex, {procs} processes (vs the kept-file floor)", ours, floor, "acq/s",
-            ours / floor, "", None),
-        Row(f"contended create-and-unlink mutex, {procs} processes (Toil's design)", cycle, floor, "acq/s",
-            cycle / floor, "", None),
+        Row(
+            f"contended mutex, {procs} processes (vs the kept-file floor)", ours, floor, "acq/s", ours / floor, "", None
+        ),
+        Row(
+            f"contended create-and-unlink mutex, {procs} processes (Toil's design)",
+            cycle,
+            floor,
+            "acq/s",
+            cycle / floor,
+            "",
+            None,
+        ),
     ]
 
 
 # ---------------------------------------------------------------- deferred
+
 
 def _noop() -> None:
     pass
@@ -299,6 +319,7 @@ def bench_defer(directory: str, settings: Settings) -> Row:
     record = (_noop, (), {})
 
     with DeferredFunctionManager(directory) as manager:
+
         def primitive(n: int) -> float:
             with manager.open() as defer:
                 start = time.perf_counter()
@@ -386,6 +407,7 @@ def _raw_orphan_scan(directory: str, count: int) -> float:
 
 # ------------------------------------------------------------------ rmtree
 
+
 def _make_tree(top: str, files: int) -> None:
     per_dir = 200
     os.mkdir(top)
@@ -407,8 +429,15 @@ def bench_rmtree(directory: str, settings: Settings) -> Row:
             times[name].append(time.perf_counter() - start)
     value, floor = statistics.median(times["primitive"]), statistics.median(times["floor"])
     ratio = value / floor
-    return Row(f"robust_rmtree, {settings.tree_files} files (vs shutil.rmtree)", value * 1e3, floor * 1e3,
-               "ms", ratio, "<= 1.3x", ratio <= 1.3)
+    return Row(
+        f"robust_rmtree, {settings.tree_files} files (vs shutil.rmtree)",
+        value * 1e3,
+        floor * 1e3,
+        "ms",
+        ratio,
+        "<= 1.3x",
+        ratio <= 1.3,
+    )
 
 
 # ------------------------------------------------------------------ import
@@ -434,8 +463,13 @@ def bench_import(directory: str, settings: Settings) -> Row:
     command = [sys.executable, "-S", "-X", "pycache_prefix=" + os.path.join(directory, "pycache"), "-c"]
 
     def probe(modules: str) -> Any:
-        out = subprocess.run(command + [_IMPORT_PROBE.format(modules=modules, heavy=_HEAVY)], env=env,
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            command + [_IMPORT_PROBE.format(modules=modules, heavy=_HEAVY)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         seconds, pulled = out.stdout.split(" ")
         return float(seconds), pulled.strip()
 
@@ -452,24 +486,52 @@ def bench_import(directory: str, settings: Settings) -> Row:
 
 # ------------------------------------------------------------------ rtlog
 
+
 def bench_rtlog(procs: int, settings: Settings) -> List[Row]:
     burst = rtlog_burst(procs=procs, records=settings.burst_records)
     return [
-        Row(f"rtlog burst, {procs} x {settings.burst_records} records delivered", burst["fraction"] * 100, None,
-            "%", None, ">= 99%", burst["fraction"] >= 0.99),
-        Row("rtlog receive rate", burst["receive_rate"], burst["send_rate"], "rec/s",
-            burst["receive_rate"] / burst["send_rate"], "", None),
+        Row(
+            f"rtlog burst, {procs} x {settings.burst_records} records delivered",
+            burst["fraction"] * 100,
+            None,
+            "%",
+            None,
+            ">= 99%",
+            burst["fraction"] >= 0.99,
+        ),
+        Row(
+            "rtlog receive rate",
+            burst["receive_rate"],
+            burst["send_rate"],
+            "rec/s",
+            burst["receive_rate"] / burst["send_rate"],
+            "",
+            None,
+        ),
     ]
 
 
 # ------------------------------------------------------------------- table
 
-STEPS = ("mutex", "holder record", "contended mutex", "arena", "shared mutex", "slots", "defer", "orphan scan",
-         "process names", "rtlog burst", "robust_rmtree", "import")
+STEPS = (
+    "mutex",
+    "holder record",
+    "contended mutex",
+    "arena",
+    "shared mutex",
+    "slots",
+    "defer",
+    "orphan scan",
+    "process names",
+    "rtlog burst",
+    "robust_rmtree",
+    "import",
+)
 
 
-def measure(directory: str, procs: int, quick: bool, progress: Callable[[str], None],
-            only: Optional[List[str]] = None) -> List[Row]:
+def measure(
+    directory: str, procs: int, quick: bool, progress: Callable[[str], None], only: Optional[List[str]] = None
+) -> List[Row]:
     """Run the benchmarks (those of *only*, a list of ``STEPS``, if given)
     in *directory* and return the rows."""
     settings = QUICK if quick else FULL
@@ -506,9 +568,12 @@ def format_table(rows: List[Row]) -> str:
         lines.append((row.name, _number(row.value, row.unit), floor, ratio, row.target, verdict))
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
     return "\n".join(
-        "  ".join(cell.ljust(width) if column in (0, 4) else cell.rjust(width)
-                  for column, (cell, width) in enumerate(zip(line, widths))).rstrip()
-        for line in lines)
+        "  ".join(
+            cell.ljust(width) if column in (0, 4) else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(line, widths))
+        ).rstrip()
+        for line in lines
+    )
 
 
 def _number(value: float, unit: str) -> str:
@@ -517,10 +582,12 @@ def _number(value: float, unit: str) -> str:
     return f"{value:.1f} {unit}" if value >= 10 else f"{value:.2f} {unit}"
 
 
-def run_bench(directory: Optional[str], procs: int, quick: bool, as_json: bool,
-              only: Optional[List[str]] = None) -> int:
+def run_bench(
+    directory: Optional[str], procs: int, quick: bool, as_json: bool, only: Optional[List[str]] = None
+) -> int:
     """The ``bench`` subcommand: 0 if every target is met, 1 otherwise
     (rows without a target are information only)."""
+
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
@@ -532,11 +599,22 @@ def run_bench(directory: Optional[str], procs: int, quick: bool, as_json: bool,
         robust_rmtree(workdir)
     if as_json:
         import json
-        print(json.dumps({"python": sys.version.split()[0], "cpus": os.cpu_count(), "quick": quick,
-                          "rows": [row._asdict() for row in rows]}, indent=2))
+
+        print(
+            json.dumps(
+                {
+                    "python": sys.version.split()[0],
+                    "cpus": os.cpu_count(),
+                    "quick": quick,
+                    "rows": [row._asdict() for row in rows],
+                },
+                indent=2,
+            )
+        )
     else:
-        print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {procs} processes"
-              + (", quick" if quick else ""))
+        print(
+            f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {procs} processes" + (", quick" if quick else "")
+        )
         print(format_table(rows))
     print(summary_line(rows), file=sys.stderr if as_json else sys.stdout)
     return 0 if all(row.ok is not False for row in rows) else 1

@@ -1,6 +1,7 @@
 """The real-time logging burst behind ``bench``'s rtlog row: a leader on
 loopback, worker processes logging as fast as they can, and what arrived.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,9 @@ class _Counter(logging.Handler):
         self.last = time.monotonic()
 
 
-def rtlog_burst(procs: int = 4, records: int = 5000, secret: Optional[str] = None,
-                transport: str = "auto") -> Dict[str, Any]:
+def rtlog_burst(
+    procs: int = 4, records: int = 5000, secret: Optional[str] = None, transport: str = "auto"
+) -> Dict[str, Any]:
     """Start a leader on loopback, have ``procs`` worker processes each log
     ``records`` INFO records as fast as they can, and report: ``sent``,
     ``delivered``, ``fraction``, ``seconds`` (from "go" to the last record
@@ -106,9 +108,15 @@ def _start_workers(procs: int, records: int) -> List[subprocess.Popen]:
     workers: List[subprocess.Popen] = []
     try:
         for _ in range(procs):
-            workers.append(subprocess.Popen(
-                [sys.executable, "-c", _BURST_WORKER, import_root()[1], str(records)],
-                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True))
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _BURST_WORKER, import_root()[1], str(records)],
+                    env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    universal_newlines=True,
+                )
+            )
     except BaseException:
         for worker in workers:
             worker.kill()

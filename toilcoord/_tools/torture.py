@@ -90,6 +90,7 @@ What is checked, and why each check is sound:
   and long-lived workers (never killed) must have as many fds at the end
   as after their first round.
 """
+
 from __future__ import annotations
 
 import os
@@ -117,6 +118,7 @@ _LIFETIME = 0.2
 
 # -------------------------------------------------------- supervisor
 
+
 class _Slot:
     __slots__ = ("index", "immortal", "pid", "incarnation", "pipe", "last_progress")
 
@@ -128,8 +130,16 @@ class _Slot:
 class _Supervisor:
     """Spawns workers, kills them at random moments, respawns them."""
 
-    def __init__(self, layout: Layout, procs: int, seconds: float, seed: object,
-                 progress_bound: float, kill_interval: float, say: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        procs: int,
+        seconds: float,
+        seed: object,
+        progress_bound: float,
+        kill_interval: float,
+        say: Callable[[str], None],
+    ) -> None:
         import mmap
 
         self.layout, self.seconds, self.seed = layout, seconds, seed
@@ -169,8 +179,16 @@ class _Supervisor:
                 for other in self.slots:
                     if other.pipe >= 0:
                         os.close(other.pipe)
-                status = worker_process(self.layout, self.seed, incarnation, slot.index, slot.immortal,
-                                         write, self.phases, self.worker_deadline)
+                status = worker_process(
+                    self.layout,
+                    self.seed,
+                    incarnation,
+                    slot.index,
+                    slot.immortal,
+                    write,
+                    self.phases,
+                    self.worker_deadline,
+                )
             finally:
                 os._exit(status)
         os.close(write)
@@ -193,8 +211,10 @@ class _Supervisor:
                 next_kill = now + self._kill_delay()
             if self.seconds >= 120 and now >= next_report:
                 next_report += 60
-                self.say("  ... %3.0f s: %d workers killed, %d iterations"
-                         % (now - start, sum(self.stats.kills.values()), self.stats.iterations))
+                self.say(
+                    "  ... %3.0f s: %d workers killed, %d iterations"
+                    % (now - start, sum(self.stats.kills.values()), self.stats.iterations)
+                )
 
     def _kill_delay(self) -> float:
         return self.rng.uniform(0, 2 * self.kill_interval)
@@ -275,6 +295,7 @@ class _Supervisor:
 
 # ---------------------------------------------------------- final phase
 
+
 def _final_checks(layout: Layout) -> Tuple[bool, List[str], List[str], List[str], List[str]]:
     """As the last process standing: take the arena once more, ``cleanup``,
     then the mutex, every slot and the shared mutex as writer. Returns
@@ -298,17 +319,26 @@ def _final_checks(layout: Layout) -> Tuple[bool, List[str], List[str], List[str]
         write_shared(layout, identity, 0)
     retire_mutex_files()  # as at exit: this process keeps nothing open there
     left = left_in(layout.coord)  # cleanup removed files this process kept: NFS silly-renamed them
-    marks = [os.path.join(os.path.basename(where), name)
-             for where in (layout.slot_marks, layout.rw_marks) for name in sorted(os.listdir(where))]
+    marks = [
+        os.path.join(os.path.basename(where), name)
+        for where in (layout.slot_marks, layout.rw_marks)
+        for name in sorted(os.listdir(where))
+    ]
     return elected, sorted(os.listdir(layout.markers)), cleanup, left, marks
 
 
 def _kills_line(stats: RunStats, seconds: float) -> str:
     total = sum(stats.kills.values())
-    where = ", ".join("%s %d" % (PHASES[phase], count)
-                      for phase, count in sorted(stats.kills.items(), key=lambda item: -item[1]))
-    return ("SIGKILLed %d workers at random moments in %g s (%d incarnations, %d iterations): %s"
-            % (total, seconds, stats.incarnations, stats.iterations, where or "none"))
+    where = ", ".join(
+        "%s %d" % (PHASES[phase], count) for phase, count in sorted(stats.kills.items(), key=lambda item: -item[1])
+    )
+    return "SIGKILLed %d workers at random moments in %g s (%d incarnations, %d iterations): %s" % (
+        total,
+        seconds,
+        stats.incarnations,
+        stats.iterations,
+        where or "none",
+    )
 
 
 def _log_summary(path: str) -> Optional[str]:
@@ -326,12 +356,21 @@ def _log_summary(path: str) -> Optional[str]:
     for entry in entries:
         levels[entry[1]] = levels.get(entry[1], 0) + 1
     return "toilcoord logged %s; first: %s" % (
-        ", ".join("%d %s" % (count, level) for level, count in sorted(levels.items())), entries[0][2][:160])
+        ", ".join("%d %s" % (count, level) for level, count in sorted(levels.items())),
+        entries[0][2][:160],
+    )
 
 
-def run_torture(directory: Optional[str] = None, seconds: float = 10.0, procs: int = 4,
-                seed: object = None, progress_bound: float = 60.0, kill_interval: Optional[float] = None,
-                say: Callable[[str], None] = print, split_dir: Optional[str] = None) -> bool:
+def run_torture(
+    directory: Optional[str] = None,
+    seconds: float = 10.0,
+    procs: int = 4,
+    seed: object = None,
+    progress_bound: float = 60.0,
+    kill_interval: Optional[float] = None,
+    say: Callable[[str], None] = print,
+    split_dir: Optional[str] = None,
+) -> bool:
     """Run the torture in a fresh subdirectory of *directory* (default: the
     system's temporary directory) and print (*say*) one line per invariant.
 
@@ -364,8 +403,10 @@ def run_torture(directory: Optional[str] = None, seconds: float = 10.0, procs: i
         root = tempfile.mkdtemp(prefix="toilcoord-torture-")
         coord = os.path.join(directory or ".", os.path.basename(root) + "-coord")
         layout = Layout.make(root, coord, split_dir)
-    say("torture: %g s, %d processes (%d never killed), seed %s, in %s"
-        % (seconds, procs, procs - killable, seed, layout.root))
+    say(
+        "torture: %g s, %d processes (%d never killed), seed %s, in %s"
+        % (seconds, procs, procs - killable, seed, layout.root)
+    )
     DeferredFunction.create(deferred_effect, "", "", 0)  # load the codec once, before forking
     become("sup", layout.journal)
     stats = _Supervisor(layout, procs, seconds, seed, progress_bound, kill_interval, say).run()
@@ -395,6 +436,7 @@ def run_torture(directory: Optional[str] = None, seconds: float = 10.0, procs: i
 
 def main(directory: Optional[str], seconds: float, procs: int, seed: object, split_dir: Optional[str] = None) -> int:
     """``python -m toilcoord torture``: exit status 0 iff every invariant held."""
+
     def say(line: str) -> None:
         print(line, flush=True)
 

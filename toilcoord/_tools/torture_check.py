@@ -3,6 +3,7 @@ per guarantee, each proven from the records alone (plus what only the
 supervisor sees: kills, progress, exits). Why each check is sound is said
 in torture.py and beside each check.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -11,6 +12,7 @@ import sys
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 __all__ = ["Invariant", "RunStats", "check_journal"]
+
 
 class RunStats:
     """What only the supervisor sees: kills, progress, exits."""
@@ -25,6 +27,7 @@ class RunStats:
 
 
 # ------------------------------------------------------------ checks
+
 
 class Invariant(NamedTuple):
     """One checked guarantee: its name, whether it held, and the counts."""
@@ -105,18 +108,24 @@ def _orphans_of_the_living(journal: _Journal, kind: str) -> List[_Event]:
     """The *kind* records (``<kind> <owner> <mark>``: a mark found left
     behind, and replaced) whose owner wrote again later or was never
     killed: it may have been inside while the finder was."""
-    return [event for event in journal.of(kind)
-            if journal.alive_after(event.args[0], event.pos) or event.args[0] not in journal.killed]
+    return [
+        event
+        for event in journal.of(kind)
+        if journal.alive_after(event.args[0], event.pos) or event.args[0] not in journal.killed
+    ]
 
 
 def _check_mutex(journal: _Journal) -> Invariant:
     holds = journal.count("mutex")
     orphans = journal.of("potato-orphan")
     bad = journal.violations("mutex-") + _orphans_of_the_living(journal, "potato-orphan")
-    return Invariant("mutex exclusion", not bad and bool(holds),
-                     "%d holds by %d processes; %d overlaps; %d potatoes left by SIGKILLed holders, "
-                     "each found only once its holder was dead%s"
-                     % (holds, len(journal.writers.get("mutex", ())), len(bad), len(orphans), _first(bad)))
+    return Invariant(
+        "mutex exclusion",
+        not bad and bool(holds),
+        "%d holds by %d processes; %d overlaps; %d potatoes left by SIGKILLed holders, "
+        "each found only once its holder was dead%s"
+        % (holds, len(journal.writers.get("mutex", ())), len(bad), len(orphans), _first(bad)),
+    )
 
 
 class _Hold(NamedTuple):
@@ -161,8 +170,12 @@ def _marks_left(marks_left: Sequence[str], where: str, kind: str) -> List[_Event
 
 def _check_slots(journal: _Journal, marks_left: Sequence[str]) -> Invariant:
     """Each slot id held by one process at a time; at most n at once."""
-    holds = _holds(journal, "slots-held", "slots-free",
-                   lambda event: tuple(ident for ident in event.args[0].split(",") if ident != "-"))
+    holds = _holds(
+        journal,
+        "slots-held",
+        "slots-free",
+        lambda event: tuple(ident for ident in event.args[0].split(",") if ident != "-"),
+    )
     count = max((int(event.args[1]) for event in journal.of("slots-held")), default=0)
     bad = journal.violations("slots-") + _orphans_of_the_living(journal, "slot-orphan")
     bad += _marks_left(marks_left, "slots", "slots-marks-left")
@@ -170,15 +183,28 @@ def _check_slots(journal: _Journal, marks_left: Sequence[str]) -> Invariant:
     for hold, inside in _overlapping(holds):
         taken = [(ident, other.writer) for other in inside for ident in other.what]
         most = max(most, len(taken) + len(hold.what))
-        bad += [_Event(hold.start, hold.writer, "violation", ("slots-overlap", ident, "held by", holder))
-                for ident, holder in taken if ident in hold.what]
+        bad += [
+            _Event(hold.start, hold.writer, "violation", ("slots-overlap", ident, "held by", holder))
+            for ident, holder in taken
+            if ident in hold.what
+        ]
     if most > count:
         bad.append(_Event(-1, "final", "violation", ("slots-too-many", "%d of %d held at once" % (most, count))))
-    return Invariant("never more holders than slots", not bad and bool(holds),
-                     "%d holds of %d slots by %d processes, at most %d held at once; %d overlaps; %d slots "
-                     "left by SIGKILLed holders, each found only once its holder was dead%s"
-                     % (len(holds), count, len({hold.writer for hold in holds}), most, len(bad),
-                        journal.count("slot-orphan"), _first(bad)))
+    return Invariant(
+        "never more holders than slots",
+        not bad and bool(holds),
+        "%d holds of %d slots by %d processes, at most %d held at once; %d overlaps; %d slots "
+        "left by SIGKILLed holders, each found only once its holder was dead%s"
+        % (
+            len(holds),
+            count,
+            len({hold.writer for hold in holds}),
+            most,
+            len(bad),
+            journal.count("slot-orphan"),
+            _first(bad),
+        ),
+    )
 
 
 def _check_shared(journal: _Journal, marks_left: Sequence[str]) -> Invariant:
@@ -190,15 +216,31 @@ def _check_shared(journal: _Journal, marks_left: Sequence[str]) -> Invariant:
     readers = 0
     for hold, inside in _overlapping(reads + writes):
         if hold.what == ("write",) and inside or any(other.what == ("write",) for other in inside):
-            bad.append(_Event(hold.start, hold.writer, "violation",
-                              ("rw-overlap", hold.what[0], "beside", ",".join(other.writer for other in inside))))
+            bad.append(
+                _Event(
+                    hold.start,
+                    hold.writer,
+                    "violation",
+                    ("rw-overlap", hold.what[0], "beside", ",".join(other.writer for other in inside)),
+                )
+            )
         elif hold.what == ("read",):
             readers = max(readers, 1 + len(inside))
-    return Invariant("never a writer beside anyone", not bad and bool(reads) and bool(writes),
-                     "%d shared holds (up to %d at once) and %d exclusive by %d processes; %d overlaps; %d marks "
-                     "left by SIGKILLed holders, each found only once its holder was dead%s"
-                     % (len(reads), readers, len(writes), len({hold.writer for hold in reads + writes}), len(bad),
-                        journal.count("rw-orphan"), _first(bad)))
+    return Invariant(
+        "never a writer beside anyone",
+        not bad and bool(reads) and bool(writes),
+        "%d shared holds (up to %d at once) and %d exclusive by %d processes; %d overlaps; %d marks "
+        "left by SIGKILLed holders, each found only once its holder was dead%s"
+        % (
+            len(reads),
+            readers,
+            len(writes),
+            len({hold.writer for hold in reads + writes}),
+            len(bad),
+            journal.count("rw-orphan"),
+            _first(bad),
+        ),
+    )
 
 
 def _arena_memberships(journal: _Journal) -> List[Tuple[int, int, str, bool]]:
@@ -206,8 +248,10 @@ def _arena_memberships(journal: _Journal) -> List[Tuple[int, int, str, bool]]:
     position of its "leaving" record (*left* True), or, for a member that
     died inside, of its owner's last record."""
     leaving = {event.args[0]: event.pos for event in journal.of("arena-leaving")}
-    return [(event.pos, leaving.get(event.args[0], journal.last[event.writer]), event.args[0],
-             event.args[0] in leaving) for event in journal.of("arena-entered")]
+    return [
+        (event.pos, leaving.get(event.args[0], journal.last[event.writer]), event.args[0], event.args[0] in leaving)
+        for event in journal.of("arena-entered")
+    ]
 
 
 def _members_inside(memberships: List[Tuple[int, int, str, bool]]) -> Callable[[int], List[str]]:
@@ -236,8 +280,10 @@ def _check_arena(journal: _Journal, final_elected: bool, markers_left: List[str]
     previous = -1
     interrupted = 0
     for begin, finished in cleanups:
-        bad += [_Event(begin.pos, begin.writer, "violation", ("arena-member-inside", marker))
-                for marker in inside(begin.pos)]
+        bad += [
+            _Event(begin.pos, begin.writer, "violation", ("arena-member-inside", marker))
+            for marker in inside(begin.pos)
+        ]
         own = [entered for entered in entered_by.get(begin.writer, []) if entered < begin.pos]
         if not own or own[-1] < previous:  # the cleaner was inside at the previous cleanup
             bad.append(_Event(begin.pos, begin.writer, "violation", ("arena-generation-cleaned-twice",)))
@@ -251,10 +297,13 @@ def _check_arena(journal: _Journal, final_elected: bool, markers_left: List[str]
     if markers_left:
         bad.append(_Event(-1, "final", "violation", ("arena-markers-left", ",".join(markers_left[:5]))))
     died_inside = sum(not left for _, _, _, left in memberships)
-    return Invariant("arena last one out", not bad and bool(cleanups),
-                     "%d entries, %d cleanups (%d killed midway and redone by the next last member); "
-                     "%d while a member was inside or twice per generation; %d members died inside%s"
-                     % (len(memberships), len(cleanups), interrupted, len(bad), died_inside, _first(bad)))
+    return Invariant(
+        "arena last one out",
+        not bad and bool(cleanups),
+        "%d entries, %d cleanups (%d killed midway and redone by the next last member); "
+        "%d while a member was inside or twice per generation; %d members died inside%s"
+        % (len(memberships), len(cleanups), interrupted, len(bad), died_inside, _first(bad)),
+    )
 
 
 def _arena_cleanups(journal: _Journal) -> List[Tuple[_Event, bool]]:
@@ -292,12 +341,21 @@ def _check_deferred(journal: _Journal) -> Invariant:
                 by_others += 1
                 if journal.alive_after(_owner(ident), run.pos):
                     bad.append(_Event(run.pos, run.writer, "violation", ("deferred-ran-while-owner-lived", ident)))
-    return Invariant("deferred functions", not bad and bool(confirmed),
-                     "%d registered, %d confirmed by defer(); every confirmed one ran (%d runs by another "
-                     "process after the owner was SIGKILLed); %d ran twice, each after a run cut by a kill, "
-                     "%d after returning%s"
-                     % (len(registered), len(confirmed), by_others, twice,
-                        sum(e.args[0] == "deferred-returned-ran-again" for e in bad), _first(bad)))
+    return Invariant(
+        "deferred functions",
+        not bad and bool(confirmed),
+        "%d registered, %d confirmed by defer(); every confirmed one ran (%d runs by another "
+        "process after the owner was SIGKILLed); %d ran twice, each after a run cut by a kill, "
+        "%d after returning%s"
+        % (
+            len(registered),
+            len(confirmed),
+            by_others,
+            twice,
+            sum(e.args[0] == "deferred-returned-ran-again" for e in bad),
+            _first(bad),
+        ),
+    )
 
 
 def _check_names(journal: _Journal) -> Invariant:
@@ -321,9 +379,11 @@ def _check_names(journal: _Journal) -> Invariant:
         elif alive and owner in journal.killed and journal.killed[owner] < started.get(poll.writer, -1):
             bad.append(_Event(poll.pos, poll.writer, "violation", ("names-dead-read-alive", name)))
     dead = sum(poll.args[1] == "0" for poll in polls)
-    return Invariant("process names", not bad and bool(owners),
-                     "%d names, stable; %d polls (%d dead), %d wrong%s"
-                     % (len(owners), len(polls), dead, len(bad), _first(bad)))
+    return Invariant(
+        "process names",
+        not bad and bool(owners),
+        "%d names, stable; %d polls (%d dead), %d wrong%s" % (len(owners), len(polls), dead, len(bad), _first(bad)),
+    )
 
 
 def _check_fds(journal: _Journal) -> Invariant:
@@ -332,13 +392,20 @@ def _check_fds(journal: _Journal) -> Invariant:
         counts.setdefault(event.writer, {})[event.args[0]] = int(event.args[1])
     pairs = ["%s %s->%s" % (w, c.get("start"), c.get("end")) for w, c in sorted(counts.items())]
     held = bool(counts) and all("end" in c and c.get("start") == c["end"] for c in counts.values())
-    return Invariant("no fd leaks", held, "long-lived workers' open fds after their first round -> at the end: "
-                     + ", ".join(pairs))
+    return Invariant(
+        "no fd leaks", held, "long-lived workers' open fds after their first round -> at the end: " + ", ".join(pairs)
+    )
 
 
-def check_journal(data: bytes, stats: Optional[RunStats] = None, final_elected: bool = True,
-                  markers_left: Sequence[str] = (), left_in_coord: Sequence[str] = (),
-                  progress_bound: float = 60.0, marks_left: Sequence[str] = ()) -> List[Invariant]:
+def check_journal(
+    data: bytes,
+    stats: Optional[RunStats] = None,
+    final_elected: bool = True,
+    markers_left: Sequence[str] = (),
+    left_in_coord: Sequence[str] = (),
+    progress_bound: float = 60.0,
+    marks_left: Sequence[str] = (),
+) -> List[Invariant]:
     """Check the invariants against a journal (and the supervisor's
     observations, and what the final checks found); one :class:`Invariant`
     per guarantee. *marks_left* are slot and reader-writer marks left after
@@ -353,16 +420,36 @@ def check_journal(data: bytes, stats: Optional[RunStats] = None, final_elected: 
         _check_names(journal),
         _check_slots(journal, marks_left),
         _check_shared(journal, marks_left),
-        Invariant("no deadlock", not stats.stalled,
-                  "every worker progressed within %g s: longest gap %.2f s over %d incarnations%s"
-                  % (progress_bound, stats.longest_gap, stats.incarnations,
-                     "; stalled: " + ", ".join(stats.stalled[:5]) if stats.stalled else "")),
-        Invariant("nothing left after cleanup", not left_in_coord,
-                  "coordination directory empty" if not left_in_coord else "left: " + ", ".join(left_in_coord[:10])),
+        Invariant(
+            "no deadlock",
+            not stats.stalled,
+            "every worker progressed within %g s: longest gap %.2f s over %d incarnations%s"
+            % (
+                progress_bound,
+                stats.longest_gap,
+                stats.incarnations,
+                "; stalled: " + ", ".join(stats.stalled[:5]) if stats.stalled else "",
+            ),
+        ),
+        Invariant(
+            "nothing left after cleanup",
+            not left_in_coord,
+            "coordination directory empty" if not left_in_coord else "left: " + ", ".join(left_in_coord[:10]),
+        ),
         _check_fds(journal),
-        Invariant("no worker errors", not errors and not stats.crashed and not journal.torn,
-                  "%d exceptions, %d unexpected exits, %d torn journal records (and %d cut short by "
-                  "SIGKILL)%s%s" % (len(errors), len(stats.crashed), journal.torn, journal.torn_by_killed,
-                                    _first(errors), "; " + stats.crashed[0] if stats.crashed else "")),
+        Invariant(
+            "no worker errors",
+            not errors and not stats.crashed and not journal.torn,
+            "%d exceptions, %d unexpected exits, %d torn journal records (and %d cut short by "
+            "SIGKILL)%s%s"
+            % (
+                len(errors),
+                len(stats.crashed),
+                journal.torn,
+                journal.torn_by_killed,
+                _first(errors),
+                "; " + stats.crashed[0] if stats.crashed else "",
+            ),
+        ),
     ]
     return invariants

@@ -14,6 +14,7 @@ position between the two lies inside the real hold (for a holder killed
 inside, up to its last record): torture_check.py proves overlaps from these
 records alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,7 @@ from typing import Callable, Sequence
 
 from .torture_journal import Layout, Phase, owner_alive, record, set_phase
 
-__all__ = ["MUTEX", "RW_MUTEX", "SLOT_IDS", "SLOTS", "hold_slots", "hold_the_potato", "read_shared",
-           "write_shared"]
+__all__ = ["MUTEX", "RW_MUTEX", "SLOT_IDS", "SLOTS", "hold_slots", "hold_the_potato", "read_shared", "write_shared"]
 
 MUTEX = "torture"
 SLOTS = "torture"
@@ -84,8 +84,7 @@ def hold_the_potato(layout: Layout, identity: str, hold: float) -> None:
     _release(layout.potato, identity, "mutex-overlap")
 
 
-def hold_slots(layout: Layout, identity: str, ids: Sequence[str], wanted: int,
-               inside: Callable[[], None]) -> None:
+def hold_slots(layout: Layout, identity: str, ids: Sequence[str], wanted: int, inside: Callable[[], None]) -> None:
     """Inside ``ResourceSlots.acquire(wanted)``, which gave *ids*: mark each
     slot ours, record the hold, run *inside*, record its end, unmark."""
     set_phase(Phase.SLOTS_HELD)

@@ -4,6 +4,7 @@ process is (its *incarnation*), the journal it appends to (one record per
 landed, the run's directories, and identity files that say whether their
 process still lives. See torture.py for how the evidence survives kills.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,18 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 from ..mutex import kept_lock_files
 
-__all__ = ["PHASES", "Layout", "Me", "Phase", "become", "fd_count", "make_identity", "owner_alive", "record",
-           "set_phase"]
+__all__ = [
+    "PHASES",
+    "Layout",
+    "Me",
+    "Phase",
+    "become",
+    "fd_count",
+    "make_identity",
+    "owner_alive",
+    "record",
+    "set_phase",
+]
 
 # What a worker is doing, kept in shared memory (one byte per worker) so the
 # supervisor can say where its kills landed: Phase.X indexes PHASES.
@@ -45,15 +56,37 @@ PHASES = (
 class Phase:
     """Indexes of PHASES, by name."""
 
-    (STARTING, IDLE, MUTEX_WAIT, MUTEX_HELD, ARENA_ENTER, ARENA_INSIDE, ARENA_LEAVE, ARENA_CLEAN,
-     OPEN, DEFER, OPEN_EXIT, RUNNING, NAME_GET, NAME_POLL, CLEANUP, SLOTS_WAIT, SLOTS_HELD,
-     READ_WAIT, READING, WRITE_WAIT, WRITING, STOPPING) = range(len(PHASES))
+    (
+        STARTING,
+        IDLE,
+        MUTEX_WAIT,
+        MUTEX_HELD,
+        ARENA_ENTER,
+        ARENA_INSIDE,
+        ARENA_LEAVE,
+        ARENA_CLEAN,
+        OPEN,
+        DEFER,
+        OPEN_EXIT,
+        RUNNING,
+        NAME_GET,
+        NAME_POLL,
+        CLEANUP,
+        SLOTS_WAIT,
+        SLOTS_HELD,
+        READ_WAIT,
+        READING,
+        WRITE_WAIT,
+        WRITING,
+        STOPPING,
+    ) = range(len(PHASES))
 
 
 _PF_EXITING = 0x4  # include/linux/sched.h: set by do_exit() before files are closed
 
 
 # ------------------------------------------------------ this process
+
 
 class Me:
     """Who this process is in the run; set in each worker after fork."""
@@ -88,7 +121,6 @@ def set_phase(phase: int) -> int:
     return previous
 
 
-
 def _start_time(pid: object = "self") -> Optional[str]:
     """Field 22 of /proc/<pid>/stat, or None if the process is gone or dying."""
     try:
@@ -96,7 +128,7 @@ def _start_time(pid: object = "self") -> Optional[str]:
             data = stream.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    fields = data[data.rindex(b")") + 2:].split()
+    fields = data[data.rindex(b")") + 2 :].split()
     if fields[0] in (b"Z", b"X", b"x") or int(fields[6]) & _PF_EXITING:
         return None
     return fields[19].decode()
@@ -117,6 +149,7 @@ def fd_count() -> int:
 
 
 # ------------------------------------------------------------ layout
+
 
 class Layout(NamedTuple):
     root: str
@@ -180,4 +213,3 @@ def make_identity(layout: Layout, incarnation: str) -> str:
     with open(path, "w") as stream:
         stream.write("%s %d %s\n" % (incarnation, os.getpid(), _start_time()))
     return path
-

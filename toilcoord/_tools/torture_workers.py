@@ -2,6 +2,7 @@
 every primitive (often nesting them) and recording in the journal, around
 each, what the checks in torture_check.py need to prove its guarantee.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,6 +45,7 @@ def deferred_effect(journal_path: str, ident: str, delay: float) -> None:
 
 # ------------------------------------------------------------ arena
 
+
 def _clean_arena(layout: Layout, pause: float) -> None:
     """The last member's cleanup: no member may be inside; remove every
     marker. It takes *pause* seconds more, so that kills land in it too."""
@@ -68,8 +70,14 @@ def _clean_arena(layout: Layout, pause: float) -> None:
     record("arena-clean-end removed=%d died-inside=%d" % (removed, died_inside))
 
 
-def take_part_in_arena(layout: Layout, arena: LastProcessStandingArena, identity: str, marker: str,
-                        inside: Callable[[], None], pause: float = 0) -> bool:
+def take_part_in_arena(
+    layout: Layout,
+    arena: LastProcessStandingArena,
+    identity: str,
+    marker: str,
+    inside: Callable[[], None],
+    pause: float = 0,
+) -> bool:
     """Enter, leave a marker, run *inside*, leave; True if elected last."""
     set_phase(Phase.ARENA_ENTER)
     arena.enter()
@@ -96,11 +104,20 @@ def take_part_in_arena(layout: Layout, arena: LastProcessStandingArena, identity
 
 # ------------------------------------------------------------ worker
 
+
 class _Worker:
     """One worker process: loops over the primitives until told to stop."""
 
-    def __init__(self, layout: Layout, seed: object, incarnation: str, slot: int, immortal: bool,
-                 progress_fd: int, deadline: float) -> None:
+    def __init__(
+        self,
+        layout: Layout,
+        seed: object,
+        incarnation: str,
+        slot: int,
+        immortal: bool,
+        progress_fd: int,
+        deadline: float,
+    ) -> None:
         self.layout = layout
         self.coord = layout.views[slot % len(layout.views)]
         self.incarnation = incarnation
@@ -135,12 +152,19 @@ class _Worker:
 
     def _operations(self) -> List[Callable[[], None]]:
         """What a worker does, each as often as it appears here."""
-        return ([self._mutex] * 3 + [self._arena] * 3 + [self._deferred] * 3 + [self._names] * 2 + [self._cleanup]
-                + [self._slots] * 2 + [self._read] * 2 + [self._write])
+        return (
+            [self._mutex] * 3
+            + [self._arena] * 3
+            + [self._deferred] * 3
+            + [self._names] * 2
+            + [self._cleanup]
+            + [self._slots] * 2
+            + [self._read] * 2
+            + [self._write]
+        )
 
     def _told_to_stop(self) -> bool:
-        return (os.path.exists(self.layout.stop) or os.getppid() != self.parent
-                or time.monotonic() > self.deadline)
+        return os.path.exists(self.layout.stop) or os.getppid() != self.parent or time.monotonic() > self.deadline
 
     def _next(self, kind: str) -> str:
         self.serial += 1
@@ -184,10 +208,14 @@ class _Worker:
         self._maybe(self._mutex, self._names)
 
     def _arena(self) -> None:
-        take_part_in_arena(self.layout, self.arena, self.identity, self._next("a"),
-                           lambda: self._maybe(self._mutex, self._names, self._deferred, self._slots, self._read,
-                                               self._write),
-                           self.rng.choice((0, 0, 0.002)))
+        take_part_in_arena(
+            self.layout,
+            self.arena,
+            self.identity,
+            self._next("a"),
+            lambda: self._maybe(self._mutex, self._names, self._deferred, self._slots, self._read, self._write),
+            self.rng.choice((0, 0, 0.002)),
+        )
         set_phase(Phase.IDLE)
 
     def _deferred(self) -> None:
@@ -224,16 +252,23 @@ class _Worker:
         set_phase(Phase.NAME_POLL)
         if not process_name_exists(self.coord, name):
             record("violation names-own-dead our own name %s read as dead" % name)
-        others = [entry for entry in os.listdir(self.coord)
-                  if entry.startswith(NAME_PREFIX) and entry != name]
+        others = [entry for entry in os.listdir(self.coord) if entry.startswith(NAME_PREFIX) and entry != name]
         record("polling")  # before the probes: a poll's own record comes after its probe
         for other in self.rng.sample(others, min(3, len(others))):
             record("poll %s %d" % (other, process_name_exists(self.coord, other)))
         set_phase(Phase.IDLE)
 
 
-def worker_process(layout: Layout, seed: object, incarnation: str, slot: int, immortal: bool,
-                    progress_fd: int, phases: Any, deadline: float) -> int:
+def worker_process(
+    layout: Layout,
+    seed: object,
+    incarnation: str,
+    slot: int,
+    immortal: bool,
+    progress_fd: int,
+    phases: Any,
+    deadline: float,
+) -> int:
     """Body of a forked worker; returns its exit status."""
     import faulthandler
     import traceback
@@ -241,8 +276,9 @@ def worker_process(layout: Layout, seed: object, incarnation: str, slot: int, im
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
     stacks = open(layout.stacks, "a")
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
-    logging.basicConfig(filename=layout.log, level=logging.WARNING,
-                        format="%(process)d %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        filename=layout.log, level=logging.WARNING, format="%(process)d %(levelname)s %(name)s: %(message)s"
+    )
     become(incarnation, layout.journal, phases, slot)
     set_phase(Phase.STARTING)
     try:

@@ -1,4 +1,5 @@
 """The user module beside hotdeploy.py, imported by the workers."""
+
 import json
 import os
 
@@ -18,8 +19,7 @@ def where():
 def report(out, kind):
     from wfcommon import append_line, swapped
 
-    append_line(out, json.dumps({"kind": kind, "from": where(), "value": VALUE, "swapped": swapped()},
-                                sort_keys=True))
+    append_line(out, json.dumps({"kind": kind, "from": where(), "value": VALUE, "swapped": swapped()}, sort_keys=True))
 
 
 class HotJob(Job):

@@ -1,13 +1,14 @@
 """A job defers a function and is SIGKILLed: the function still runs (by
 the leader's batch-system cleanup), exactly once."""
+
 import os
 import signal
 import sys
 
-from wfcommon import append_line, finish, lines, options, swapped
 from toil.common import Toil
 from toil.exceptions import FailedJobsException
 from toil.job import Job
+from wfcommon import append_line, finish, lines, options, swapped
 
 
 def die(job, out):

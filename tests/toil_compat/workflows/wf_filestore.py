@@ -1,13 +1,14 @@
 """Jobs on Toil's caching file store (process names) that use the mutex and
 the arena in the file store's coordination directory."""
+
 import os
 import sys
 import time
 
-from wfcommon import append_line, finish, lines, options, swapped
 from toil.common import Toil
 from toil.job import Job
 from toil.lib.threading import LastProcessStandingArena, global_mutex
+from wfcommon import append_line, finish, lines, options, swapped
 
 JOBS = 12
 
@@ -51,13 +52,18 @@ def gather(job, results):
     for result in results:
         with open(job.fileStore.readGlobalFile(result["written"])) as stream:
             contents.append(stream.read())
-    return {"stores": sorted({r["store"] for r in results}), "swapped": sorted({r["swapped"] for r in results}),
-            "contents": sorted(contents)}
+    return {
+        "stores": sorted({r["store"] for r in results}),
+        "swapped": sorted({r["swapped"] for r in results}),
+        "contents": sorted(contents),
+    }
 
 
 def spawn(job, shared, file_id):
-    results = [job.addChildJobFn(coordinate, number, shared, file_id, cores=0.1, memory="100M", disk="10M").rv()
-               for number in range(JOBS)]
+    results = [
+        job.addChildJobFn(coordinate, number, shared, file_id, cores=0.1, memory="100M", disk="10M").rv()
+        for number in range(JOBS)
+    ]
     return job.addFollowOnJobFn(gather, results, cores=0.1, memory="100M", disk="10M").rv()
 
 

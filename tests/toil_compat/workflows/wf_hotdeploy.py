@@ -2,16 +2,16 @@
 copy shipped through Toil's job store (saveAsResourceTo, register, and the
 workers' download). The root job is a plain Job; argv[3] "user" makes it a
 job of the user module instead."""
+
 import os
 import sys
 import tempfile
 
-from wfcommon import finish, lines, options
+import hotmod
 from toil.common import Toil
 from toil.job import Job
 from toil.resource import ModuleDescriptor
-
-import hotmod
+from wfcommon import finish, lines, options
 
 if __name__ == "__main__":
     out = sys.argv[2] + ".lines"
@@ -27,5 +27,10 @@ if __name__ == "__main__":
         root.addChild(hotmod.HotJob(out))
         root.addChildJobFn(hotmod.hot_function, out, cores=0.1, memory="100M", disk="10M")
         toil.start(root)
-    finish({"resource": type(resource).__name__, "jobs": sorted(lines(out)),
-            "root_belongs_to_toil": Job().getUserScript().belongsToToil})
+    finish(
+        {
+            "resource": type(resource).__name__,
+            "jobs": sorted(lines(out)),
+            "root_belongs_to_toil": Job().getUserScript().belongsToToil,
+        }
+    )

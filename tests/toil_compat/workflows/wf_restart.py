@@ -8,14 +8,15 @@ group, in <shared>/ready) and waits to be killed with its leader; restarted,
 it finishes. The coordination and work directories are fixed beside the job
 store, so both runs (and the harness) share them.
 """
+
 import json
 import os
 import sys
 import threading
 
-from wfcommon import append_line, finish, lines, options, swapped
 from toil.common import Toil
 from toil.job import Job
+from wfcommon import append_line, finish, lines, options, swapped
 
 SQUARES = 4
 
@@ -43,8 +44,7 @@ def gather(job, values):
 
 
 def root(job, shared):
-    values = [job.addChildJobFn(square, number, cores=0.1, memory="100M", disk="10M").rv()
-              for number in range(SQUARES)]
+    values = [job.addChildJobFn(square, number, cores=0.1, memory="100M", disk="10M").rv() for number in range(SQUARES)]
     return job.addFollowOnJobFn(then_the_victim, values, shared, cores=0.1, memory="100M", disk="10M").rv()
 
 
@@ -60,8 +60,10 @@ def state_files(coordination):
     found = []
     for directory, _, names in os.walk(coordination):
         if os.path.basename(directory) == "deferred":
-            found += sorted("toilcoord-func*" if name.startswith("toilcoord-func") else
-                            "func*" if name.startswith("func") else name for name in names)
+            found += sorted(
+                "toilcoord-func*" if name.startswith("toilcoord-func") else "func*" if name.startswith("func") else name
+                for name in names
+            )
     return found
 
 
@@ -73,7 +75,14 @@ if __name__ == "__main__":
     restart = sys.argv[3] == "restart"
     opts = options(sys.argv[1], restart=restart, coordination_dir=coordination, workDir=work)
     with Toil(opts) as toil:
-        result = toil.restart() if restart else toil.start(Job.wrapJobFn(root, shared, cores=0.1, memory="100M",
-                                                                        disk="10M"))
-    finish({"result": result, "deferred": lines(os.path.join(shared, "deferred")),
-            "attempts": lines(os.path.join(shared, "attempts")), "state_files": state_files(coordination)})
+        result = (
+            toil.restart() if restart else toil.start(Job.wrapJobFn(root, shared, cores=0.1, memory="100M", disk="10M"))
+        )
+    finish(
+        {
+            "result": result,
+            "deferred": lines(os.path.join(shared, "deferred")),
+            "attempts": lines(os.path.join(shared, "attempts")),
+            "state_files": state_files(coordination),
+        }
+    )

@@ -1,12 +1,13 @@
 """20 jobs each log through RealtimeLogger; every message must reach the
 leader (a handler on the root logger, as in Toil's realtimeLoggerTest)."""
+
 import logging
 import sys
 
-from wfcommon import finish, options, swapped
 from toil.common import Toil
 from toil.job import Job
 from toil.realtimeLogger import RealtimeLogger
+from wfcommon import finish, options, swapped
 
 JOBS = 20
 
@@ -37,5 +38,10 @@ if __name__ == "__main__":
     logging.getLogger().addHandler(catch)
     with Toil(options(sys.argv[1], realTimeLogging=True)) as toil:
         workers = toil.start(Job.wrapJobFn(spawn, cores=0.1, memory="100M", disk="10M"))
-    finish({"messages": sorted(set(catch.messages)), "received": len(catch.messages),
-            "workers_swapped": sorted(set(workers))})
+    finish(
+        {
+            "messages": sorted(set(catch.messages)),
+            "received": len(catch.messages),
+            "workers_swapped": sorted(set(workers)),
+        }
+    )

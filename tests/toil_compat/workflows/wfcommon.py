@@ -1,4 +1,5 @@
 """Shared by the workflow scripts of the Toil compatibility harness."""
+
 import json
 import os
 import sys
