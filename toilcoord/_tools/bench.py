@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 from ..arena import LastProcessStandingArena
 from ..deferred import DeferredFunctionManager
 from ..files import robust_rmtree
+from ..holder import RECORD_SIZE
 from ..mutex import global_mutex, retire_mutex_files
 from ..procnames import get_process_name, process_name_exists
 from ..slots import ResourceSlots
@@ -75,6 +76,7 @@ def _latency_row(name: str, times: Dict[str, float], limit: Optional[float]) -> 
 # ------------------------------------------------------------------ mutex
 
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+_RECORD = bytes(RECORD_SIZE)  # what a holder writes into its lock file
 
 
 def _raw_mutex_cycle(path: str) -> None:
@@ -96,7 +98,9 @@ def _raw_mutex_cycle(path: str) -> None:
 
 class _KeptFile:
     """The floor of a mutex on a file kept open: lock, check the locked
-    file is the one at the path (fstat, lstat), unlock. One fd per process."""
+    file is the one at the path (fstat, lstat), say who holds it (one
+    record-sized pwrite: issue 12's promise to ``status``), unlock. One fd
+    per process."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -110,6 +114,7 @@ class _KeptFile:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.fstat(fd)
         os.lstat(self.path)
+        os.pwrite(fd, _RECORD, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
@@ -144,7 +149,7 @@ def bench_mutex(directory: str, settings: Settings) -> Row:
         times = interleaved(contenders, settings.rounds, settings.ops)
     finally:
         kept.close()
-    return _latency_row("mutex acquire+release (vs flock+fstat+lstat+unlock)", times, 1.5)
+    return _latency_row("mutex acquire+release (vs flock+fstat+lstat+pwrite+unlock)", times, 1.5)
 
 
 def _unrecorded(cycle: Callable[[], None]) -> Timer:
