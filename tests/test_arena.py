@@ -253,9 +253,13 @@ def test_exactly_one_cleanup_per_generation(tmp_path):
         assert exit_codes == [0] * size
     lines = (tmp_path / "cleanups").read_text().split("\n")[:-1]
     assert lines == [f"{generation} 0" for generation in range(generations)]
-    assert sorted(os.listdir(tmp_path)) == ["cleanups", "gen-arena-live", "inside", "toil-mutex-gen-arena-lock"], (
-        "multiprocessing's children end with os._exit: files stay, for cleanup"
-    )
+    assert sorted(os.listdir(tmp_path)) == [
+        "cleanups",
+        "gen-arena-live",
+        "inside",
+        "toil-mutex-gen-arena-lock",
+        "toil-mutex-gen-arena-lock.writer-intent",
+    ], "multiprocessing's children end with os._exit: files stay, for cleanup"
     assert cleaned_up(tmp_path) == ["cleanups", "inside"]
 
 

@@ -156,7 +156,9 @@ def _drop(gate: _Gate) -> None:
 def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared: bool) -> bool:
     """Lock the kept fd; False only if not *block* and someone holds it."""
     operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-    announce = gate.announce and not shared
+    # A writer that will wait announces itself; one that may not wait
+    # (timeout 0) has nothing to announce.
+    announce = gate.announce and not shared and (deadline is None or deadline > time.monotonic())
     if gate.network is False and block and deadline is None and not announce:
         # A local file: the kernel queues us; no need to know if we waited.
         try:
@@ -187,7 +189,10 @@ def _wait_announced(gate: _Gate, path: str, deadline: Optional[float]) -> None:
     """Wait for the exclusive lock on ``gate.fd`` while holding the file's
     writer-intent file exclusively: shared holders pass through that file
     (a brief shared lock) before taking theirs, so none starts while we
-    wait, and we get in once those inside leave (see :mod:`.rwlock`)."""
+    wait, and we get in once those inside leave. The intent file is kept,
+    as the lock file is (retired at exit, reaped by ``cleanup``): making
+    and removing it at every contended acquisition would put a create and
+    an unlink, two server round trips on NFS, on the contended path."""
     intent_path = path + INTENT_SUFFIX
     intent = _hold_gate(intent_path, None if deadline is None else max(deadline - time.monotonic(), 0))
     try:
@@ -199,9 +204,6 @@ def _wait_announced(gate: _Gate, path: str, deadline: Optional[float]) -> None:
             else:
                 _lock_until(gate.fd, path, deadline)
         finally:
-            # Removed (while held, as every lock file), so that a mutex no
-            # reader uses keeps no second file once nobody waits.
-            unlink_if_present(intent_path)
             _unlock(intent)
     finally:
         intent.lock.release()
