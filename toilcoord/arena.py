@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import time
 from typing import Iterator, Optional, Tuple
 
 from .gates import _acquire, _Gate, _hold_gate, _unlock, remove_unheld_lock_file
-from .locks import PathArg, check_name, fork_epoch, safe_lock
+from .locks import PathArg, check_name, fork_epoch, held_exclusively, safe_lock
 from .mutex import global_mutex
 
 __all__ = ["LastProcessStandingArena", "reap_dead_arenas"]
@@ -178,14 +177,9 @@ def _held(folder: int, name: str) -> bool:
     except OSError:
         return False  # gone, or not a member's file
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno not in (errno.EAGAIN, errno.EACCES):
-            raise
-        return True
+        return held_exclusively(fd)
     finally:
         os.close(fd)  # a dead member's file is Toil's to remove
-    return False
 
 
 def reap_dead_arenas(base_dir: PathArg) -> Iterator[Tuple[str, bool]]:

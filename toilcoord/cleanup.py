@@ -13,7 +13,6 @@ the health check: the directory is usable and a mutex can be taken there.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import pwd
@@ -21,6 +20,7 @@ import stat
 import sys
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
+from .locks import held_exclusively
 from .watchdog import Watched, describe_error, run_watched
 
 __all__ = [
@@ -199,24 +199,12 @@ def _probe(dir_fd: int, name: str) -> tuple:
         foreign = _foreign(info)
         if not stat.S_ISREG(info.st_mode):
             return ("foreign", foreign) if foreign else ("dead", "not a regular file")
-        state = "its owner is running" if _locked(fd) else "its owner is dead"
+        state = "its owner is running" if held_exclusively(fd) else "its owner is dead"
         if foreign:
             return "foreign", f"{foreign}; {state}: skipped, never run or removed"
         return ("live", state) if state.endswith("running") else ("dead", state)
     finally:
         os.close(fd)  # drops the probe's own lock, if it got one
-
-
-def _locked(fd: int) -> bool:
-    """True if some process holds an exclusive lock on *fd*'s file (only
-    owners lock exclusively; a prober's brief shared lock does not count)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno in (errno.EAGAIN, errno.EACCES):
-            return True
-        raise
-    return False
 
 
 def _foreign(info: os.stat_result) -> Optional[str]:

@@ -45,6 +45,7 @@ __all__ = [
     "ensure_filesystem_lockable",
     "filesystem_info",
     "fork_epoch",
+    "held_exclusively",
     "locked_file_is",
     "release_taken",
     "safe_lock",
@@ -173,6 +174,21 @@ def locked_file_is(fd: int, path: PathArg, dir_fd: Optional[int] = None) -> bool
             return False
         raise
     return opened.st_nlink > 0 and linked.st_ino == opened.st_ino and linked.st_dev == opened.st_dev
+
+
+def held_exclusively(fd: int) -> bool:
+    """Whether some process holds an exclusive lock on *fd*'s file, found
+    with a shared probe that never waits and is dropped at once: owners
+    lock exclusively, so another prober's brief shared lock never counts.
+    OSError if the probe fails otherwise."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
 
 
 # ------------------------------------------------- fork-aware held files

@@ -10,8 +10,6 @@ name: the file's lock dies with the process that took it.
 from __future__ import annotations
 
 import atexit
-import errno
-import fcntl
 import logging
 import os
 import stat
@@ -19,7 +17,7 @@ import threading
 from typing import Dict, List
 
 from .gates import _check_directory
-from .locks import HeldFile, PathArg, check_name, discard_taken, locked_file_is, take_over
+from .locks import HeldFile, PathArg, check_name, discard_taken, held_exclusively, locked_file_is, take_over
 
 __all__ = [
     "NAME_PREFIX",
@@ -153,15 +151,9 @@ def _foreign_name_lives(directory: int, name: str) -> bool:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno in (errno.EAGAIN, errno.EACCES):
-                return True
-            raise
-        return False
+        return held_exclusively(fd)
     finally:
-        os.close(fd)  # drops the probe's lock
+        os.close(fd)
 
 
 def reap_dead_process_names(base_dir: PathArg) -> List[str]:

@@ -13,7 +13,6 @@ or removed. A hung network filesystem can still hang any system call.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import stat
 import time
@@ -21,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from .gates import _MUTEX_PREFIX
 from .holder import Holder, LockTable, confirm, describe, lock_table, read_record
+from .locks import held_exclusively
 from .mounts import names_may_be_stale
 
 __all__ = ["directory_status", "format_status"]
@@ -163,14 +163,11 @@ def _not_regular(mode: int) -> str:
 
 
 def _locked(fd: int) -> Optional[bool]:
-    """Whether a process holds *fd*'s file locked exclusively: a shared
-    probe that never waits, dropped at once. None if the probe failed."""
+    """:func:`~.locks.held_exclusively`, or None if the probe failed."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as error:
-        return True if error.errno in (errno.EAGAIN, errno.EACCES) else None
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    return False
+        return held_exclusively(fd)
+    except OSError:
+        return None
 
 
 def _mutex(fd: int, info: os.stat_result, name: str, table: LockTable, local: bool) -> dict:
@@ -307,25 +304,13 @@ def format_status(report: dict) -> str:
         "mutexes",
         report["mutexes"],
         lambda m: (
-            f"{_shown(m['name'])}  {_yes_no(m['held'], 'held', 'free')}  waiters {_unknown(m['waiters'])}"
-            + (
-                f"  by {describe(Holder(**m['holder']))}"
-                if m["holder"]
-                else ("  by an unrecorded holder" if m["held"] else "")
-            )
+            f"{_shown(m['name'])}  {_yes_no(m['held'], 'held', 'free')}  waiters {_unknown(m['waiters'])}" + _held_by(m)
         ),
     )
     lines += _section(
         "slots",
         report["slots"],
-        lambda m: (
-            f"{_shown(m['name'])} slot {_shown(m['slot'])}  {_yes_no(m['held'], 'held', 'free')}"
-            + (
-                f"  by {describe(Holder(**m['holder']))}"
-                if m["holder"]
-                else ("  by an unrecorded holder" if m["held"] else "")
-            )
-        ),
+        lambda m: f"{_shown(m['name'])} slot {_shown(m['slot'])}  {_yes_no(m['held'], 'held', 'free')}" + _held_by(m),
     )
     lines += _section(
         "process names",
@@ -351,6 +336,13 @@ def format_status(report: dict) -> str:
     if report["truncated"]:
         lines.append(f"(only the first {_MAX_ENTRIES} entries were read)")
     return "\n".join(lines)
+
+
+def _held_by(entry: dict) -> str:
+    """Who holds a mutex or slot *entry*, for the table."""
+    if entry["holder"]:
+        return f"  by {describe(Holder(**entry['holder']))}"
+    return "  by an unrecorded holder" if entry["held"] else ""
 
 
 def _section(title: str, items: List[dict], line: Callable[[dict], str]) -> List[str]:
