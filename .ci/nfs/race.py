@@ -109,7 +109,13 @@ def hold(directory: str, oracle: str, me: str, tally: dict, seconds: float) -> N
                     other = f.read() or "a holder that had not written its name yet"
             except OSError:
                 other = "a holder that just left"
-            tally["example"] = f"{me} got the mutex while {other} held it"
+            # When: a worker that finished retires the lock file at its exit,
+            # so say whether one had finished (the likeliest moment to suspect).
+            finished = os.path.exists(os.path.join(oracle, "stop"))
+            tally["example"] = (
+                f"{me} got the mutex while {other} held it, in its round {tally['acquired']}, "
+                f"{'after' if finished else 'before'} the first worker finished"
+            )
     try:
         if fd is not None:
             os.write(fd, me.encode())
