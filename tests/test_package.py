@@ -143,3 +143,11 @@ def test_without_fcntl_the_import_says_posix_is_needed():
             print(error)
     """)
     assert "needs a POSIX system" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_vendored_copy_carries_the_license():
+    # Copying toilcoord/ is how pipelines vendor it: the license goes along.
+    with open(os.path.join(PACKAGE, "LICENSE")) as inside, open(
+        os.path.join(os.path.dirname(PACKAGE), "LICENSE")
+    ) as top:
+        assert inside.read() == top.read()
