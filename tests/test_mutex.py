@@ -665,10 +665,24 @@ def test_on_a_network_filesystem_a_free_name_is_created_and_adopted(tmp_path, mo
     monkeypatch.setattr(gates_module, "names_may_be_stale", lambda device, path: True)
     with global_mutex(tmp_path, "m"):
         pass
-    os.unlink(tmp_path / MUTEX_FILE)  # as a holder elsewhere would, at its exit
+    # As a holder on another client would at its exit, while it still had
+    # the file open: its client keeps the file as .nfsXXXX, one link left.
+    os.link(tmp_path / MUTEX_FILE, tmp_path / ".nfs-renamed")
+    os.unlink(tmp_path / MUTEX_FILE)
+    real_open, opened = os.open, []
+
+    def noting_opens(path, flags, *args, **keywords):
+        fd = real_open(path, flags, *args, **keywords)
+        opened.append(os.path.basename(path))  # an open that gave an fd
+        return fd
+
+    monkeypatch.setattr(os, "open", noting_opens)
     with global_mutex(tmp_path, "m"):
-        assert os.listdir(tmp_path) == [MUTEX_FILE]
+        monkeypatch.setattr(os, "open", real_open)
+        assert opened == [MUTEX_FILE], "the file made to look the name up is the one locked, not opened again"
+        assert sorted(os.listdir(tmp_path)) == [".nfs-renamed", MUTEX_FILE]
         assert take_over(str(tmp_path / MUTEX_FILE)) is None, "we hold the file now linked there"
+    os.unlink(tmp_path / ".nfs-renamed")
     assert left_after_exit(tmp_path) == []
 
 

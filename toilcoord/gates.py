@@ -237,8 +237,11 @@ def _acquire(
         try:
             if not _lock(gate, path, deadline, block, shared):
                 return False
-            if _still_linked(gate, path):
+            linked = _still_linked(gate, path)
+            if linked:
                 return True
+            if linked is None:
+                continue  # gate.fd is the new file at the path now: lock that
         except OSError as error:
             if error.errno != errno.ESTALE:  # its file is gone from the server
                 raise
@@ -283,9 +286,10 @@ def _check_directory(directory: str) -> None:
     _checked_directories[directory] = True
 
 
-def _still_linked(gate: _Gate, path: str) -> bool:
-    """True if the locked ``gate.fd`` is the file linked at *path*. Where
-    the file was replaced, ``gate.fd`` may be swapped for the new one."""
+def _still_linked(gate: _Gate, path: str) -> Optional[bool]:
+    """True if the locked ``gate.fd`` is the file linked at *path*, False
+    if not. None if it was not, and ``gate.fd`` is now the file just made
+    at the path (on a network filesystem, whose name was found free)."""
     opened = os.fstat(gate.fd)  # after the lock: fresh from an NFS server
     if opened.st_nlink == 0:
         return False
@@ -299,7 +303,7 @@ def _still_linked(gate: _Gate, path: str) -> bool:
         if fresh is not None:
             _drop(gate)
             gate.fd = fresh  # on the same device: gate.network stands
-            return False
+            return None
     try:
         linked = os.lstat(path)
     except OSError as error:
