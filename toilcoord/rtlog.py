@@ -222,6 +222,53 @@ class _RealtimeLoggerMeta(type):
         return getattr(cls.getLogger(), name)
 
 
+def _check_leader_arguments(level: LevelArg, host: Optional[str], port: int, secret: Union[str, bool, None]) -> None:
+    """Raise ValueError or TypeError for a bad argument of a leader."""
+    if level not in (None, False, ""):
+        parse_level(level)  # type: ignore[arg-type]
+    if host is not None and (not isinstance(host, str) or not host or "%" in host):
+        raise ValueError("host must be a non-empty host name or address, not %r" % (host,))
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
+        raise ValueError("port must be an int from 0 to 65535, not %r" % (port,))
+    if secret is not None and secret is not False and not isinstance(secret, str):
+        raise TypeError("secret must be a str, None or False, not %s" % type(secret).__name__)
+
+
+def _leader_variables(server: RealtimeLogServer, advertised: str, level: int, secret: Optional[str]) -> Dict[str, str]:
+    """The TOIL_RT_LOGGING_* variables (without the prefix) a leader exports."""
+    shown = "[%s]" % advertised if ":" in advertised else advertised
+    variables = {"ADDRESS": "%s:%d" % (shown, server.server_address[1]), "LEVEL": _level_name(level)}
+    if server.local_address:
+        variables["LOCAL_ADDRESS"] = server.local_address
+    if secret:
+        variables["SECRET"] = secret
+    return variables
+
+
+def _warn_unsigned(address: str) -> None:
+    log.warning(
+        "Real-time logging unsigned (%s=1): records from any process on this node, and from "
+        "anyone who can reach %s, are accepted",
+        UNSIGNED_VARIABLE,
+        address,
+    )
+
+
+def _drain(server: RealtimeLogServer, thread: Optional[threading.Thread], lock: Any) -> None:
+    """Stop *server*, join its *thread*, close it and log its summary. *lock*
+    (held) is released meanwhile: a handler that calls getLogger() on the
+    server thread must not deadlock against us."""
+    lock.release()
+    try:
+        server.shutdown()
+        if thread is not None and thread.ident is not None:
+            thread.join()
+        server.server_close()
+    finally:
+        lock.acquire()
+    log.info(server.summary())
+
+
 class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
     """Toil's real-time logger: a context manager on the leader, a logger on
     the workers.
@@ -287,14 +334,7 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
         secret: Union[str, bool, None] = None,
         localSocket: bool = True,
     ) -> None:
-        if level not in (None, False, ""):
-            parse_level(level)  # type: ignore[arg-type]
-        if host is not None and (not isinstance(host, str) or not host or "%" in host):
-            raise ValueError("host must be a non-empty host name or address, not %r" % (host,))
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
-            raise ValueError("port must be an int from 0 to 65535, not %r" % (port,))
-        if secret is not None and secret is not False and not isinstance(secret, str):
-            raise TypeError("secret must be a str, None or False, not %s" % type(secret).__name__)
+        _check_leader_arguments(level, host, port, secret)
         self._batchSystem = batchSystem
         self._level = level
         self._host = host
@@ -359,12 +399,7 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
         cls.loggingServer, cls.serverThread, cls._leaderLevel = server, thread, level
         try:
             thread.start()
-            shown = "[%s]" % advertised if ":" in advertised else advertised
-            variables = {"ADDRESS": "%s:%d" % (shown, server.server_address[1]), "LEVEL": _level_name(level)}
-            if server.local_address:
-                variables["LOCAL_ADDRESS"] = server.local_address
-            if secret:
-                variables["SECRET"] = secret
+            variables = _leader_variables(server, advertised, level, secret)
             _export(cls.envPrefix, variables, batchSystem)
         except BaseException:
             cls._stopServer()
@@ -372,12 +407,7 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
         cls._resetLogger()  # from now on this process logs locally
         log.info("Real-time logging listening on %s", variables["ADDRESS"])
         if unsigned_by_environment:
-            log.warning(
-                "Real-time logging unsigned (%s=1): records from any process on this node, and from "
-                "anyone who can reach %s, are accepted",
-                UNSIGNED_VARIABLE,
-                variables["ADDRESS"],
-            )
+            _warn_unsigned(variables["ADDRESS"])
 
     @classmethod
     def _stopLeader(cls) -> None:
@@ -395,19 +425,8 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
         _export(cls.envPrefix, cls._savedEnvironment, None, prefixed=True)
         cls._savedEnvironment = {}
         cls._resetLogger()
-        if server is None:
-            return
-        # Release the lock while draining: a handler that calls getLogger()
-        # on the server thread must not deadlock against us.
-        cls.lock.release()
-        try:
-            server.shutdown()
-            if thread is not None and thread.ident is not None:
-                thread.join()
-            server.server_close()
-        finally:
-            cls.lock.acquire()
-        log.info(server.summary())
+        if server is not None:
+            _drain(server, thread, cls.lock)
 
     # -- worker
 
@@ -442,20 +461,21 @@ class RealtimeLogger(metaclass=_RealtimeLoggerMeta):
             logging.getLogger("toil-rt").removeHandler(handler)
             handler.close()
 
-    @classmethod
-    def _afterForkInChild(cls) -> None:
-        cls.lock = threading.RLock()  # another thread may have held it at fork time
-        if cls.loggingServer is not None:
-            # The child is a worker of its parent's leader: the environment
-            # still points there. The server threads did not survive the fork.
-            cls.loggingServer.server_close()
-            cls.loggingServer = cls.serverThread = None
-            cls.initialized = 0
-            cls._savedEnvironment = {}
-            cls._configured = False
+
+def _forget_the_leader_after_fork() -> None:
+    cls = RealtimeLogger
+    cls.lock = threading.RLock()  # another thread may have held it at fork time
+    if cls.loggingServer is not None:
+        # The child is a worker of its parent's leader: the environment
+        # still points there. The server threads did not survive the fork.
+        cls.loggingServer.server_close()
+        cls.loggingServer = cls.serverThread = None
+        cls.initialized = 0
+        cls._savedEnvironment = {}
+        cls._configured = False
 
 
-os.register_at_fork(after_in_child=RealtimeLogger._afterForkInChild)
+os.register_at_fork(after_in_child=_forget_the_leader_after_fork)
 
 
 # ------------------------------------------------- this package's own logs

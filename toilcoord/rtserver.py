@@ -253,6 +253,29 @@ def _closed_on_error(make: Callable[[Any], None], sock: Any) -> Any:
     return sock
 
 
+def _dispatch(server: "RealtimeLogServer", data: bytes, tally: _Tally, counts: "_Counts", signed: bool) -> None:
+    """The body of :meth:`RealtimeLogServer.handle_datagram`, through the
+    server's override points (verify, make_record, handle_record,
+    handle_error)."""
+    if not 0 < len(data) < server.max_packet_size:
+        tally.malformed += 1
+    elif not server.verify(data):
+        tally.forged += 1
+    else:
+        fields = rtwire.load(data)
+        record = None if fields is None else server.make_record(fields)
+        if record is None:
+            tally.malformed += 1
+        elif not counts.note(fields, signed=signed):
+            tally.replayed += 1
+        else:
+            tally.received += 1
+            try:
+                server.handle_record(record)
+            except Exception:
+                server.handle_error(record)
+
+
 class RealtimeLogServer:
     """The leader's receiver: a UDP socket bound to ``bind_host`` and, on
     Linux, an abstract AF_UNIX datagram socket for workers on this node, with
@@ -373,15 +396,8 @@ class RealtimeLogServer:
         try:
             readers.start("toil-rt-udp", readers.read, self.socket, size, backlog.put, counts.udp, backlog.close)
             if self.local_socket is not None:
-                readers.start(
-                    "toil-rt-local",
-                    readers.read,
-                    self.local_socket,
-                    size,
-                    self.handle_datagram,
-                    counts.local,
-                    lambda: None,
-                )
+                local = (self.local_socket, size, self.handle_datagram, counts.local, lambda: None)
+                readers.start("toil-rt-local", readers.read, *local)
             if self.owner_socket is not None:
                 readers.start("toil-rt-owner", _answer_owner_checks, self.owner_socket)
             backlog.drain(self.handle_datagram, counts.udp)
@@ -409,23 +425,7 @@ class RealtimeLogServer:
 
     def handle_datagram(self, data: bytes, tally: _Tally) -> None:
         """Check, decode and re-log one datagram, counting it either way."""
-        if not 0 < len(data) < self.max_packet_size:
-            tally.malformed += 1
-        elif not self.verify(data):
-            tally.forged += 1
-        else:
-            fields = rtwire.load(data)
-            record = None if fields is None else self.make_record(fields)
-            if record is None:
-                tally.malformed += 1
-            elif not self._counts.note(fields, signed=self._key is not None):
-                tally.replayed += 1
-            else:
-                tally.received += 1
-                try:
-                    self.handle_record(record)
-                except Exception:
-                    self.handle_error(record)
+        _dispatch(self, data, tally, self._counts, signed=self._key is not None)
 
     def verify(self, data: bytes) -> bool:
         """True if no secret is set, or ``data`` carries its valid HMAC."""
