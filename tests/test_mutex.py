@@ -354,7 +354,7 @@ def test_child_leaving_an_inherited_with_block_leaves_the_parents_lock(tmp_path,
     parent.stdin.close()
     assert parent.stdout.readline() == "free\n"
     assert parent.wait() == 0
-    assert left_in(str(tmp_path)) == []
+    assert left_after_exit(tmp_path) == []  # our own try kept the file open: on NFS a .nfsXXXX till we let go
 
 
 # Thread A waits for the mutex (its fd already open) while the main thread
