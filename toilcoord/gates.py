@@ -156,10 +156,8 @@ def _drop(gate: _Gate) -> None:
 def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared: bool) -> bool:
     """Lock the kept fd; False only if not *block* and someone holds it."""
     operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-    # A writer that will wait announces itself; one that may not wait
-    # (timeout 0) has nothing to announce.
-    announce = gate.announce and not shared and (deadline is None or deadline > time.monotonic())
-    if gate.network is False and block and deadline is None and not announce:
+    may_announce = gate.announce and not shared
+    if gate.network is False and block and deadline is None and not may_announce:
         # A local file: the kernel queues us; no need to know if we waited.
         try:
             fcntl.flock(gate.fd, operation)
@@ -176,13 +174,26 @@ def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared
     if not block:
         return False
     gate.waited = True
-    if announce:
+    if may_announce and _readers_to_hold_off(path, deadline):
         _wait_announced(gate, path, deadline)
     elif deadline is not None:
         _lock_until(gate.fd, path, deadline, shared)
     else:
         safe_lock(gate.fd, shared=shared)
     return True
+
+
+def _readers_to_hold_off(path: str, deadline: Optional[float]) -> bool:
+    """Whether a writer about to wait for *path* should announce itself:
+    only where shared holders use the mutex (they make its writer-intent
+    file), and only if it may wait at all (not with timeout 0). A mutex
+    only ever held exclusively then keeps one file, and its waiters queue
+    on it alone: a second queue, which a node near the NFS server rejoins
+    faster, starved the far node (2.8% of the acquisitions between two
+    VMs on NFSv3, against 28% with one queue)."""
+    if deadline is not None and deadline <= time.monotonic():
+        return False
+    return os.path.lexists(path + INTENT_SUFFIX)
 
 
 def _wait_announced(gate: _Gate, path: str, deadline: Optional[float]) -> None:
