@@ -219,3 +219,23 @@ def test_a_vendored_copy_names_itself_by_its_module_path(tmp_path):
         timeout=30,
     )
     assert "usage: python -m vendor.toilcoord cleanup" in helped.stdout
+
+
+def test_cleanup_works_in_the_directory_it_opened_when_its_path_is_swapped_meanwhile(tmp_path):
+    from toilcoord.cleanup import cleanup_findings
+
+    mine, victim = tmp_path / "mine", tmp_path / "victim"
+    for directory in (mine, victim):
+        directory.mkdir()
+        for name in ("toil-proc-0123456789abcdef", "toil-mutex-m"):
+            (directory / name).write_text("")  # unlocked: dead
+    findings = cleanup_findings(str(mine))
+    first = next(findings)
+    assert first.kind == "process name" and first.action == "removed"
+    aside = tmp_path / "mine-aside"
+    os.rename(mine, aside)
+    os.symlink(victim, mine)  # between two steps
+    rest = list(findings)
+    assert sorted(os.listdir(victim)) == ["toil-mutex-m", "toil-proc-0123456789abcdef"], "acted on the swapped path"
+    assert os.listdir(aside) == []
+    assert [(f.action, f.kind) for f in rest] == [("removed", "mutex")]

@@ -321,6 +321,11 @@ def test_held_file_lifecycle(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def absolute(path, dir_fd):
+    """*path* as an absolute path, if relative to the directory fd *dir_fd*."""
+    return path if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+
+
 class TakerInTheMiddle:
     """Wraps os.open for HeldFile.create: right after the first O_EXCL
     create, another open file description takes the fresh, not yet locked
@@ -336,7 +341,7 @@ class TakerInTheMiddle:
     def __call__(self, path, flags, mode=0o777, **keywords):
         fd = self.real_open(path, flags, mode, **keywords)
         if flags & os.O_EXCL and self.victim is None:
-            self.victim = path
+            path = self.victim = absolute(path, keywords.get("dir_fd"))
             self.taken_fd = self.real_open(path, os.O_RDWR)
             fcntl.flock(self.taken_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if self.discard:
@@ -380,7 +385,8 @@ class ProberOnAnotherClient(TakerInTheMiddle):
     def __call__(self, path, flags, mode=0o777, **keywords):
         fd = self.real_open(path, flags, mode, **keywords)
         if flags & os.O_EXCL and self.victim is None:
-            self.victim, twin = path, self.twin_of(path)
+            self.victim = absolute(path, keywords.get("dir_fd"))
+            twin = self.twin_of(self.victim)
             self.taken_fd = self.real_open(twin, os.O_RDWR)
             fcntl.flock(self.taken_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             os.unlink(twin)
@@ -573,7 +579,7 @@ def test_a_new_held_file_gone_stale_after_its_lock_is_not_ours(tmp_path, monkeyp
     assert failures == [], "the check after locking never ran"
     try:
         assert locked_file_is(held.fd, held.path)
-        assert locks._held_fds == tracked | {held.fd}
+        assert locks._held_fds == tracked | {held.fd, held.dir_fd}
         # Here the "stale" first file is still on disk (nothing removed it).
         assert len(os.listdir(tmp_path)) == 2
     finally:

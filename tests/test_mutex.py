@@ -13,7 +13,7 @@ import types
 
 import pytest
 
-from toilcoord import LastProcessStandingArena, process_name_exists
+from toilcoord import LastProcessStandingArena, folders, process_name_exists
 from toilcoord import gates as gates_module
 from toilcoord import mutex as mutex_module
 from toilcoord.locks import ForeignFileError, LockTimeout, check_name, safe_unlock_and_close, take_over
@@ -503,7 +503,7 @@ def test_the_filesystem_is_checked_on_first_open_only(tmp_path, monkeypatch):
     checked = []
     real = locks.ensure_filesystem_lockable
     monkeypatch.setattr(
-        gates_module,
+        folders,
         "ensure_filesystem_lockable",
         lambda path, *args, **kwargs: checked.append(path) or real(path, *args, **kwargs),
     )
@@ -514,7 +514,7 @@ def test_the_filesystem_is_checked_on_first_open_only(tmp_path, monkeypatch):
     retire_mutex_files()
     with global_mutex(tmp_path, "m"):
         pass
-    assert checked == [str(tmp_path)] * 2, "a reopened lock file is checked (an answer cached per device)"
+    assert checked == [str(tmp_path)] * 2, "a reopened directory is checked (an answer cached per device)"
 
 
 def test_bytes_base_dir_is_a_clear_type_error(tmp_path):
@@ -799,7 +799,7 @@ def test_on_a_local_filesystem_nobody_pauses(tmp_path, monkeypatch, children):
 
 @pytest.fixture
 def fresh_directory_checks(monkeypatch):
-    monkeypatch.setattr(gates_module, "_checked_directories", {})
+    monkeypatch.setattr(folders, "_warned", set())
 
 
 @pytest.mark.usefixtures("fresh_directory_checks")

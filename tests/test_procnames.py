@@ -292,9 +292,9 @@ def test_names_across_pid_namespaces(tmp_path, children):
 
 @pytest.fixture
 def fresh_directory_checks(monkeypatch):
-    from toilcoord import gates
+    from toilcoord import folders
 
-    monkeypatch.setattr(gates, "_checked_directories", {})
+    monkeypatch.setattr(folders, "_warned", set())
 
 
 @pytest.mark.usefixtures("fresh_directory_checks")

@@ -7,6 +7,7 @@ import os
 import time
 from typing import Iterator, Optional, Tuple
 
+from .folders import regular_files_in
 from .gates import _acquire, _Gate, _hold_gate, _unlock, remove_unheld_lock_file
 from .locks import PathArg, check_name, fork_epoch, held_exclusively, safe_lock
 from .mutex import global_mutex
@@ -55,7 +56,6 @@ class LastProcessStandingArena:
         self.name = name
         self.mutex = name + _LOCK_SUFFIX
         self._live_path = os.path.abspath(os.path.join(self.base_dir, name + _LIVE_SUFFIX))
-        self._toil_members = os.path.join(self.base_dir, name + _TOIL_MEMBERS_SUFFIX)
         self._member: Optional[_Member] = None
 
     def enter(self, timeout: Optional[float] = None) -> None:
@@ -110,7 +110,11 @@ class LastProcessStandingArena:
             gate.lock.acquire()
             try:
                 gate.members -= 1
-                if gate.members == 0 and _last_to_leave(gate) and not _toil_member_inside(gate, self._toil_members):
+                if (
+                    gate.members == 0
+                    and _last_to_leave(gate)
+                    and not _toil_member_inside(gate, self.name + _TOIL_MEMBERS_SUFFIX)
+                ):
                     try:
                         yield True
                     finally:
@@ -153,11 +157,16 @@ def _last_to_leave(gate: _Gate) -> bool:
 def _toil_member_inside(gate: _Gate, members: str) -> bool:
     """Whether a member of Toil's own arena of the same name is inside (a
     process of an unmodified Toil, during a migration): one holding its
-    file in ``<name>-arena-members/`` locked. Asked under the arena's mutex,
+    file in ``<name>-arena-members/`` (*members*, in the live file's
+    directory) locked. Asked under the arena's mutex,
     which Toil's members take to enter, by a leaver that holds the live file
     exclusively; if one is inside, that lock is let go (not the last)."""
     try:
-        folder = os.open(members, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        folder = os.open(
+            members,
+            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+            dir_fd=gate.folder.fd,  # type: ignore[union-attr]
+        )
     except OSError:
         return False  # no Toil member was ever here: the common case, one failed open
     try:
@@ -186,16 +195,14 @@ def reap_dead_arenas(base_dir: PathArg) -> Iterator[Tuple[str, bool]]:
     """For each arena in *base_dir*, remove its live file if every member
     is dead, under the arena's own mutex; yield ``(name, members live)``.
     Safe while the arenas are in use."""
-    with os.scandir(base_dir) as entries:
-        names = sorted(
-            entry.name[: -len(_LIVE_SUFFIX)]
-            for entry in entries
-            if entry.name.endswith(_LIVE_SUFFIX)
-            and len(entry.name) > len(_LIVE_SUFFIX)
-            and entry.is_file(follow_symlinks=False)
-        )
+    directory = os.path.abspath(base_dir)
+    names = [
+        entry[: -len(_LIVE_SUFFIX)]
+        for entry in regular_files_in(directory)
+        if entry.endswith(_LIVE_SUFFIX) and len(entry) > len(_LIVE_SUFFIX)
+    ]
     for name in names:
-        path = os.path.abspath(os.path.join(os.fspath(base_dir), name + _LIVE_SUFFIX))
+        path = os.path.join(directory, name + _LIVE_SUFFIX)
         with global_mutex(base_dir, name + _LOCK_SUFFIX):
             live = not remove_unheld_lock_file(path)
         yield name, live

@@ -20,6 +20,7 @@ import stat
 import sys
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
+from .folders import hold_folder, let_go
 from .locks import held_exclusively
 from .watchdog import Watched, describe_error, run_watched
 
@@ -73,12 +74,23 @@ def cleanup_findings(directory: str) -> Iterator[Finding]:
     ``"foreign"``. Safe while other processes use the directory, another
     cleanup included. A step that fails is reported as a ``"failed"``
     finding and the remaining steps still run; nothing is raised.
+
+    *directory* is opened and checked once (see :mod:`.folders`); every
+    step works relative to that open directory, kept open until the last.
     """
-    for step in (_deferred_step, _names_step, _arenas_step, _mutexes_step, _leftovers_step):
-        try:
-            yield from step(directory)
-        except Exception as error:  # reported, and the next step still runs
-            yield Finding("failed", step.__doc__ or "", "", "error", describe_error(error))
+    try:
+        folder = hold_folder(os.path.abspath(directory))
+    except Exception as error:  # missing, refused: one failure, nothing done
+        yield Finding("failed", "directory", "", "error", describe_error(error))
+        return
+    try:
+        for step in (_deferred_step, _names_step, _arenas_step, _mutexes_step, _leftovers_step):
+            try:
+                yield from step(directory, folder.fd)
+            except Exception as error:  # reported, and the next step still runs
+                yield Finding("failed", step.__doc__ or "", "", "error", describe_error(error))
+    finally:
+        let_go(folder)
 
 
 def cleanup_directory(directory: str) -> Iterator[str]:
@@ -86,25 +98,24 @@ def cleanup_directory(directory: str) -> Iterator[str]:
     return iter(summary_lines(list(cleanup_findings(directory))))
 
 
-def _deferred_step(directory: str) -> Iterator[Finding]:
+def _deferred_step(directory: str, dir_fd: int) -> Iterator[Finding]:
     """deferred"""
     from .deferred import DeferredFunctionManager
 
     stem = DeferredFunctionManager.STATE_DIR_STEM
-    state = os.path.join(directory, stem)
     try:
-        info = os.lstat(state)
+        info = os.stat(stem, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return
     foreign = _foreign(info)
     if foreign:
         yield Finding("left", "deferred", stem, "foreign", foreign + ": its functions are never run here")
         return
-    before = set(_listing(state))
+    before = set(_probe_all(dir_fd, stem))
     errors: List[str] = []
     with _logged_errors(errors):
         DeferredFunctionManager.cleanupWorker(directory)
-    left = _probe_all(state)
+    left = _probe_all(dir_fd, stem)
     for name in sorted(before - set(left)):
         yield Finding("removed", "deferred", f"{stem}/{name}", "dead", "its owner was dead: its functions ran")
     for name, (reason, detail) in sorted(left.items()):
@@ -116,7 +127,7 @@ def _deferred_step(directory: str) -> Iterator[Finding]:
             yield Finding("left", "deferred", where, reason, detail)
 
 
-def _names_step(directory: str) -> Iterator[Finding]:
+def _names_step(directory: str, dir_fd: int) -> Iterator[Finding]:
     """process name"""
     from .procnames import reap_dead_process_names
 
@@ -124,7 +135,7 @@ def _names_step(directory: str) -> Iterator[Finding]:
         yield Finding("removed", "process name", name, "dead", "its process was dead")
 
 
-def _arenas_step(directory: str) -> Iterator[Finding]:
+def _arenas_step(directory: str, dir_fd: int) -> Iterator[Finding]:
     """arena"""
     from .arena import reap_dead_arenas
 
@@ -135,7 +146,7 @@ def _arenas_step(directory: str) -> Iterator[Finding]:
             yield Finding("removed", "arena", arena, "dead", "no live members")
 
 
-def _mutexes_step(directory: str) -> Iterator[Finding]:
+def _mutexes_step(directory: str, dir_fd: int) -> Iterator[Finding]:
     """mutex"""
     from .gates import reap_unheld_mutex_files
 
@@ -143,11 +154,11 @@ def _mutexes_step(directory: str) -> Iterator[Finding]:
         yield Finding("removed", "mutex", os.path.basename(path), "dead", "nobody held it")
 
 
-def _leftovers_step(directory: str) -> Iterator[Finding]:
+def _leftovers_step(directory: str, dir_fd: int) -> Iterator[Finding]:
     """file"""
     from .deferred import DeferredFunctionManager
 
-    for name, (reason, detail) in sorted(_probe_all(directory).items()):
+    for name, (reason, detail) in sorted(_probe_all(dir_fd, ".").items()):
         # Live arenas were said by their step (members hold them shared).
         if (
             reason in ("live", "foreign")
@@ -165,26 +176,21 @@ def _kind_of(name: str) -> str:
     return "process name" if name.startswith("toil-proc-") else "file"
 
 
-def _listing(path: str) -> List[str]:
+def _probe_all(dir_fd: int, directory: str) -> Dict[str, tuple]:
+    """``{name: (reason, detail)}`` for each entry of *directory* (``"."``
+    or a name, never a symlink, in *dir_fd*): "live" (a process holds an
+    exclusive lock on it), "foreign" (another user's, or writable by
+    others), else "dead". Read-only: each file is opened relative to the
+    directory, never followed, never read. Empty if *directory* is gone
+    (cleanupWorker removes the deferred directory when it empties it)."""
     try:
-        return os.listdir(path)
-    except FileNotFoundError:
-        return []  # removed meanwhile (by cleanupWorker when it emptied it)
-
-
-def _probe_all(directory: str) -> Dict[str, tuple]:
-    """``{name: (reason, detail)}`` for each entry of *directory*: "live"
-    (a process holds an exclusive lock on it), "foreign" (another user's,
-    or writable by others), else "dead". Read-only: each file is opened
-    relative to the directory opened once, never followed, never read."""
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
         return {}
     try:
-        return {name: _probe(dir_fd, name) for name in os.listdir(dir_fd)}
+        return {name: _probe(fd, name) for name in os.listdir(fd)}
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def _probe(dir_fd: int, name: str) -> tuple:

@@ -45,7 +45,7 @@ from .deferred_records import (
     run_file,
     starts_with_a_record,
 )
-from .locks import HeldFile, PathArg, discard_taken, locked_file_is, release_taken, take_over
+from .locks import HeldFile, PathArg, discard_taken, release_taken, take_over
 from .pickler import short_repr
 
 __all__ = ["DeferredFunction", "DeferredFunctionManager"]
@@ -70,11 +70,12 @@ _reported_foreign: set = set()
 _held_here: set = set()
 
 
-def _make_state_dir(path: str) -> None:
+def _make_state_dir(path: str) -> Optional[int]:
     """Create the state directory mode 0700, or check the existing one (see
-    _open_state_dir), taking away read and search bits of others.
+    _open_state_dir), taking away read and search bits of others; return
+    an fd of it (the caller closes it), to make files in relative to it.
 
-    Returns quietly if it vanished meanwhile (the caller retries)."""
+    Returns None if it vanished meanwhile (the caller retries)."""
     try:
         os.mkdir(path, _STATE_DIR_MODE)
     except FileExistsError:
@@ -86,17 +87,21 @@ def _make_state_dir(path: str) -> None:
     try:
         fd = _open_state_dir(path)
     except FileNotFoundError:
-        return
+        return None
     try:
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
         if mode != _STATE_DIR_MODE:  # on the opened directory: nobody can swap it meanwhile
             logger.info("making deferred-function directory %s mode 0700 (it was %o)", path, mode)
             os.fchmod(fd, _STATE_DIR_MODE)
     except OSError as error:
-        if error.errno != errno.ESTALE:
-            raise  # else removed meanwhile (NFS): the caller makes it again
-    finally:
         os.close(fd)
+        if error.errno != errno.ESTALE:
+            raise
+        return None  # removed meanwhile (NFS): the caller makes it again
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _open_state_dir(path: str) -> int:
@@ -266,14 +271,18 @@ def _new_state_file(state_dir: str, prefix: str) -> Tuple[HeldFile, int]:
     """A new state file in *state_dir*, locked, and an fd writing to it.
     The directory is made again if a cleanupWorker removed it meanwhile."""
     for _ in range(_CREATE_ATTEMPTS):
-        _make_state_dir(state_dir)
+        dir_fd = _make_state_dir(state_dir)
+        if dir_fd is None:
+            continue
         try:
-            held = HeldFile.create(state_dir, prefix=prefix, mode=_STATE_FILE_MODE)
+            held = HeldFile.create(state_dir, prefix=prefix, mode=_STATE_FILE_MODE, dir_fd=dir_fd)
         except FileNotFoundError:
             continue  # removed by a cleanupWorker while empty: make it again
+        finally:
+            os.close(dir_fd)  # the held file keeps a copy
         try:
             os.fchmod(held.fd, _STATE_FILE_MODE)  # whatever the umask: orphan-runners must write the marks
-            write_fd = _open_for_writing(held.path, held.fd)
+            write_fd = _open_for_writing(held.name, held.fd, held.dir_fd)
         except OSError as error:
             held.release()
             if error.errno not in (errno.ENOENT, errno.ESTALE):
@@ -449,7 +458,7 @@ class DeferredFunctionManager:
         """Make a new state file if ours was removed from under us (say, by
         deleting the directory): functions in an unlinked file would be
         lost with us."""
-        if locked_file_is(self._file.fd, self._file.path):
+        if self._file.is_linked():
             return
         logger.warning("deferred-function state file %s was removed by someone else; making a new one", self._file.path)
         self._run_own()

@@ -1,8 +1,9 @@
 """Lock files kept open per process: the layer under :mod:`.mutex`,
 :mod:`.arena` and :mod:`.slots`.
 
-A *gate* is this process's state for one lock file: the fd it keeps open
-between acquisitions (so an acquisition costs a lock, two stats and an
+A *gate* is this process's state for one lock file: the checked directory
+it is reached in (:mod:`.folders`: every open, stat and unlink is relative
+to it, never by path), the fd it keeps open between acquisitions (so an acquisition costs a lock, two stats and an
 unlock, with no create or unlink), and an in-process lock its threads queue
 on first (flock is per open file, and this process's one file is shared by
 its threads). The file may be unlinked at any time by someone holding its
@@ -21,22 +22,20 @@ import errno
 import fcntl
 import logging
 import os
-import stat
 import threading
 import time
 from typing import Dict, List, Optional
 
 from .files import unlink_if_present
+from .folders import Folder, exists_in, hold_folder, let_go, regular_files_in, renewing
 from .locks import (
     _OPEN_OR_CREATE,
-    ForeignFileError,
     LockTimeout,
     PathArg,
     _close_tracked,
     _create_if_free,
     _lock_until,
     _open_tracked,
-    ensure_filesystem_lockable,
     safe_lock,
 )
 from .mounts import names_may_be_stale
@@ -58,16 +57,19 @@ _HANDOFF = 0.01
 
 class _Gate:
     """This process's state for one lock file. Threads queue on ``lock``;
-    the thread that holds it owns the rest: ``fd``, the kept lock file (-1
-    when none); ``members``, the arena memberships held through it;
+    the thread that holds it owns the rest: ``folder`` and ``name``, where
+    the file is (held from the first open until the gate is closed);
+    ``fd``, the kept lock file (-1 when none); ``members``, the arena memberships held through it;
     fairness bookkeeping (whether the last lock had to wait, whether the
     file is on a network filesystem, when it was last released). A gate
     taken out of the table (``retired``) is never used again."""
 
-    __slots__ = ("lock", "fd", "retired", "members", "waited", "network", "released", "announce")
+    __slots__ = ("lock", "folder", "name", "fd", "retired", "members", "waited", "network", "released", "announce")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.folder: Optional[Folder] = None
+        self.name = ""
         self.fd = -1
         self.retired = False
         self.members = 0
@@ -130,7 +132,7 @@ def _retire_gate(path: str, gate: _Gate) -> Optional[bool]:
     try:
         del _gates[path]
         gate.retired = True
-        return gate.fd >= 0 and _remove_unheld(path, gate)
+        return _remove_and_close(path, gate)
     finally:
         gate.lock.release()
 
@@ -151,6 +153,31 @@ def _drop(gate: _Gate) -> None:
     fd, gate.fd = gate.fd, -1
     if fd >= 0:
         _close_tracked(fd)
+
+
+def _close_gate(gate: _Gate) -> None:
+    """Close the kept fd and let go of the directory: the gate is done."""
+    _drop(gate)
+    folder, gate.folder = gate.folder, None
+    if folder is not None:
+        let_go(folder)
+
+
+def _open(gate: _Gate, path: str) -> None:
+    """Open the lock file at *path* (absolute), made if missing, relative
+    to its checked directory (held from now on); opened anew if the
+    directory was removed meanwhile."""
+    if gate.folder is None:
+        directory, gate.name = os.path.split(path)
+        gate.folder = hold_folder(directory)
+    name = gate.name
+    gate.folder, gate.fd = renewing(gate.folder, lambda folder: _open_tracked(name, _OPEN_OR_CREATE, folder.fd, True))
+    gate.network = None
+
+
+def _unlink(gate: _Gate) -> None:
+    """Unlink the gate's lock file, which the caller holds locked."""
+    unlink_if_present(gate.name, gate.folder.fd)  # type: ignore[union-attr]
 
 
 def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared: bool) -> bool:
@@ -174,7 +201,7 @@ def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared
     if not block:
         return False
     gate.waited = True
-    if may_announce and _readers_to_hold_off(path, deadline):
+    if may_announce and _readers_to_hold_off(gate, deadline):
         _wait_announced(gate, path, deadline)
     elif deadline is not None:
         _lock_until(gate.fd, path, deadline, shared)
@@ -183,7 +210,7 @@ def _lock(gate: _Gate, path: str, deadline: Optional[float], block: bool, shared
     return True
 
 
-def _readers_to_hold_off(path: str, deadline: Optional[float]) -> bool:
+def _readers_to_hold_off(gate: _Gate, deadline: Optional[float]) -> bool:
     """Whether a writer about to wait for *path* should announce itself:
     only where shared holders use the mutex (they make its writer-intent
     file), and only if it may wait at all (not with timeout 0). A mutex
@@ -193,7 +220,18 @@ def _readers_to_hold_off(path: str, deadline: Optional[float]) -> bool:
     VMs on NFSv3, against 28% with one queue)."""
     if deadline is not None and deadline <= time.monotonic():
         return False
-    return os.path.lexists(path + INTENT_SUFFIX)
+    return exists_in(gate.folder, gate.name + INTENT_SUFFIX)  # type: ignore[arg-type]
+
+
+def lock_file_exists(path: str) -> bool:
+    """Whether anything is at the absolute *path*, looked up relative to
+    its directory's checked folder."""
+    directory, name = os.path.split(path)
+    folder = hold_folder(directory)
+    try:
+        return exists_in(folder, name)
+    finally:
+        let_go(folder)
 
 
 def _wait_announced(gate: _Gate, path: str, deadline: Optional[float]) -> None:
@@ -241,10 +279,7 @@ def _acquire(
     gate.waited = False
     while True:
         if gate.fd < 0:
-            _check_directory(os.path.dirname(path))
-            ensure_filesystem_lockable(os.path.dirname(path), hint="Keep lock files on other storage.")  # cached
-            gate.fd = _open_tracked(path, _OPEN_OR_CREATE, owned=True)
-            gate.network = None
+            _open(gate, path)
         try:
             if not _lock(gate, path, deadline, block, shared):
                 return False
@@ -259,44 +294,6 @@ def _acquire(
         _drop(gate)
 
 
-# Directories checked by _check_directory: each is refused or warned about once.
-_checked_directories: Dict[str, bool] = {}
-
-
-def _check_directory(directory: str) -> None:
-    """Refuse a lock directory anyone can write without the sticky bit
-    (they could unlink a held lock file: two holders), or one of another
-    user's; warn once about one others can write (a sticky /tmp): they can
-    plant files where ours go, which are then refused."""
-    if _checked_directories.get(directory):
-        return
-    info = os.stat(directory)
-    if not stat.S_ISDIR(info.st_mode):
-        raise NotADirectoryError(errno.ENOTDIR, "not a directory", directory)
-    euid = os.geteuid()
-    if info.st_uid not in (euid, 0):
-        raise ForeignFileError(
-            errno.EPERM,
-            f"the directory belongs to uid {info.st_uid}, not to this user "
-            f"(uid {euid}): a coordination directory must belong to one user",
-            directory,
-        )
-    if info.st_mode & 0o002 and not info.st_mode & stat.S_ISVTX:
-        raise ForeignFileError(
-            errno.EPERM,
-            "anyone may remove files in this directory (writable by all, "
-            "not sticky): use a directory of your own for coordination",
-            directory,
-        )
-    if info.st_mode & 0o022:
-        logger.warning(
-            "%s is writable by other users, who can put files where toilcoord keeps its own "
-            "(those are refused, never used); a directory of your own is safer",
-            directory,
-        )
-    _checked_directories[directory] = True
-
-
 def _still_linked(gate: _Gate, path: str) -> Optional[bool]:
     """True if the locked ``gate.fd`` is the file linked at *path*, False
     if not. None if it was not, and ``gate.fd`` is now the file just made
@@ -306,17 +303,18 @@ def _still_linked(gate: _Gate, path: str) -> Optional[bool]:
         return False
     if gate.network is None:  # once per opened file
         gate.network = names_may_be_stale(opened.st_dev, path)
+    folder = gate.folder.fd  # type: ignore[union-attr]
     if gate.network:
         # An exclusive create makes the client look the name up at the
         # server. If it succeeds, our file was unlinked and the new one
         # is the lock file now: lock that instead.
-        fresh = _create_if_free(path)
+        fresh = _create_if_free(gate.name, folder)
         if fresh is not None:
             _drop(gate)
             gate.fd = fresh  # on the same device: gate.network stands
             return None
     try:
-        linked = os.lstat(path)
+        linked = os.stat(gate.name, dir_fd=folder, follow_symlinks=False)
     except OSError as error:
         if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE):
             return False
@@ -347,13 +345,22 @@ def _remove_unheld(path: str, gate: _Gate) -> bool:
     the file is known to be linked at the server, not only in a cache."""
     try:
         if _acquire(gate, path, block=False):
-            unlink_if_present(path)
+            _unlink(gate)
             return True
     except OSError as error:
         logger.debug("not removing lock file %s: %s", path, error)
     finally:
         _drop(gate)
     return False
+
+
+def _remove_and_close(path: str, gate: _Gate) -> bool:
+    """Close *gate* (being retired), first removing its lock file if it
+    keeps one open and no process holds it; True if removed."""
+    try:
+        return gate.fd >= 0 and _remove_unheld(path, gate)
+    finally:
+        _close_gate(gate)
 
 
 def remove_unheld_lock_file(path: str) -> bool:
@@ -366,19 +373,21 @@ def remove_unheld_lock_file(path: str) -> bool:
         gate = _gates.get(path)
         if gate is not None:
             return bool(_retire_gate(path, gate))
-    return _remove_unheld(path, _Gate())
+    gate = _Gate()
+    try:
+        return _remove_unheld(path, gate)
+    finally:
+        _close_gate(gate)
 
 
 def reap_unheld_mutex_files(base_dir: PathArg) -> List[str]:
     """Remove the lock files in *base_dir* of mutexes nobody holds; return
     their paths. Safe at any time: a process that later locks a removed
     file sees it gone and makes a new one."""
-    with os.scandir(base_dir) as entries:
-        candidates = sorted(
-            os.path.abspath(entry.path)
-            for entry in entries
-            if entry.name.startswith(_MUTEX_PREFIX) and entry.is_file(follow_symlinks=False)
-        )
+    directory = os.path.abspath(base_dir)
+    candidates = [
+        os.path.join(directory, name) for name in regular_files_in(directory) if name.startswith(_MUTEX_PREFIX)
+    ]
     return [path for path in candidates if remove_unheld_lock_file(path)]
 
 

@@ -309,18 +309,21 @@ class HeldFile:
     else; once it dies, :func:`take_over` succeeds on it. ``release()``
     unlinks the file while still holding it, then unlocks. In a forked child
     the object is inert: ``held`` is False and ``release()`` does nothing.
+    The file is reached relative to its directory, opened once by
+    ``create`` (``dir_fd``), never by ``path`` (for messages).
     """
 
-    __slots__ = ("path", "fd", "_epoch")
+    __slots__ = ("path", "fd", "dir_fd", "_epoch")
 
     #: ``create`` names a file *prefix*, this many random lowercase hex
     #: characters, then *suffix*.
     RANDOM_CHARS = 16
 
-    def __init__(self, path: str, fd: int) -> None:
-        # *fd* is tracked in _held_fds from its open on (create, acquire).
+    def __init__(self, path: str, fd: int, dir_fd: int) -> None:
+        # *fd* and *dir_fd* are ours, tracked in _held_fds from their open on.
         self.path = path
         self.fd = fd
+        self.dir_fd = dir_fd
         self._epoch = _fork_epoch
 
     @property
@@ -332,32 +335,50 @@ class HeldFile:
         """True in the process that locked the file, until ``release()``."""
         return self.fd >= 0 and self._epoch == _fork_epoch
 
+    def is_linked(self) -> bool:
+        """Whether the held file is still the one at its name (see
+        :func:`locked_file_is`)."""
+        return self.held and locked_file_is(self.fd, self.name, self.dir_fd)
+
     @classmethod
     def create(
-        cls, directory: str, prefix: str = "", suffix: str = "", mode: int = _FILE_MODE, verify: bool = True
+        cls,
+        directory: str,
+        prefix: str = "",
+        suffix: str = "",
+        mode: int = _FILE_MODE,
+        verify: bool = True,
+        dir_fd: Optional[int] = None,
     ) -> "HeldFile":
         """Create a new, randomly named file in *directory* and lock it.
 
+        *dir_fd*, an fd of *directory* the caller opened and checked, is
+        used (a copy of it) if given; else *directory* is opened here.
         The name is made with O_EXCL; the lock is taken and verified before
         returning, so a concurrent :func:`take_over` that got in between
         (and unlinked the fresh, unlocked file) makes us try another name.
         A caller that creates and takes over files only under one mutex
         may pass ``verify=False`` and save the two stat calls.
         """
-        while True:
-            path = os.path.join(directory, prefix + os.urandom(cls.RANDOM_CHARS // 2).hex() + suffix)
-            try:
-                fd = os.open(path, _CREATE_NEW, mode)
-            except FileExistsError:
-                continue
-            _held_fds.add(fd)
-            try:
-                locked = _lock_new(fd, path, verify)
-            except BaseException:
-                unlink_if_present(path)  # ours: made with O_EXCL, never locked
-                raise
-            if locked:
-                return cls(path, fd)
+        folder = _own_directory_fd(directory, dir_fd)
+        try:
+            while True:
+                name = prefix + os.urandom(cls.RANDOM_CHARS // 2).hex() + suffix
+                try:
+                    fd = os.open(name, _CREATE_NEW, mode, dir_fd=folder)
+                except FileExistsError:
+                    continue
+                _held_fds.add(fd)
+                try:
+                    locked = _lock_new(fd, name, folder, os.path.join(directory, name), verify)
+                except BaseException:
+                    unlink_if_present(name, folder)  # ours: made with O_EXCL, never locked
+                    raise
+                if locked:
+                    return cls(os.path.join(directory, name), fd, folder)
+        except BaseException:
+            _close_tracked(folder)
+            raise
 
     def release(self, unlink: bool = True) -> None:
         """Unlink the file (if *unlink*) while holding it, then unlock it."""
@@ -368,12 +389,25 @@ class HeldFile:
         _held_fds.discard(fd)
         try:
             if unlink:
-                unlink_if_present(self.path)
+                unlink_if_present(self.name, self.dir_fd)
         finally:
-            safe_unlock_and_close(fd)
+            try:
+                safe_unlock_and_close(fd)
+            finally:
+                _close_tracked(self.dir_fd)
 
     def __repr__(self) -> str:
         return f"HeldFile({self.path!r}, held={self.held})"
+
+
+def _own_directory_fd(directory: str, dir_fd: Optional[int]) -> int:
+    """A tracked fd of *directory*: a copy of *dir_fd*, or opened now."""
+    if dir_fd is None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        fd = os.dup(dir_fd)  # inheritable=False: close-on-exec, as ours all are
+    _held_fds.add(fd)
+    return fd
 
 
 def _close_tracked(fd: int) -> None:
@@ -381,10 +415,10 @@ def _close_tracked(fd: int) -> None:
     os.close(fd)
 
 
-def _lock_new(fd: int, path: str, verify: bool) -> bool:
+def _lock_new(fd: int, name: str, dir_fd: int, path: str, verify: bool) -> bool:
     """Lock the tracked, freshly created *fd* without waiting and check it
-    is still linked at *path*; on False or on an exception *fd* has been
-    closed and untracked."""
+    is still linked at *name* in *dir_fd* (whose path is *path*); on False
+    or on an exception *fd* has been closed and untracked."""
     try:
         try:
             safe_lock(fd, block=False)
@@ -395,7 +429,7 @@ def _lock_new(fd: int, path: str, verify: bool) -> bool:
                 raise
             _close_tracked(fd)
             return False
-        if not verify or _new_file_is_linked(fd, path):
+        if not verify or _new_file_is_linked(fd, name, dir_fd, path):
             return True
     except BaseException:
         _close_tracked(fd)
@@ -406,9 +440,10 @@ def _lock_new(fd: int, path: str, verify: bool) -> bool:
     return False
 
 
-def _new_file_is_linked(fd: int, path: str) -> bool:
-    """:func:`locked_file_is` for a file we created at *path* just now,
-    even where the name may be cached by an NFS client."""
+def _new_file_is_linked(fd: int, name: str, dir_fd: int, path: str) -> bool:
+    """:func:`locked_file_is` for a file we created at *name* in *dir_fd*
+    (at *path*) just now, even where the name may be cached by an NFS
+    client."""
     try:
         device = os.fstat(fd).st_dev
     except OSError as error:
@@ -420,21 +455,21 @@ def _new_file_is_linked(fd: int, path: str) -> bool:
         # locked it and unlinked it; while the prober has it open, its client
         # keeps it as .nfsXXXX, so it has one link, and our client may still
         # have our name cached. Only a lookup at the server tells.
-        fresh = _create_if_free(path)
+        fresh = _create_if_free(name, dir_fd)
         if fresh is not None:
             _close_tracked(fresh)
-            unlink_if_present(path)  # our probe, an empty file of a random name
+            unlink_if_present(name, dir_fd)  # our probe, an empty file of a random name
             return False
-    return locked_file_is(fd, path)
+    return locked_file_is(fd, name, dir_fd)
 
 
-def _create_if_free(path: str) -> Optional[int]:
-    """Create *path* exclusively and return its tracked fd, or None if the
-    name is taken. On NFS an exclusive create cannot trust a cached name,
-    so the client looks the name up at the server: this is the one way to
-    learn whether a file we hold is still linked there."""
+def _create_if_free(name: str, dir_fd: int) -> Optional[int]:
+    """Create *name* in *dir_fd* exclusively and return its tracked fd, or
+    None if the name is taken. On NFS an exclusive create cannot trust a
+    cached name, so the client looks the name up at the server: this is
+    the one way to learn whether a file we hold is still linked there."""
     try:
-        return _open_tracked(path, _CREATE_NEW)
+        return _open_tracked(name, _CREATE_NEW, dir_fd)
     except FileExistsError:
         return None
 
@@ -536,21 +571,25 @@ def check_name(name: object, what: str = "mutex name") -> str:
 _lockable_devices: Dict[int, FilesystemInfo] = {}
 
 
-def ensure_filesystem_lockable(path: PathArg, timeout: float = 30, hint: Optional[str] = None) -> None:
+def ensure_filesystem_lockable(
+    path: PathArg, timeout: float = 30, hint: Optional[str] = None, dir_fd: Optional[int] = None
+) -> None:
     """Raise unless *path* is on a filesystem whose locks can be trusted.
 
     FileNotFoundError if *path* is missing; :class:`UnsafeFilesystemError`
     for filesystems whose locks are known to hang or be lost (CephFS, Lustre
     without flock), and for an unknown filesystem where a trial lock in
     *path* fails or takes longer than *timeout* seconds. *hint* is added to
-    the error message. The answer is cached per device.
+    the error message. The answer is cached per device. *dir_fd*, an fd of
+    the directory *path* the caller opened, is where the device is learnt
+    and the trial lock made, if given.
     """
-    device = os.stat(path).st_dev
+    device = os.stat(path).st_dev if dir_fd is None else os.fstat(dir_fd).st_dev
     info = _lockable_devices.get(device)
     if info is None:
         info = filesystem_info(path)
         if info.lock_scope == "unknown":
-            failure = _trial_lock_failure(path, timeout, info.fstype)
+            failure = _trial_lock_failure(path, timeout, info.fstype, dir_fd)
             if failure is not None:  # cached too: a hung lock is not retried
                 info = info._replace(lock_scope="unsafe", reason=failure)
         _lockable_devices[device] = info
@@ -563,7 +602,7 @@ def _unsafe_message(path: PathArg, reason: str, hint: Optional[str]) -> str:
     return f"{message} {hint}" if hint else message
 
 
-def _trial_lock_failure(path: PathArg, timeout: float, fstype: str) -> Optional[str]:
+def _trial_lock_failure(path: PathArg, timeout: float, fstype: str, dir_fd: Optional[int]) -> Optional[str]:
     """Why a trial lock in *path* failed or hung, or None if it worked."""
     # A blocking flock cannot be interrupted, so it runs in a daemon thread
     # that we stop waiting for after *timeout*.
@@ -571,7 +610,7 @@ def _trial_lock_failure(path: PathArg, timeout: float, fstype: str) -> Optional[
 
     def trial() -> None:
         try:
-            held = HeldFile.create(os.fspath(path), prefix=".toilcoord-lock-probe-")
+            held = HeldFile.create(os.fspath(path), prefix=".toilcoord-lock-probe-", dir_fd=dir_fd)
             held.release()
         except BaseException as error:  # reported to the waiting thread
             outcome.append(error)

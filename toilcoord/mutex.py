@@ -40,7 +40,7 @@ from .gates import (
     _gates,
     _hold_gate,
     _let_others_in,
-    _remove_unheld,
+    _remove_and_close,
     _still_linked,
     _unlock,
     _unlock_failed,
@@ -173,8 +173,7 @@ def _retire_readers(path: str, readers: _Readers) -> None:
         del _readers[path]
         readers.retired = True
         for gate, gate_path in ((readers.gate, path), (readers.intent, path + INTENT_SUFFIX)):
-            if gate.fd >= 0:
-                _remove_unheld(gate_path, gate)
+            _remove_and_close(gate_path, gate)
     finally:
         readers.entry.release()
 

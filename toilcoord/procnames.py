@@ -16,8 +16,8 @@ import stat
 import threading
 from typing import Dict, List
 
-from .gates import _check_directory
-from .locks import HeldFile, PathArg, check_name, discard_taken, held_exclusively, locked_file_is, take_over
+from .folders import hold_folder, let_go, renewing
+from .locks import HeldFile, PathArg, check_name, discard_taken, held_exclusively, take_over
 
 __all__ = [
     "NAME_PREFIX",
@@ -49,7 +49,7 @@ def _key(base_dir: PathArg) -> str:
 
 
 def _still_ours(held: HeldFile) -> bool:
-    return held.held and locked_file_is(held.fd, held.path)
+    return held.is_linked()
 
 
 def get_process_name(base_dir: PathArg) -> str:
@@ -72,8 +72,11 @@ def get_process_name(base_dir: PathArg) -> str:
         if held is not None and _still_ours(held):
             return current_process_name_for[key]
         _forget(key)
-        _check_directory(key)  # once per directory
-        held = HeldFile.create(key, prefix=NAME_PREFIX)
+        folder = hold_folder(key)  # opened and checked once per directory
+        try:
+            folder, held = renewing(folder, lambda folder: HeldFile.create(key, prefix=NAME_PREFIX, dir_fd=folder.fd))
+        finally:
+            let_go(folder)
         _held_names[key] = held
         current_process_name_for[key] = held.name
         return held.name
@@ -89,12 +92,13 @@ def process_name_exists(base_dir: PathArg, name: str) -> bool:
     read-only: True while a process holds an exclusive lock on that regular
     file, else False; such a file is never removed.
 
-    *base_dir* is opened once and the name looked up, locked and removed
-    relative to it, so a *base_dir* (or a parent of it) swapped for a
-    symlink meanwhile never makes us remove a file in another directory.
-    A missing *base_dir* (or one that is not a directory) gives False; a
-    file of ours there that cannot be opened (another user's, a FIFO, a
-    symlink) raises OSError.
+    *base_dir* is opened and checked once (as by ``get_process_name``) and
+    the name looked up, locked and removed relative to it, so a *base_dir*
+    (or a parent of it) swapped for a symlink meanwhile never makes us
+    remove a file in another directory. A missing *base_dir* (or one that
+    is not a directory) gives False; one that fails the check raises
+    :class:`~toilcoord.locks.ForeignFileError`; a file of ours there that
+    cannot be opened (another user's, a FIFO, a symlink) raises OSError.
     """
     try:
         check_name(name, "process name")
@@ -104,13 +108,13 @@ def process_name_exists(base_dir: PathArg, name: str) -> bool:
     if _is_ours(key, name):
         return True
     try:
-        directory = _open_directory(key)
+        folder = hold_folder(key)
     except (FileNotFoundError, NotADirectoryError):
         return False
     try:
-        return _lives(directory, name)
+        return _lives(folder.fd, name)
     finally:
-        os.close(directory)
+        let_go(folder)
 
 
 def _is_ours(key: str, name: str) -> bool:
@@ -119,10 +123,6 @@ def _is_ours(key: str, name: str) -> bool:
     (NFS) our own probe would succeed and delete our file."""
     with current_process_name_lock:
         return current_process_name_for.get(key) == name and _still_ours(_held_names[key])
-
-
-def _open_directory(path: str) -> int:
-    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def _lives(directory: int, name: str) -> bool:
@@ -160,17 +160,18 @@ def reap_dead_process_names(base_dir: PathArg) -> List[str]:
     """Remove the name files of dead processes in *base_dir*; return their
     names. Live processes' files are left alone, and so is (with one log
     line) any file that cannot be probed: another user's, or not a regular
-    file. *base_dir* is opened once; everything happens relative to it."""
+    file. *base_dir* is opened and checked once; everything happens
+    relative to it."""
     key = _key(base_dir)
-    directory = _open_directory(key)
+    folder = hold_folder(key)
     try:
         return [
             name
-            for name in sorted(os.listdir(directory))
-            if name.startswith(NAME_PREFIX) and not _lives_or_skipped(directory, key, name)
+            for name in sorted(os.listdir(folder.fd))
+            if name.startswith(NAME_PREFIX) and not _lives_or_skipped(folder.fd, key, name)
         ]
     finally:
-        os.close(directory)
+        let_go(folder)
 
 
 def _lives_or_skipped(directory: int, key: str, name: str) -> bool:

@@ -28,8 +28,7 @@ import time
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 from . import gates
-from .files import unlink_if_present
-from .gates import _MUTEX_PREFIX, _acquire, _Gate, _gate_for, _hold_gate, _unlock
+from .gates import _MUTEX_PREFIX, _acquire, _Gate, _gate_for, _hold_gate, _unlink, _unlock, lock_file_exists
 from .holder import check_purpose, write_record
 from .locks import LockTimeout, PathArg, check_name
 from .mutex import global_mutex
@@ -91,7 +90,7 @@ class ResourceSlots:
 
     def _take(self, n: int, deadline: Optional[float]) -> List[Tuple[int, _Gate]]:
         held: List[Tuple[int, _Gate]] = []
-        if not os.path.lexists(self._head):  # no head waits: take free slots at once
+        if not lock_file_exists(self._head):  # no head waits: take free slots at once
             try:
                 self._grab(held, n)
             finally:
@@ -109,7 +108,7 @@ class ResourceSlots:
                 try:
                     self._wait_for(held, n, deadline)
                 finally:
-                    unlink_if_present(self._head)  # under its lock, as every lock file
+                    _unlink(head)  # under its lock, as every lock file
                     _unlock(head)
             finally:
                 head.lock.release()
