@@ -14,7 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..arena import LastProcessStandingArena
 from ..files import robust_rmtree
@@ -53,28 +53,30 @@ def _raw_mutex_cycle(path: str) -> None:
 
 class _KeptFile:
     """The floor of a mutex on a file kept open: lock, check the locked
-    file is the one at the path (fstat, lstat), say who holds it (one
-    record-sized pwrite: issue 12's promise to ``status``), unlock. One fd
-    per process."""
+    file is the one at its name in the directory opened once (fstat,
+    fstatat), say who holds it (one record-sized pwrite: issue 12's promise
+    to ``status``), unlock. One fd (and one directory fd) per process."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.fds: Dict[int, int] = {}
+        self.directory, self.name = os.path.split(path)
+        self.fds: Dict[int, Tuple[int, int]] = {}
 
     def cycle(self) -> None:
         pid = os.getpid()
-        fd = self.fds.get(pid)
-        if fd is None:
-            fd = self.fds[pid] = os.open(self.path, _LOCK_FLAGS, 0o600)
+        fds = self.fds.get(pid)
+        if fds is None:
+            folder = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds = self.fds[pid] = (folder, os.open(self.name, _LOCK_FLAGS, 0o600, dir_fd=folder))
+        folder, fd = fds
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.fstat(fd)
-        os.lstat(self.path)
+        os.stat(self.name, dir_fd=folder, follow_symlinks=False)
         os.pwrite(fd, _RECORD, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        fd = self.fds.pop(os.getpid(), None)
-        if fd is not None:
+        for fd in self.fds.pop(os.getpid(), ()):
             os.close(fd)
         os.unlink(self.path)
 
@@ -94,7 +96,7 @@ def bench_mutex(directory: str, settings: Settings) -> Row:
         times = interleaved(contenders, settings.rounds, settings.ops)
     finally:
         kept.close()
-    return latency_row("mutex acquire+release (vs flock+fstat+lstat+pwrite+unlock)", times, 1.5)
+    return latency_row("mutex acquire+release (vs flock+fstat+fstatat+pwrite+unlock)", times, 1.5)
 
 
 def _unrecorded(cycle: Callable[[], None]) -> Timer:
