@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import threading
 
@@ -73,6 +74,59 @@ def test_a_waiting_writer_keeps_new_readers_out(tmp_path, children):
     release(writer)
     assert second.stdout.readline() == "held\n"
     release(second)
+
+
+# A reader that leaves as the exit-time retire (or cleanup) does: holding the
+# lock file (a shared lock, made exclusive when it is the last), it unlinks
+# it; here a new reader has meanwhile made the new file and holds it shared.
+LAST_READER_RETIRES = """
+import fcntl, os, sys
+path = sys.argv[1]
+old = os.open(path, os.O_RDWR)
+fcntl.flock(old, fcntl.LOCK_SH)
+print("held", flush=True)
+sys.stdin.readline()
+fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the waiting writer does not hold it yet
+os.unlink(path)
+new = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+fcntl.flock(new, fcntl.LOCK_SH)
+os.close(old)  # the writer's lock lands on the removed file
+print("retired", flush=True)
+sys.stdin.read()
+"""
+
+
+def first_to_say_held(*processes, timeout=30):
+    ready, _, _ = select.select([process.stdout for process in processes], [], [], timeout)
+    assert ready, "nobody got the mutex"
+    return next(process for process in processes if process.stdout in ready)
+
+
+# The reader's chance to slip in (with the writer letting go of the intent
+# file too early) is a race it wins about one time in five: a few rounds.
+@pytest.mark.parametrize("round_", range(12))
+def test_a_waiting_writer_keeps_readers_out_when_its_file_is_retired_under_it(tmp_path, children, round_):
+    with global_mutex(tmp_path, "m", shared=True):
+        pass  # the files a reader makes: the lock file and the writer-intent file
+    retire = children.python(
+        LAST_READER_RETIRES, str(tmp_path / "toil-mutex-m"), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert retire.stdout.readline() == "held\n"
+    writer = start(children, tmp_path, "exclusive")
+    wait_until(lambda: blocked_on_flock(writer.pid))
+    reader = start(children, tmp_path, "shared")
+    wait_until(lambda: blocked_on_flock(reader.pid))  # on the intent file, behind the writer
+    retire.stdin.write("\n")
+    retire.stdin.flush()
+    assert retire.stdout.readline() == "retired\n"
+    wait_until(lambda: blocked_on_flock(writer.pid))  # on the new file
+    release(retire)
+    first = first_to_say_held(writer, reader)
+    assert first is writer, "a reader got in while the writer waited"
+    assert writer.stdout.readline() == "held\n"
+    release(writer)
+    assert reader.stdout.readline() == "held\n"
+    release(reader)
 
 
 def test_threads_of_one_process_share(tmp_path):

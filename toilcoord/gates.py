@@ -247,12 +247,14 @@ def _wait_announced(gate: _Gate, path: str, deadline: Optional[float]) -> None:
     try:
         intent.announce = False  # waiters on the intent file itself just queue
         _acquire(intent, intent_path, deadline)
+        announce, gate.announce = gate.announce, False  # announced: just queue
         try:
-            if deadline is None:
-                safe_lock(gate.fd)
-            else:
-                _lock_until(gate.fd, path, deadline)
+            # Until the lock is on the file linked at the path: a lock on
+            # one removed meanwhile (its last holder retired it) must not
+            # let readers in while we lock the new one.
+            _acquire(gate, path, deadline)
         finally:
+            gate.announce, gate.waited = announce, True
             _unlock(intent)
     finally:
         intent.lock.release()
