@@ -519,13 +519,13 @@ def test_ensure_filesystem_lockable_tries_a_lock_on_unknown_filesystems(fake_mou
     monkeypatch.setattr(locks.fcntl, "flock", FakeFlock(errno.ENOSYS))
     with pytest.raises(UnsafeFilesystemError, match="trial lock on fuse.sshfs failed"):
         ensure_filesystem_lockable(unknown, hint="Try local storage.")
-    assert os.listdir(unknown) == [], "the probe file is removed"
+    assert left_in(unknown) == [], "the probe file is removed"
     monkeypatch.setattr(locks.fcntl, "flock", fcntl.flock)
     with pytest.raises(UnsafeFilesystemError, match="trial lock on fuse.sshfs failed"):
         ensure_filesystem_lockable(unknown)  # the failure is cached per device, not tried again
     monkeypatch.setattr(locks, "_lockable_devices", {})
     ensure_filesystem_lockable(unknown)
-    assert os.listdir(unknown) == []
+    assert left_in(unknown) == []
 
 
 @pytest.mark.usefixtures("fresh_lockable_cache")
