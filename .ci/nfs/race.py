@@ -21,6 +21,10 @@ the node), and does R rounds of `with global_mutex(dir, "race")`. Inside:
   close-to-open caching can miss another client's write made in the same
   clock tick; a mutex cannot help that for files it does not lock).
 
+With --plain-flock the workers take no global_mutex but a bare `flock` on
+DIR/plain-flock (kept open, LOCK_EX, LOCK_UN): the platform alone, as the
+control for an overlap (see docs/guarantees.md, "On real NFS").
+
 Every exception out of the `with` is an error, counted by errno name.
 Starvation: the first worker to finish its rounds creates ORACLE/stop; each
 worker's acquisitions up to then are its contended ones, and every group must
@@ -35,7 +39,9 @@ in A acquisitions`. Exit status 0 whenever a verdict was written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import random
@@ -128,8 +134,29 @@ def hold(directory: str, oracle: str, me: str, tally: dict, seconds: float) -> N
             os.unlink(potato)
 
 
+class PlainFlock:
+    """The platform's flock alone, in place of global_mutex: a file kept
+    open per worker, locked exclusively for each round."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+
+    @contextlib.contextmanager
+    def __call__(self, directory: str, name: str, timeout: float):
+        if self.fd < 0:
+            self.fd = os.open(os.path.join(directory, "plain-flock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
 def worker(index: int, args: argparse.Namespace) -> dict:
-    from toilcoord import global_mutex  # from PYTHONPATH: the tree under test
+    if args.plain_flock:
+        global_mutex = PlainFlock()
+    else:
+        from toilcoord import global_mutex  # from PYTHONPATH: the tree under test
 
     directory = args.dirs[index % len(args.dirs)]
     group = args.groups[index % len(args.groups)]
@@ -277,6 +304,7 @@ def main() -> int:
     parser.add_argument("--results")
     parser.add_argument("--part")
     parser.add_argument("--counter-dir")
+    parser.add_argument("--plain-flock", action="store_true", help="bare flock instead of global_mutex")
     args = parser.parse_intermixed_args()
     began = time.monotonic()
     if args.action == "run":
