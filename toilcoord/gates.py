@@ -3,8 +3,9 @@
 
 A *gate* is this process's state for one lock file: the checked directory
 it is reached in (:mod:`.folders`: every open, stat and unlink is relative
-to it, never by path), the fd it keeps open between acquisitions (so an acquisition costs a lock, two stats and an
-unlock, with no create or unlink), and an in-process lock its threads queue
+to it, never by path), the fd it keeps open between acquisitions (so an
+acquisition costs a lock, two stats and an unlock, with no create or
+unlink), and an in-process lock its threads queue
 on first (flock is per open file, and this process's one file is shared by
 its threads). The file may be unlinked at any time by someone holding its
 lock (a process leaving at exit, ``cleanup``, Toil's unlink-on-release
@@ -59,8 +60,8 @@ class _Gate:
     """This process's state for one lock file. Threads queue on ``lock``;
     the thread that holds it owns the rest: ``folder`` and ``name``, where
     the file is (held from the first open until the gate is closed);
-    ``fd``, the kept lock file (-1 when none); ``members``, the arena memberships held through it;
-    fairness bookkeeping (whether the last lock had to wait, whether the
+    ``fd``, the kept lock file (-1 when none); ``members``, the arena
+    memberships held through it; fairness bookkeeping (whether the last lock had to wait, whether the
     file is on a network filesystem, when it was last released). A gate
     taken out of the table (``retired``) is never used again."""
 
