@@ -105,12 +105,12 @@ def test_a_process_that_knew_a_removed_directory_finds_the_new_one_held(tmp_path
     assert other.stdout.readline() == "ready\n"
     remake(base)
     with global_mutex(base, "m"):
+        assert os.listdir(base) == [MUTEX_FILE]
         other.stdin.write("\n")
         other.stdin.flush()
         assert other.stdout.readline() == "timed out\n", "two holders: one in the removed directory"
     other.stdin.close()
-    assert other.wait() == 0
-    assert os.listdir(base) == [MUTEX_FILE]
+    assert other.wait() == 0  # at its exit it removes the lock file nobody holds: not looked at
 
 
 def test_a_holder_in_a_remade_directory_excludes_a_process_that_knew_the_old_one(tmp_path, children):
