@@ -67,8 +67,8 @@ _warned: Set[Tuple[int, int]] = set()
 
 def hold_folder(path: str) -> Folder:
     """The checked folder of the absolute *path*, held until
-    :func:`let_go`; opened and checked on first use (see :func:`check`).
-    FileNotFoundError, NotADirectoryError, or the errors of :func:`check`."""
+    :func:`let_go`; opened and checked on first use (see :func:`_check`).
+    FileNotFoundError, NotADirectoryError, or the errors of :func:`_check`."""
     with _guard:
         folder = _folders.get(path)
         if folder is None:
@@ -162,14 +162,14 @@ def _replaced(folder: Folder) -> bool:
 def _open_checked(path: str) -> Folder:
     fd = os.open(path, _OPEN_DIRECTORY)
     try:
-        check(fd, path)
+        _check(fd, path)
     except BaseException:
         os.close(fd)
         raise
     return Folder(path, fd)
 
 
-def check(fd: int, path: str) -> None:
+def _check(fd: int, path: str) -> None:
     """Raise unless the directory open as *fd* (opened as *path*) can hold
     this user's lock files: ForeignFileError (a PermissionError) for one of
     another user's (root's excepted), or one anyone may write that is not
@@ -177,9 +177,7 @@ def check(fd: int, path: str) -> None:
     UnsafeFilesystemError where locks cannot be trusted. One others may
     write, such as a sticky /tmp, is warned about once: they can plant
     files where ours go, which are then refused."""
-    info = os.fstat(fd)
-    if not stat.S_ISDIR(info.st_mode):  # O_DIRECTORY makes this unreachable; kept for fds of callers
-        raise NotADirectoryError(errno.ENOTDIR, "not a directory", path)
+    info = os.fstat(fd)  # a directory: opened with O_DIRECTORY
     euid = os.geteuid()
     if info.st_uid not in (euid, 0):
         raise ForeignFileError(
