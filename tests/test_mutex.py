@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import types
@@ -15,7 +16,9 @@ import pytest
 
 from toilcoord import LastProcessStandingArena, folders, process_name_exists
 from toilcoord import gates as gates_module
+from toilcoord import mounts as mounts_module
 from toilcoord import mutex as mutex_module
+from toilcoord.files import robust_rmtree
 from toilcoord.locks import ForeignFileError, LockTimeout, check_name, safe_unlock_and_close, take_over
 from toilcoord.mutex import global_mutex, retire_mutex_files
 from toilcoord.smoke import left_in
@@ -28,6 +31,7 @@ from conftest import (
     left_after_exit,
     open_fds,
     release,
+    run_in_fork,
     wait_until,
 )
 from fuzzing import rng_for, sizes
@@ -693,6 +697,61 @@ def test_a_stale_handle_makes_us_reopen(tmp_path, monkeypatch):
         assert not failures
     monkeypatch.undo()
     assert left_after_exit(tmp_path) == []
+
+
+def test_where_anyone_may_link_it_a_lock_file_linked_elsewhere_is_looked_up(tmp_path, children, monkeypatch):
+    # Where fs.protected_hardlinks is 0, another user may link our kept
+    # lock file into a directory of theirs. After an unlink at its name (a
+    # holder leaving at exit, Toil's release) the file keeps that one link,
+    # and its count alone would call it ours still. The setting is the
+    # machine's: here its 0 is told, not set.
+    monkeypatch.setattr(gates_module, "hard_links_protected", lambda: False)
+    base = tmp_path / "base"
+    base.mkdir()
+    with global_mutex(base, "m"):
+        pass
+    os.link(base / MUTEX_FILE, tmp_path / "theirs")
+    os.unlink(base / MUTEX_FILE)  # as a holder leaving would, under the lock
+    holder = start_holder(children, base)  # makes and holds the new file
+    try:
+        with pytest.raises(LockTimeout):
+            with global_mutex(base, "m", timeout=0):
+                pass
+    finally:
+        release(holder)
+    os.unlink(tmp_path / "theirs")
+    with global_mutex(base, "m"):
+        assert take_over(str(base / MUTEX_FILE)) is None, "we hold the file linked at the name"
+    assert left_after_exit(base) == []
+
+
+def test_no_other_user_can_link_a_lock_file_where_the_kernel_protects_links(other_user):
+    # What lets an acquirer trust a lock file's link count (see above).
+    if not mounts_module.hard_links_protected():
+        pytest.skip("fs.protected_hardlinks is 0 here: lock files are looked up at their names instead")
+    top = tempfile.mkdtemp(prefix="toilcoord-test-")
+    try:
+        os.chmod(top, 0o1777)  # like /tmp: anyone may make a link in it
+        base = os.path.join(top, "base")
+        os.mkdir(base, 0o755)  # anyone may reach the lock file
+        with global_mutex(base, "m"):
+            pass
+
+        def link_it_as_them():
+            os.setgroups([])
+            os.setgid(other_user[1])
+            os.setuid(other_user[0])
+            try:
+                os.link(os.path.join(base, MUTEX_FILE), os.path.join(top, "theirs"))
+            except PermissionError:
+                return True
+            return False
+
+        assert run_in_fork(link_it_as_them) == 0, "another user linked our lock file"
+        assert os.stat(os.path.join(base, MUTEX_FILE)).st_nlink == 1
+    finally:
+        retire_mutex_files()
+        robust_rmtree(top)
 
 
 # ------------------------------------------------- what the lock file is

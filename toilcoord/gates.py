@@ -4,8 +4,8 @@
 A *gate* is this process's state for one lock file: the checked directory
 it is reached in (:mod:`.folders`: every open, stat and unlink is relative
 to it, never by path), the fd it keeps open between acquisitions (so an
-acquisition costs a lock, two stats and an unlock, with no create or
-unlink), and an in-process lock its threads queue
+acquisition costs a lock, a stat or two and an unlock, with no create
+or unlink), and an in-process lock its threads queue
 on first (flock is per open file, and this process's one file is shared by
 its threads). The file may be unlinked at any time by someone holding its
 lock (a process leaving at exit, ``cleanup``, Toil's unlink-on-release
@@ -39,7 +39,7 @@ from .locks import (
     _open_tracked,
     safe_lock,
 )
-from .mounts import names_may_be_stale
+from .mounts import hard_links_protected, names_may_be_stale
 
 __all__ = ["kept_gate_files", "reap_unheld_mutex_files", "remove_unheld_lock_file", "retire_gates"]
 
@@ -306,6 +306,8 @@ def _still_linked(gate: _Gate, path: str) -> Optional[bool]:
         return False
     if gate.network is None:  # once per opened file
         gate.network = names_may_be_stale(opened.st_dev, path)
+    if _linked_by_count(gate, opened):
+        return True
     folder = gate.folder.fd  # type: ignore[union-attr]
     if gate.network:
         # An exclusive create makes the client look the name up at the
@@ -323,6 +325,20 @@ def _still_linked(gate: _Gate, path: str) -> Optional[bool]:
             return False
         raise
     return linked.st_ino == opened.st_ino and linked.st_dev == opened.st_dev
+
+
+def _linked_by_count(gate: _Gate, opened: os.stat_result) -> bool:
+    """True if the locked ``gate.fd`` (*opened*: its fstat after the lock)
+    is known to be the file at its name without looking the name up: on a
+    local filesystem, whose link counts are current, with its one link,
+    where no other user can add a link. A lock file has one link when
+    opened (a second is refused), is never renamed, and leaves its name
+    only by an unlink, which leaves it none; but had someone linked it
+    elsewhere first, one link would remain after the unlink, so where the
+    kernel lets anyone link it (``fs.protected_hardlinks = 0``) the name
+    is looked up. Its owner and root can still link or rename it:
+    documented, as for the directory."""
+    return opened.st_nlink == 1 and gate.network is False and hard_links_protected()
 
 
 def _unlock(gate: _Gate) -> None:

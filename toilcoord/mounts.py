@@ -11,6 +11,9 @@ Two questions are answered here:
   export) has made stale. Lock code must then never trust a looked-up name
   after locking (NFS caches names and attributes for up to a minute by
   default).
+
+And one question of the kernel's: :func:`hard_links_protected`, whether
+another user can give one of our files a second name.
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ import os
 import re
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
-__all__ = ["FilesystemInfo", "filesystem_info", "lock_scope", "names_may_be_stale", "parse_mountinfo"]
+__all__ = [
+    "FilesystemInfo",
+    "filesystem_info",
+    "hard_links_protected",
+    "lock_scope",
+    "names_may_be_stale",
+    "parse_mountinfo",
+]
 
 PathArg = Union[str, "os.PathLike[str]"]
 
@@ -207,3 +217,23 @@ def names_may_be_stale(device: int, path: str, mountinfo: Optional[str] = None) 
         mount = matches[-1] if matches else _mount_of_path(mounts, os.path.realpath(path))
         stale = _stale_names[device] = mount is None or mount.fstype not in _NODE_LOCAL_TYPES
     return stale
+
+
+_PROTECTED_HARDLINKS = "/proc/sys/fs/protected_hardlinks"
+_links_protected: Optional[bool] = None  # the kernel's setting, read once
+
+
+def hard_links_protected() -> bool:
+    """True if the kernel refuses a hard link to a file whose caller neither
+    owns it nor may both read and write it (``fs.protected_hardlinks = 1``,
+    the default of every systemd distribution): then only its owner and
+    root can give a private (0600) file a second name. False where the
+    setting is 0 or cannot be read. Read once per process."""
+    global _links_protected
+    if _links_protected is None:
+        try:
+            with open(_PROTECTED_HARDLINKS, "rb") as setting:
+                _links_protected = setting.read(8).strip() == b"1"
+        except OSError:
+            _links_protected = False
+    return _links_protected

@@ -2,7 +2,8 @@
 
 The lock is an exclusive ``flock`` on ``base_dir/toil-mutex-<name>``. Each
 process keeps its lock file open between acquisitions, so an acquisition
-costs a lock, two stats and an unlock, with no create or unlink (those cost
+costs a lock, a stat (two on a network filesystem), the holder's
+record and an unlock, with no create or unlink (those cost
 most of the time on a local disk, and on NFS two server round trips and a
 silly-renamed ``.nfsXXXX`` file per acquisition).
 
@@ -40,6 +41,7 @@ from .gates import (
     _gates,
     _hold_gate,
     _let_others_in,
+    _linked_by_count,
     _remove_and_close,
     _still_linked,
     _unlock,
@@ -142,13 +144,13 @@ def _pass_intent(gate: _Gate, path: str, deadline: Optional[float]) -> None:
     """Wait while a writer waits (holds the intent file at *path*), then go on."""
     if gate.network is False:
         # A local file, the common case: a non-blocking lock, and one fstat
-        # to know it is still linked (lock files are never renamed).
+        # to know it is still the file at its name.
         try:
             fcntl.flock(gate.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             pass  # a writer waits, or the fd is gone: the careful way below
         else:
-            linked = os.fstat(gate.fd).st_nlink
+            linked = _linked_by_count(gate, os.fstat(gate.fd))
             fcntl.flock(gate.fd, fcntl.LOCK_UN)
             if linked:
                 return

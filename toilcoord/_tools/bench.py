@@ -242,10 +242,17 @@ def bench_contended(directory: str, procs: int, settings: Settings) -> List[Row]
         kept.close()
     ours, floor, cycle = (statistics.median(rates[name]) for name in ("ours", "kept", "cycle"))
     return [
-        # Information: on a loaded machine, with more processes than cores,
-        # the Python around each acquisition decides this ratio, not design.
+        # With more processes than cores, the holder mostly takes the lock
+        # again before a waiter runs: its whole cycle, Python included, sets
+        # the pace, as the uncontended row's does.
         Row(
-            f"contended mutex, {procs} processes (vs the kept-file floor)", ours, floor, "acq/s", ours / floor, "", None
+            f"contended mutex, {procs} processes (vs the kept-file floor)",
+            ours,
+            floor,
+            "acq/s",
+            ours / floor,
+            ">= 0.8x",
+            ours / floor >= 0.8,
         ),
         Row(
             f"contended create-and-unlink mutex, {procs} processes (Toil's design)",
