@@ -224,10 +224,9 @@ def _readers_to_hold_off(gate: _Gate, deadline: Optional[float]) -> bool:
     return exists_in(gate.folder, gate.name + INTENT_SUFFIX)  # type: ignore[arg-type]
 
 
-def lock_file_exists(path: str) -> bool:
-    """Whether anything is at the absolute *path*, looked up relative to
-    its directory's checked folder."""
-    directory, name = os.path.split(path)
+def lock_file_exists(directory: str, name: str) -> bool:
+    """Whether anything is at *name* in the absolute *directory*, looked up
+    relative to its checked folder (a hint: see :func:`.folders.exists_in`)."""
     folder = hold_folder(directory)
     try:
         return exists_in(folder, name)

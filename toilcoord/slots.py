@@ -60,6 +60,7 @@ class ResourceSlots:
         directory = os.path.abspath(self.base_dir)
         self._paths = [os.path.join(directory, _MUTEX_PREFIX + name + _SLOT + ident) for ident in self.ids]
         self._head = os.path.join(directory, _MUTEX_PREFIX + name + _HEAD)
+        self._head_in = (directory, _MUTEX_PREFIX + name + _HEAD)
 
     @contextlib.contextmanager
     def acquire(
@@ -90,7 +91,7 @@ class ResourceSlots:
 
     def _take(self, n: int, deadline: Optional[float]) -> List[Tuple[int, _Gate]]:
         held: List[Tuple[int, _Gate]] = []
-        if not lock_file_exists(self._head):  # no head waits: take free slots at once
+        if not lock_file_exists(*self._head_in):  # no head waits: take free slots at once
             try:
                 self._grab(held, n)
             finally:
