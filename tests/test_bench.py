@@ -19,12 +19,17 @@ def test_rows_without_a_target_never_fail_the_run(monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == "1 targets met, 0 missed; 1 rows information only"
 
 
-def test_the_contended_row_is_information_only(tmp_path):
+def test_the_contended_row_has_a_target_and_toils_design_informs(tmp_path):
     rows = bench.bench_contended(str(tmp_path), 2, bench.QUICK)
-    assert [row.ok for row in rows] == [None, None]
+    assert [row.target for row in rows] == [">= 0.8x", ""]
+    assert rows[1].ok is None
 
 
-def test_a_slowed_mutex_misses_its_target_and_the_run_exits_1():
+@pytest.mark.parametrize(
+    "only, row",
+    [("mutex", "mutex acquire+release"), ("contended mutex", "contended mutex, 4 processes")],
+)
+def test_a_slowed_mutex_misses_its_target_and_the_run_exits_1(only, row):
     # The mutex path made to do extra work (a 1 ms sleep per acquisition,
     # against a floor of microseconds): the target must be reported missed.
     done = run_python(
@@ -39,10 +44,11 @@ def test_a_slowed_mutex_misses_its_target_and_the_run_exits_1():
                 return super().__enter__()
 
         bench.global_mutex = slow_mutex
-        sys.exit(bench.run_bench(None, 1, True, False, ["mutex"]))
+        sys.exit(bench.run_bench(None, 4, True, False, [sys.argv[1]]))
     """,
+        only,
         timeout=150,
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "MISSED" in done.stdout
-    assert "0 targets met, 1 missed (mutex acquire+release" in done.stdout.splitlines()[-1]
+    assert f"missed ({row}" in done.stdout.splitlines()[-1]
