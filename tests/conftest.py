@@ -178,6 +178,20 @@ def fstat_failing_once(monkeypatch, module, code):
     return failures
 
 
+class FakeFlock:
+    """Stands in for fcntl.flock: raises the queued errnos, then succeeds."""
+
+    def __init__(self, *errnos):
+        self.errnos = list(errnos)
+        self.calls = []
+
+    def __call__(self, fd, operation):
+        self.calls.append(operation)
+        if self.errnos:
+            code = self.errnos.pop(0)
+            raise OSError(code, os.strerror(code))
+
+
 def on_network_filesystem(path):
     """True where names may be cached by the client (NFS and the like)."""
     from toilcoord.mounts import names_may_be_stale

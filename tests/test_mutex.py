@@ -19,7 +19,8 @@ from toilcoord import gates as gates_module
 from toilcoord import mounts as mounts_module
 from toilcoord import mutex as mutex_module
 from toilcoord.files import robust_rmtree
-from toilcoord.locks import ForeignFileError, LockTimeout, check_name, safe_unlock_and_close, take_over
+from toilcoord.heldfiles import release_taken, take_over
+from toilcoord.locks import ForeignFileError, LockTimeout, check_name
 from toilcoord.mutex import global_mutex, retire_mutex_files
 from toilcoord.smoke import left_in
 
@@ -545,7 +546,7 @@ def test_symlink_at_the_lock_path_is_never_followed(tmp_path, dangling):
         assert target.read_text() == "precious"
         fd = take_over(target)  # nobody holds it
         assert fd is not None
-        safe_unlock_and_close(fd)
+        release_taken(fd)  # untracked too
     assert no_gate_in_use()
 
 
@@ -650,7 +651,7 @@ def test_a_file_removed_between_acquisitions_is_made_again_and_held(tmp_path, ch
     assert os.listdir(tmp_path) == []
     with global_mutex(tmp_path, "m"):
         probe = children.python(
-            "import sys\nfrom toilcoord.locks import take_over\nprint(take_over(sys.argv[1]))",
+            "import sys\nfrom toilcoord.heldfiles import take_over\nprint(take_over(sys.argv[1]))",
             str(tmp_path / MUTEX_FILE),
             stdout=subprocess.PIPE,
             text=True,

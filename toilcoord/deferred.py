@@ -3,7 +3,7 @@
 A worker registers cleanup with :class:`DeferredFunctionManager`; each
 function is written, framed and checksummed, to the worker's own state file
 before ``defer`` returns. The file is held locked for as long as the worker
-lives (:class:`~.locks.HeldFile`), so when the worker dies without running
+lives (:class:`~.heldfiles.HeldFile`), so when the worker dies without running
 its functions, whichever process next opens or closes a manager on the same
 directory (or ``cleanupWorker``) sees the lock free, takes the file over and
 runs them.
@@ -45,7 +45,8 @@ from .deferred_records import (
     run_file,
     starts_with_a_record,
 )
-from .locks import HeldFile, PathArg, discard_taken, release_taken, take_over
+from .heldfiles import HeldFile, discard_taken, release_taken, take_over
+from .locks import PathArg
 from .pickler import short_repr
 
 __all__ = ["DeferredFunction", "DeferredFunctionManager"]

@@ -14,10 +14,8 @@ stands on three ideas kept in this module:
   the child (``os.register_at_fork``), so a parent that dies is seen dead even
   while its children live.
 
-:class:`HeldFile` and :func:`take_over` are the one implementation of the
-"file held locked for liveness" pattern used by process names, the arena and
-the deferred-function manager; :class:`global_mutex` keeps its lock file
-open between acquisitions.
+The file held locked for as long as its process lives, built on these, is
+in :mod:`.heldfiles`; the lock files a mutex keeps open are in :mod:`.gates`.
 """
 
 from __future__ import annotations
@@ -32,25 +30,21 @@ import time
 from typing import Dict, List, Optional, Union
 
 from .files import unlink_if_present
-from .mounts import FilesystemInfo, filesystem_info, names_may_be_stale
+from .mounts import FilesystemInfo, filesystem_info
 
 __all__ = [
     "FilesystemInfo",
     "ForeignFileError",
-    "HeldFile",
     "LockTimeout",
     "UnsafeFilesystemError",
     "check_name",
-    "discard_taken",
     "ensure_filesystem_lockable",
     "filesystem_info",
     "fork_epoch",
     "held_exclusively",
     "locked_file_is",
-    "release_taken",
     "safe_lock",
     "safe_unlock_and_close",
-    "take_over",
 ]
 
 logger = logging.getLogger(__name__)
@@ -302,165 +296,9 @@ def _check_opened(fd: int, info: os.stat_result, path: str, owned: bool) -> None
         )
 
 
-class HeldFile:
-    """A file this process holds an exclusive ``flock`` on.
-
-    While the process lives, the file exists and cannot be locked by anyone
-    else; once it dies, :func:`take_over` succeeds on it. ``release()``
-    unlinks the file while still holding it, then unlocks. In a forked child
-    the object is inert: ``held`` is False and ``release()`` does nothing.
-    The file is reached relative to its directory, opened once by
-    ``create`` (``dir_fd``), never by ``path`` (for messages).
-    """
-
-    __slots__ = ("path", "fd", "dir_fd", "_epoch")
-
-    #: ``create`` names a file *prefix*, this many random lowercase hex
-    #: characters, then *suffix*.
-    RANDOM_CHARS = 16
-
-    def __init__(self, path: str, fd: int, dir_fd: int) -> None:
-        # *fd* and *dir_fd* are ours, tracked in _held_fds from their open on.
-        self.path = path
-        self.fd = fd
-        self.dir_fd = dir_fd
-        self._epoch = _fork_epoch
-
-    @property
-    def name(self) -> str:
-        return os.path.basename(self.path)
-
-    @property
-    def held(self) -> bool:
-        """True in the process that locked the file, until ``release()``."""
-        return self.fd >= 0 and self._epoch == _fork_epoch
-
-    def is_linked(self) -> bool:
-        """Whether the held file is still the one at its name (see
-        :func:`locked_file_is`)."""
-        return self.held and locked_file_is(self.fd, self.name, self.dir_fd)
-
-    @classmethod
-    def create(
-        cls,
-        directory: str,
-        prefix: str = "",
-        suffix: str = "",
-        mode: int = _FILE_MODE,
-        verify: bool = True,
-        dir_fd: Optional[int] = None,
-    ) -> "HeldFile":
-        """Create a new, randomly named file in *directory* and lock it.
-
-        *dir_fd*, an fd of *directory* the caller opened and checked, is
-        used (a copy of it) if given; else *directory* is opened here.
-        The name is made with O_EXCL; the lock is taken and verified before
-        returning, so a concurrent :func:`take_over` that got in between
-        (and unlinked the fresh, unlocked file) makes us try another name.
-        A caller that creates and takes over files only under one mutex
-        may pass ``verify=False`` and save the two stat calls.
-        """
-        folder = _own_directory_fd(directory, dir_fd)
-        try:
-            while True:
-                name = prefix + os.urandom(cls.RANDOM_CHARS // 2).hex() + suffix
-                try:
-                    fd = os.open(name, _CREATE_NEW, mode, dir_fd=folder)
-                except FileExistsError:
-                    continue
-                _held_fds.add(fd)
-                try:
-                    locked = _lock_new(fd, name, folder, os.path.join(directory, name), verify)
-                except BaseException:
-                    unlink_if_present(name, folder)  # ours: made with O_EXCL, never locked
-                    raise
-                if locked:
-                    return cls(os.path.join(directory, name), fd, folder)
-        except BaseException:
-            _close_tracked(folder)
-            raise
-
-    def release(self, unlink: bool = True) -> None:
-        """Unlink the file (if *unlink*) while holding it, then unlock it."""
-        if not self.held:
-            self.fd = -1
-            return
-        fd, self.fd = self.fd, -1
-        _held_fds.discard(fd)
-        try:
-            if unlink:
-                unlink_if_present(self.name, self.dir_fd)
-        finally:
-            try:
-                safe_unlock_and_close(fd)
-            finally:
-                _close_tracked(self.dir_fd)
-
-    def __repr__(self) -> str:
-        return f"HeldFile({self.path!r}, held={self.held})"
-
-
-def _own_directory_fd(directory: str, dir_fd: Optional[int]) -> int:
-    """A tracked fd of *directory*: a copy of *dir_fd*, or opened now."""
-    if dir_fd is None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    else:
-        fd = os.dup(dir_fd)  # inheritable=False: close-on-exec, as ours all are
-    _held_fds.add(fd)
-    return fd
-
-
 def _close_tracked(fd: int) -> None:
     _held_fds.discard(fd)  # before closing: the number may be reused at once
     os.close(fd)
-
-
-def _lock_new(fd: int, name: str, dir_fd: int, path: str, verify: bool) -> bool:
-    """Lock the tracked, freshly created *fd* without waiting and check it
-    is still linked at *name* in *dir_fd* (whose path is *path*); on False
-    or on an exception *fd* has been closed and untracked."""
-    try:
-        try:
-            safe_lock(fd, block=False)
-        except OSError as error:
-            # Taken by someone else, or (ESTALE) already removed on the
-            # NFS server by someone who took it: either way not ours.
-            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.ESTALE):
-                raise
-            _close_tracked(fd)
-            return False
-        if not verify or _new_file_is_linked(fd, name, dir_fd, path):
-            return True
-    except BaseException:
-        _close_tracked(fd)
-        raise
-    # A taker-over unlinked the fresh, not yet locked file between our
-    # create and our lock: it is garbage, and so is our fd.
-    _close_tracked(fd)
-    return False
-
-
-def _new_file_is_linked(fd: int, name: str, dir_fd: int, path: str) -> bool:
-    """:func:`locked_file_is` for a file we created at *name* in *dir_fd*
-    (at *path*) just now, even where the name may be cached by an NFS
-    client."""
-    try:
-        device = os.fstat(fd).st_dev
-    except OSError as error:
-        if error.errno == errno.ESTALE:
-            return False  # already removed at the NFS server by someone who took it over
-        raise
-    if names_may_be_stale(device, path):
-        # A prober on another client may have taken the file over before we
-        # locked it and unlinked it; while the prober has it open, its client
-        # keeps it as .nfsXXXX, so it has one link, and our client may still
-        # have our name cached. Only a lookup at the server tells.
-        fresh = _create_if_free(name, dir_fd)
-        if fresh is not None:
-            _close_tracked(fresh)
-            unlink_if_present(name, dir_fd)  # our probe, an empty file of a random name
-            return False
-    return locked_file_is(fd, name, dir_fd)
 
 
 def _create_if_free(name: str, dir_fd: int) -> Optional[int]:
@@ -493,53 +331,6 @@ def _lock_until(fd: int, path: str, deadline: float, shared: bool = False) -> No
             raise LockTimeout(f"timed out waiting for the lock on {path}")
         time.sleep(min(delay, remaining))
         delay = min(delay * 2, _POLL_MAX)
-
-
-def take_over(path: PathArg, shared: bool = False, dir_fd: Optional[int] = None) -> Optional[int]:
-    """Lock the file at *path* (relative to *dir_fd*, a directory fd, if
-    given) if the process that held it is dead.
-
-    Returns an fd holding a lock on the file (the caller reads what it
-    needs, then calls :func:`discard_taken`), or None if a live process
-    holds it. Raises FileNotFoundError if no file is (any longer) linked at
-    *path*. Symlinks are never followed.
-
-    The lock is exclusive, so two takers never both get a file, unless
-    *shared*: for a mere liveness probe, which must not mistake another
-    prober's brief lock for the owner's (only owners lock exclusively).
-    """
-    # Tracked: a child forked while we hold it must not keep it.
-    fd = _open_tracked(os.fspath(path), _OPEN_EXISTING, dir_fd)
-    try:
-        safe_lock(fd, block=False, shared=shared)
-    except OSError as error:
-        _close_tracked(fd)
-        if error.errno in (errno.EAGAIN, errno.EACCES):
-            return None
-        if error.errno == errno.ESTALE:  # removed on the NFS server meanwhile
-            raise FileNotFoundError(
-                errno.ENOENT, "removed meanwhile (a stale NFS file handle)", os.fspath(path)
-            ) from error
-        raise
-    if locked_file_is(fd, path, dir_fd):
-        return fd
-    _close_tracked(fd)
-    raise FileNotFoundError(errno.ENOENT, "file vanished while being taken over", os.fspath(path))
-
-
-def release_taken(fd: int) -> None:
-    """Unlock and close a file taken over with :func:`take_over`, leaving
-    it for the next taker."""
-    _held_fds.discard(fd)
-    safe_unlock_and_close(fd)
-
-
-def discard_taken(fd: int, path: PathArg, dir_fd: Optional[int] = None) -> None:
-    """Unlink a file taken over with :func:`take_over`, then unlock it."""
-    try:
-        unlink_if_present(path, dir_fd)
-    finally:
-        release_taken(fd)
 
 
 # ------------------------------------------------------------------ names
@@ -610,8 +401,7 @@ def _trial_lock_failure(path: PathArg, timeout: float, fstype: str, dir_fd: Opti
 
     def trial() -> None:
         try:
-            held = HeldFile.create(os.fspath(path), prefix=".toilcoord-lock-probe-", dir_fd=dir_fd)
-            held.release()
+            _lock_a_probe(path, dir_fd)
         except BaseException as error:  # reported to the waiting thread
             outcome.append(error)
 
@@ -626,6 +416,37 @@ def _trial_lock_failure(path: PathArg, timeout: float, fstype: str, dir_fd: Opti
     if isinstance(error, OSError) and error.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
         return f"a trial lock on {fstype} failed: {error.strerror}"
     raise error
+
+
+def _lock_a_probe(path: PathArg, dir_fd: Optional[int]) -> None:
+    """Create a new, randomly named probe file in the directory *path* (or
+    *dir_fd*, a directory fd, if given), lock it without waiting, then
+    remove it and close it (closing drops the lock).
+
+    Not a :class:`~.heldfiles.HeldFile`: that module is built on this one,
+    which must not import it back; and nobody ever takes a probe over, so a
+    fresh file of a random name that nobody else locks needs none of its
+    checks. The probe works in its own copy of *dir_fd*: the caller closes
+    its fd when a hung trial times out, and this thread may wake later.
+    """
+    name = ".toilcoord-lock-probe-" + os.urandom(8).hex()
+    if dir_fd is None:
+        name = os.path.join(os.fspath(path), name)
+    else:
+        dir_fd = os.dup(dir_fd)  # inheritable=False: close-on-exec, as ours all are
+        _held_fds.add(dir_fd)
+    try:
+        fd = _open_tracked(name, _CREATE_NEW, dir_fd)
+        try:
+            safe_lock(fd, block=False)
+        finally:
+            try:
+                unlink_if_present(name, dir_fd)
+            finally:
+                _close_tracked(fd)
+    finally:
+        if dir_fd is not None:
+            _close_tracked(dir_fd)
 
 
 os.register_at_fork(after_in_child=_forget_parent_locks)

@@ -17,7 +17,8 @@ import threading
 from typing import Dict, List
 
 from .folders import hold_folder, let_go, renewing
-from .locks import HeldFile, PathArg, check_name, discard_taken, held_exclusively, take_over
+from .heldfiles import HeldFile, discard_taken, take_over
+from .locks import PathArg, check_name, held_exclusively
 
 __all__ = [
     "NAME_PREFIX",
