@@ -30,6 +30,7 @@ from .locks import (
     _create_if_free,
     _held_fds,
     _open_tracked,
+    _own_directory_fd,
     fork_epoch,
     locked_file_is,
     safe_lock,
@@ -136,16 +137,6 @@ class HeldFile:
 
     def __repr__(self) -> str:
         return f"HeldFile({self.path!r}, held={self.held})"
-
-
-def _own_directory_fd(directory: str, dir_fd: Optional[int]) -> int:
-    """A tracked fd of *directory*: a copy of *dir_fd*, or opened now."""
-    if dir_fd is None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    else:
-        fd = os.dup(dir_fd)  # inheritable=False: close-on-exec, as ours all are
-    _held_fds.add(fd)
-    return fd
 
 
 def _lock_new(fd: int, name: str, dir_fd: int, path: str, verify: bool) -> bool:

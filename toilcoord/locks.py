@@ -296,6 +296,16 @@ def _check_opened(fd: int, info: os.stat_result, path: str, owned: bool) -> None
         )
 
 
+def _own_directory_fd(directory: str, dir_fd: Optional[int]) -> int:
+    """A tracked fd of *directory*: a copy of *dir_fd*, or opened now."""
+    if dir_fd is None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        fd = os.dup(dir_fd)  # inheritable=False: close-on-exec, as ours all are
+    _held_fds.add(fd)
+    return fd
+
+
 def _close_tracked(fd: int) -> None:
     _held_fds.discard(fd)  # before closing: the number may be reused at once
     os.close(fd)
@@ -430,23 +440,18 @@ def _lock_a_probe(path: PathArg, dir_fd: Optional[int]) -> None:
     its fd when a hung trial times out, and this thread may wake later.
     """
     name = ".toilcoord-lock-probe-" + os.urandom(8).hex()
-    if dir_fd is None:
-        name = os.path.join(os.fspath(path), name)
-    else:
-        dir_fd = os.dup(dir_fd)  # inheritable=False: close-on-exec, as ours all are
-        _held_fds.add(dir_fd)
+    folder = _own_directory_fd(os.fspath(path), dir_fd)
     try:
-        fd = _open_tracked(name, _CREATE_NEW, dir_fd)
+        fd = _open_tracked(name, _CREATE_NEW, folder)
         try:
             safe_lock(fd, block=False)
         finally:
             try:
-                unlink_if_present(name, dir_fd)
+                unlink_if_present(name, folder)
             finally:
                 _close_tracked(fd)
     finally:
-        if dir_fd is not None:
-            _close_tracked(dir_fd)
+        _close_tracked(folder)
 
 
 os.register_at_fork(after_in_child=_forget_parent_locks)
