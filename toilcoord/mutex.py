@@ -2,8 +2,8 @@
 
 The lock is an exclusive ``flock`` on ``base_dir/toil-mutex-<name>``. Each
 process keeps its lock file open between acquisitions, so an acquisition
-costs a lock, a stat (two on a network filesystem), the holder's
-record and an unlock, with no create or unlink (those cost
+costs a lock, an fstat (and a lookup of the name on a network filesystem),
+the holder's record and an unlock, with no create or unlink (those cost
 most of the time on a local disk, and on NFS two server round trips and a
 silly-renamed ``.nfsXXXX`` file per acquisition).
 
