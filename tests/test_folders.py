@@ -186,3 +186,19 @@ def test_a_missing_directory_is_a_clear_error(tmp_path):
             pass
     assert process_name_exists(tmp_path / "missing", "toil-proc-x") is False
     assert folders._folders == {}
+
+
+@pytest.mark.parametrize("access_works", [True, False], ids=["faccessat", "stat"])
+def test_a_lookup_sees_a_file_there_and_none_missing(tmp_path, monkeypatch, access_works):
+    if not access_works:
+        # As where a seccomp filter refuses faccessat2, which glibc tries
+        # first (older container runtimes): every faccessat fails.
+        monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+    (tmp_path / "there").write_text("")
+    folder = folders.hold_folder(str(tmp_path))
+    try:
+        assert folder.by_access is access_works
+        assert folders.exists_in(folder, "there")
+        assert not folders.exists_in(folder, "missing")
+    finally:
+        folders.let_go(folder)

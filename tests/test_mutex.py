@@ -755,6 +755,67 @@ def test_no_other_user_can_link_a_lock_file_where_the_kernel_protects_links(othe
         robust_rmtree(top)
 
 
+def test_a_lock_file_others_may_write_and_so_link_is_looked_up(other_user, children):
+    # Toil makes its lock files with the umask's mode: with umask 000 anyone
+    # may read and write one, and so (even where the kernel protects links)
+    # link it into a directory of theirs. After the unlink at its name (at
+    # Toil's release) it keeps that link: its count alone would call it
+    # ours still, while a new holder holds the new file at the name.
+    if not mounts_module.hard_links_protected():
+        pytest.skip("fs.protected_hardlinks is 0 here: every lock file is looked up at its name")
+    top = tempfile.mkdtemp(prefix="toilcoord-test-")
+    try:
+        os.chmod(top, 0o1777)  # like /tmp: anyone may make a link in it
+        base = os.path.join(top, "base")
+        os.mkdir(base, 0o755)  # anyone may reach the lock file
+        made = os.open(os.path.join(base, MUTEX_FILE), os.O_CREAT | os.O_WRONLY)
+        os.fchmod(made, 0o666)  # as Toil makes it under umask 000
+        os.close(made)
+        with global_mutex(base, "m"):
+            pass  # ours now, kept open
+
+        def link_it_as_them():
+            os.setgroups([])
+            os.setgid(other_user[1])
+            os.setuid(other_user[0])
+            os.link(os.path.join(base, MUTEX_FILE), os.path.join(top, "theirs"))
+            return True
+
+        assert run_in_fork(link_it_as_them) == 0, "the kernel let them link a file they may read and write"
+        os.unlink(os.path.join(base, MUTEX_FILE))  # as Toil's release does, under the lock
+        holder = start_holder(children, base)  # makes and holds the new file
+        try:
+            with pytest.raises(LockTimeout):
+                with global_mutex(base, "m", timeout=0):
+                    pass
+        finally:
+            release(holder)
+    finally:
+        retire_mutex_files()
+        robust_rmtree(top)
+
+
+@pytest.mark.usefixtures("fresh_directory_checks")
+def test_in_a_directory_others_may_write_a_renamed_lock_file_is_looked_up(tmp_path, children):
+    # A group-writable directory without the sticky bit is accepted (with a
+    # warning), and its group may rename our lock file away: it keeps its
+    # one link, elsewhere, while a new holder holds a new file at the name.
+    base = tmp_path / "base"
+    base.mkdir()
+    os.chmod(base, 0o775)
+    with global_mutex(base, "m"):
+        pass  # kept open
+    os.rename(base / MUTEX_FILE, base / "aside")  # as a member of the group could
+    holder = start_holder(children, base)
+    try:
+        with pytest.raises(LockTimeout):
+            with global_mutex(base, "m", timeout=0):
+                pass
+    finally:
+        release(holder)
+    os.unlink(base / "aside")
+
+
 # ------------------------------------------------- what the lock file is
 
 

@@ -43,14 +43,19 @@ class Folder:
     """A directory this process opened and checked: ``fd`` for ``dir_fd=``;
     ``path``, what it was opened as, for messages and the mount table only.
     Held by its users (``users``: the gates keeping lock files in it, and
-    callers for the time of one operation); closed when the last lets go."""
+    callers for the time of one operation); closed when the last lets go.
+    ``private``: nobody but its owner (this user or root) may rename or
+    remove its entries (not writable by others, or sticky). ``by_access``:
+    ``faccessat`` answers lookups here (see :func:`exists_in`)."""
 
-    __slots__ = ("path", "fd", "users")
+    __slots__ = ("path", "fd", "users", "private", "by_access")
 
-    def __init__(self, path: str, fd: int) -> None:
+    def __init__(self, path: str, fd: int, private: bool, by_access: bool) -> None:
         self.path = path
         self.fd = fd
         self.users = 0
+        self.private = private
+        self.by_access = by_access
 
     def __repr__(self) -> str:
         return f"Folder({self.path!r}, fd={self.fd})"
@@ -121,12 +126,19 @@ def renewing(folder: Folder, action: Callable[[Folder], T]) -> Tuple[Folder, T]:
 
 
 def exists_in(folder: Folder, name: str) -> bool:
-    """Whether anything (a symlink too) is at *name* in *folder*: a hint for
-    fairness (is a writer or a head announced?), so a lookup that fails for
-    any reason reads as nothing there; the caller's next step in *folder*
-    meets the fault itself. ``faccessat``, which answers without the cost
-    of an exception (a missing name is the common case)."""
-    return os.access(name, os.F_OK, dir_fd=folder.fd, effective_ids=True, follow_symlinks=False)
+    """Whether a file is at *name* in *folder*: a hint for fairness (is a
+    writer or a head announced?). Asked with a plain ``faccessat``, which
+    answers a missing name, the common case, without the cost of an
+    exception, where it was seen to work when the folder was opened (a
+    seccomp filter or an old libc can make it fail every time: then
+    ``stat``). A symlink counts as what it points to."""
+    if folder.by_access:
+        return os.access(name, os.F_OK, dir_fd=folder.fd)
+    try:
+        os.stat(name, dir_fd=folder.fd)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def regular_files_in(path: str) -> List[str]:
@@ -162,21 +174,22 @@ def _replaced(folder: Folder) -> bool:
 def _open_checked(path: str) -> Folder:
     fd = os.open(path, _OPEN_DIRECTORY)
     try:
-        _check(fd, path)
+        mode = _check(fd, path).st_mode
     except BaseException:
         os.close(fd)
         raise
-    return Folder(path, fd)
+    private = not mode & 0o022 or bool(mode & stat.S_ISVTX)
+    return Folder(path, fd, private, os.access(".", os.F_OK, dir_fd=fd))
 
 
-def _check(fd: int, path: str) -> None:
+def _check(fd: int, path: str) -> os.stat_result:
     """Raise unless the directory open as *fd* (opened as *path*) can hold
     this user's lock files: ForeignFileError (a PermissionError) for one of
     another user's (root's excepted), or one anyone may write that is not
     sticky (anyone could unlink a held lock file: two holders);
     UnsafeFilesystemError where locks cannot be trusted. One others may
     write, such as a sticky /tmp, is warned about once: they can plant
-    files where ours go, which are then refused."""
+    files where ours go, which are then refused. Returns its fstat."""
     info = os.fstat(fd)  # a directory: opened with O_DIRECTORY
     euid = os.geteuid()
     if info.st_uid not in (euid, 0):
@@ -201,6 +214,7 @@ def _check(fd: int, path: str) -> None:
             path,
         )
     ensure_filesystem_lockable(path, hint="Keep lock files on other storage.", dir_fd=fd)  # cached per device
+    return info
 
 
 def _close(folder: Folder) -> None:

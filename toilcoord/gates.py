@@ -328,16 +328,27 @@ def _still_linked(gate: _Gate, path: str) -> Optional[bool]:
 
 def _linked_by_count(gate: _Gate, opened: os.stat_result) -> bool:
     """True if the locked ``gate.fd`` (*opened*: its fstat after the lock)
-    is known to be the file at its name without looking the name up: on a
-    local filesystem, whose link counts are current, with its one link,
-    where no other user can add a link. A lock file has one link when
-    opened (a second is refused), is never renamed, and leaves its name
-    only by an unlink, which leaves it none; but had someone linked it
-    elsewhere first, one link would remain after the unlink, so where the
-    kernel lets anyone link it (``fs.protected_hardlinks = 0``) the name
-    is looked up. Its owner and root can still link or rename it:
-    documented, as for the directory."""
-    return opened.st_nlink == 1 and gate.network is False and hard_links_protected()
+    is known to be the file at its name without looking the name up.
+
+    A lock file has one link when opened (a second is refused), and
+    toilcoord never links or renames one: it leaves its name only by an
+    unlink, which on a local filesystem (whose link counts are current)
+    leaves it none. So one link means still at its name, where nobody else
+    can link or rename it: the folder is private (only its owner, this user
+    or root, may rename in it), and no other user may link the file (the
+    kernel refuses a link to a file its caller may not both read and write,
+    ``fs.protected_hardlinks = 1``, and the file is writable by its owner
+    alone: Toil makes its lock files with the umask's mode). Linked
+    elsewhere first, it would keep that link after the unlink at its name.
+    Everywhere else the name is looked up. Its owner and root can still
+    link or rename it: documented, as for the directory."""
+    return (
+        opened.st_nlink == 1
+        and gate.network is False
+        and not opened.st_mode & 0o022
+        and gate.folder.private  # type: ignore[union-attr]
+        and hard_links_protected()
+    )
 
 
 def _unlock(gate: _Gate) -> None:
