@@ -700,6 +700,18 @@ def test_a_stale_handle_makes_us_reopen(tmp_path, monkeypatch):
     assert left_after_exit(tmp_path) == []
 
 
+def a_new_holder_excludes_us(children, base):
+    """With the name's file gone (unlinked or renamed while kept open by
+    us), a new holder makes and holds the new file: we must see it held."""
+    holder = start_holder(children, base)
+    try:
+        with pytest.raises(LockTimeout):
+            with global_mutex(base, "m", timeout=0):
+                pass
+    finally:
+        release(holder)
+
+
 def test_where_anyone_may_link_it_a_lock_file_linked_elsewhere_is_looked_up(tmp_path, children, monkeypatch):
     # Where fs.protected_hardlinks is 0, another user may link our kept
     # lock file into a directory of theirs. After an unlink at its name (a
@@ -713,86 +725,71 @@ def test_where_anyone_may_link_it_a_lock_file_linked_elsewhere_is_looked_up(tmp_
         pass
     os.link(base / MUTEX_FILE, tmp_path / "theirs")
     os.unlink(base / MUTEX_FILE)  # as a holder leaving would, under the lock
-    holder = start_holder(children, base)  # makes and holds the new file
-    try:
-        with pytest.raises(LockTimeout):
-            with global_mutex(base, "m", timeout=0):
-                pass
-    finally:
-        release(holder)
+    a_new_holder_excludes_us(children, base)
     os.unlink(tmp_path / "theirs")
     with global_mutex(base, "m"):
         assert take_over(str(base / MUTEX_FILE)) is None, "we hold the file linked at the name"
     assert left_after_exit(base) == []
 
 
-def test_no_other_user_can_link_a_lock_file_where_the_kernel_protects_links(other_user):
-    # What lets an acquirer trust a lock file's link count (see above).
+@pytest.fixture
+def reachable(other_user):
+    """(top, base): top like /tmp (anyone may make a link in it), base/ in
+    it, root's but anyone may reach its files; the kernel protects links
+    here (else skip). Removed after."""
     if not mounts_module.hard_links_protected():
-        pytest.skip("fs.protected_hardlinks is 0 here: lock files are looked up at their names instead")
+        pytest.skip("fs.protected_hardlinks is 0 here: every lock file is looked up at its name")
     top = tempfile.mkdtemp(prefix="toilcoord-test-")
     try:
-        os.chmod(top, 0o1777)  # like /tmp: anyone may make a link in it
+        os.chmod(top, 0o1777)
         base = os.path.join(top, "base")
-        os.mkdir(base, 0o755)  # anyone may reach the lock file
-        with global_mutex(base, "m"):
-            pass
-
-        def link_it_as_them():
-            os.setgroups([])
-            os.setgid(other_user[1])
-            os.setuid(other_user[0])
-            try:
-                os.link(os.path.join(base, MUTEX_FILE), os.path.join(top, "theirs"))
-            except PermissionError:
-                return True
-            return False
-
-        assert run_in_fork(link_it_as_them) == 0, "another user linked our lock file"
-        assert os.stat(os.path.join(base, MUTEX_FILE)).st_nlink == 1
+        os.mkdir(base, 0o755)
+        yield top, base
     finally:
         retire_mutex_files()
         robust_rmtree(top)
 
 
-def test_a_lock_file_others_may_write_and_so_link_is_looked_up(other_user, children):
+def linked_by(user, source, target):
+    """Whether *user* could hard-link *source* to *target*."""
+
+    def link_it():
+        os.setgroups([])
+        os.setgid(user[1])
+        os.setuid(user[0])
+        try:
+            os.link(source, target)
+        except PermissionError:
+            return False
+        return True
+
+    return run_in_fork(link_it) == 0
+
+
+def test_no_other_user_can_link_a_lock_file_where_the_kernel_protects_links(reachable, other_user):
+    # What lets an acquirer trust a lock file's link count (see above).
+    top, base = reachable
+    with global_mutex(base, "m"):
+        pass
+    assert not linked_by(other_user, os.path.join(base, MUTEX_FILE), os.path.join(top, "theirs"))
+    assert os.stat(os.path.join(base, MUTEX_FILE)).st_nlink == 1
+
+
+def test_a_lock_file_others_may_write_and_so_link_is_looked_up(reachable, other_user, children):
     # Toil makes its lock files with the umask's mode: with umask 000 anyone
     # may read and write one, and so (even where the kernel protects links)
     # link it into a directory of theirs. After the unlink at its name (at
     # Toil's release) it keeps that link: its count alone would call it
     # ours still, while a new holder holds the new file at the name.
-    if not mounts_module.hard_links_protected():
-        pytest.skip("fs.protected_hardlinks is 0 here: every lock file is looked up at its name")
-    top = tempfile.mkdtemp(prefix="toilcoord-test-")
-    try:
-        os.chmod(top, 0o1777)  # like /tmp: anyone may make a link in it
-        base = os.path.join(top, "base")
-        os.mkdir(base, 0o755)  # anyone may reach the lock file
-        made = os.open(os.path.join(base, MUTEX_FILE), os.O_CREAT | os.O_WRONLY)
-        os.fchmod(made, 0o666)  # as Toil makes it under umask 000
-        os.close(made)
-        with global_mutex(base, "m"):
-            pass  # ours now, kept open
-
-        def link_it_as_them():
-            os.setgroups([])
-            os.setgid(other_user[1])
-            os.setuid(other_user[0])
-            os.link(os.path.join(base, MUTEX_FILE), os.path.join(top, "theirs"))
-            return True
-
-        assert run_in_fork(link_it_as_them) == 0, "the kernel let them link a file they may read and write"
-        os.unlink(os.path.join(base, MUTEX_FILE))  # as Toil's release does, under the lock
-        holder = start_holder(children, base)  # makes and holds the new file
-        try:
-            with pytest.raises(LockTimeout):
-                with global_mutex(base, "m", timeout=0):
-                    pass
-        finally:
-            release(holder)
-    finally:
-        retire_mutex_files()
-        robust_rmtree(top)
+    top, base = reachable
+    made = os.open(os.path.join(base, MUTEX_FILE), os.O_CREAT | os.O_WRONLY)
+    os.fchmod(made, 0o666)  # as Toil makes it under umask 000
+    os.close(made)
+    with global_mutex(base, "m"):
+        pass  # ours now, kept open
+    assert linked_by(other_user, os.path.join(base, MUTEX_FILE), os.path.join(top, "theirs"))
+    os.unlink(os.path.join(base, MUTEX_FILE))  # as Toil's release does, under the lock
+    a_new_holder_excludes_us(children, base)
 
 
 @pytest.mark.usefixtures("fresh_directory_checks")
@@ -806,13 +803,7 @@ def test_in_a_directory_others_may_write_a_renamed_lock_file_is_looked_up(tmp_pa
     with global_mutex(base, "m"):
         pass  # kept open
     os.rename(base / MUTEX_FILE, base / "aside")  # as a member of the group could
-    holder = start_holder(children, base)
-    try:
-        with pytest.raises(LockTimeout):
-            with global_mutex(base, "m", timeout=0):
-                pass
-    finally:
-        release(holder)
+    a_new_holder_excludes_us(children, base)
     os.unlink(base / "aside")
 
 
