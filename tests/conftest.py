@@ -280,9 +280,15 @@ def mount_line(number, mount_point, fstype, super_options, options="rw,relatime"
 
 
 @pytest.fixture
-def fake_mounts(tmp_path):
+def fake_mounts(tmp_path, monkeypatch):
     """A fake mountinfo: / is ext4 and directories under tmp_path are other
-    filesystems. Returns (root, mountinfo path)."""
+    filesystems. Returns (root, mountinfo path). What the process learns of
+    a device while a test reads the fake table is forgotten after it: read
+    through the fake table, the real device of tmp_path (on the NFS rig, an
+    NFS mount) would otherwise stay "local" for the tests that follow."""
+    from toilcoord import mounts
+
+    monkeypatch.setattr(mounts, "_stale_names", {})
     root = os.path.realpath(str(tmp_path))
     for name in ("nfs", "nfs-local", "nfs/tmp", "my dir", "stacked", "lustre", "ceph", "unknown", "nfsdir"):
         os.makedirs(os.path.join(root, name))

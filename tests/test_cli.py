@@ -238,6 +238,7 @@ def test_unsafe_filesystem_is_a_failing_check_with_advice(tmp_path, monkeypatch,
         f"90 27 0:99 / {scratch} rw,relatime - ceph 10.0.0.1:6789:/ rw,name=admin\n"
     )
     monkeypatch.setattr(mounts, "_MOUNTINFO", str(fake))
+    monkeypatch.setattr(mounts, "_stale_names", {})  # learnt from the fake table: forgotten after
     monkeypatch.setattr(locks, "_lockable_devices", {})
     assert main(["--dir", str(scratch)]) == 1
     out = capsys.readouterr().out
