@@ -225,7 +225,7 @@ def _readers_to_hold_off(gate: _Gate, deadline: Optional[float]) -> bool:
 
 
 def lock_file_exists(directory: str, name: str) -> bool:
-    """Whether anything is at *name* in the absolute *directory*, looked up
+    """Whether a file is at *name* in the absolute *directory*, looked up
     relative to its checked folder (a hint: see :func:`.folders.exists_in`)."""
     folder = hold_folder(directory)
     try:
