@@ -324,3 +324,19 @@ def test_a_writer_beside_a_reader_or_a_writer_is_caught():
 def test_torn_journal_records_are_counted_not_misread():
     data = journal("i1 mutex") + b"@i2 ran i1.d" + journal("i3 mutex")
     assert "1 torn" in verdict(data, "no worker errors").detail
+
+
+@pytest.mark.parametrize("cut", [b"@", b"@i", b"@i1", b"@i17", b"@i17 ar", b"@i17 arena-entered i17.a1"])
+def test_a_record_cut_by_a_kill_anywhere_even_in_its_writers_name_is_expected(cut):
+    # A SIGKILL ends a write at a page boundary of the file, which may fall
+    # inside the writer's name: "@i1" of "@i17 ...", while i1 lives on.
+    killed = journal("i1 mutex", "i17 mutex") + cut + journal("sup killed i17 3 random", "i1 mutex")
+    detail = verdict(killed, "no worker errors").detail
+    assert "0 torn journal records (and 1 cut short by SIGKILL)" in detail
+    nobody_killed = journal("i1 mutex", "i17 mutex") + cut + journal("i1 mutex")
+    assert "1 torn" in verdict(nobody_killed, "no worker errors").detail
+
+
+def test_a_record_with_a_line_break_inside_is_torn_even_by_a_killed_writer():
+    data = journal("i17 mutex") + b"@i17 ran\ni1.d\n" + journal("sup killed i17 3 random")
+    assert "1 torn" in verdict(data, "no worker errors").detail

@@ -23,7 +23,8 @@ How the evidence survives the kills
 Everything is recorded in one journal opened with O_APPEND, one short
 record per ``os.write``: the kernel orders the writes, so the journal is a
 linearisation of what happened, and a SIGKILL loses at most the record being
-written (torn records are counted and ignored). Each record starts with its
+written (torn records are counted and ignored; a write cut short by a
+SIGKILL may end inside its writer's name). Each record starts with its
 writer's *incarnation* (the unique id of one worker process; ``sup`` is the
 supervisor, ``final`` the final checks). Facts used below:
 

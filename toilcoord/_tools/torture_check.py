@@ -65,8 +65,11 @@ class _Journal:
         pos = 0
         for piece in pieces[1:]:
             fields = piece[:-1].decode("utf-8", "replace").split(" ")
+            if b"\n" not in piece:  # cut short: its writer field is whole or cut too
+                torn.append(piece.decode("utf-8", "replace").split(" ")[0])
+                continue
             if not piece.endswith(b"\n") or b"\n" in piece[:-1] or len(fields) < 2:
-                torn.append(fields[0])
+                torn.append("?")  # not a cut: no SIGKILL explains it
                 continue
             writer, kind = sys.intern(fields[0]), sys.intern(fields[1])
             self.last[writer] = pos
@@ -79,8 +82,14 @@ class _Journal:
         self.killed = {event.args[0]: event.pos for event in self.of("killed") if event.writer == "sup"}
         # A SIGKILL can cut a write short (between two pages of the file):
         # only a torn record of a process that was killed is expected.
-        self.torn = sum(writer not in self.killed for writer in torn)
+        self.torn = sum(not self._cut_by_a_kill(writer) for writer in torn)
         self.torn_by_killed = len(torn) - self.torn
+
+    def _cut_by_a_kill(self, writer: str) -> bool:
+        """Whether a torn record's writer field can be a killed process's.
+        The cut can fall inside the name itself ("@i1" of "@i17 ..."), so a
+        prefix of a killed incarnation's name counts too."""
+        return writer in self.killed or any(killed.startswith(writer) for killed in self.killed)
 
     def of(self, kind: str) -> List[_Event]:
         return self.by_kind.get(kind, [])
