@@ -267,6 +267,16 @@ def test_process_names_read_wrong_either_way_are_caught():
     ).held
 
 
+def test_a_name_read_dead_while_its_owner_gives_it_up_is_not_a_violation():
+    # A stopping worker removes its name file, then records "stopped": a
+    # probe in between rightly reads it dead (its owner wrote after).
+    head = ("i1 name toil-proc-1", "i2 name toil-proc-2", "i2 polling")
+    stopping = journal(*head, "i1 unnaming", "i2 poll toil-proc-1 0", "i1 stopped")
+    assert verdict(stopping, "process names").held
+    before = journal(*head, "i2 poll toil-proc-1 0", "i1 unnaming", "i1 stopped")
+    assert not verdict(before, "process names").held
+
+
 def test_a_slot_held_by_two_at_once_is_caught():
     fine = journal(
         "i1 slots-held 0 3",

@@ -369,9 +369,11 @@ def _check_deferred(journal: _Journal) -> Invariant:
 
 def _check_names(journal: _Journal) -> Invariant:
     """A probe happens between its poller's "polling" record and its own
-    "poll" record: "dead" is wrong if the owner wrote after the latter,
-    "alive" is wrong if the owner was reaped before the former."""
+    "poll" record: "dead" is wrong if the owner wrote after the latter and
+    had not begun to give its names up before it ("unnaming", as a worker
+    stops), "alive" is wrong if the owner was reaped before the former."""
     owners = {event.args[0]: event.writer for event in journal.of("name")}
+    unnaming = {event.writer: event.pos for event in journal.of("unnaming")}
     polls = journal.of("poll")
     bad = list(journal.violations("names-"))
     started: Dict[str, int] = {}  # poller -> position of its latest "polling" record
@@ -383,7 +385,7 @@ def _check_names(journal: _Journal) -> Invariant:
         owner = owners.get(name)
         if owner is None:
             continue  # its owner was killed before it could say its name
-        if not alive and journal.alive_after(owner, poll.pos):
+        if not alive and journal.alive_after(owner, poll.pos) and unnaming.get(owner, poll.pos) >= poll.pos:
             bad.append(_Event(poll.pos, poll.writer, "violation", ("names-live-read-dead", name)))
         elif alive and owner in journal.killed and journal.killed[owner] < started.get(poll.writer, -1):
             bad.append(_Event(poll.pos, poll.writer, "violation", ("names-dead-read-alive", name)))

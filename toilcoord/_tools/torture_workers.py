@@ -147,6 +147,7 @@ class _Worker:
         if self.immortal:
             record("fds end %d" % fd_count())
         self.manager.close()
+        record("unnaming")  # from here on a probe may rightly read our name as dead
         destroy_all_process_names()
         record("stopped")
 
