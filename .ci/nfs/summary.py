@@ -75,7 +75,7 @@ def main(logs: str, headline: str) -> int:
             print(f"{'ok  ' if e['status'] == 0 else 'FAIL'}  {e['label']} ({e['seconds']} s): {e['note']}")
             shown = e["detail"] if e["status"] else [d for d in e["detail"] if d.startswith("filesystem:")]
             for d in shown[:12]:
-                print(f"        {d[:200]}")
+                print(f"        {d[:600]}")
             if e["status"] and len(e["detail"]) > 12:
                 print(f"        ... {len(e['detail']) - 12} more")
         elif e["kind"] == "race":

@@ -7,6 +7,7 @@ in torture.py and beside each check.
 from __future__ import annotations
 
 import bisect
+import collections
 import heapq
 import sys
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
@@ -110,7 +111,16 @@ def _owner(ident: str) -> str:
 
 
 def _first(events: Sequence[_Event]) -> str:
-    return "; first: %s %s %s" % (events[0].writer, events[0].kind, " ".join(events[0].args)) if events else ""
+    """The first of *events* (violations), after their count per kind."""
+    if not events:
+        return ""
+    kinds = collections.Counter(event.args[0] if event.kind == "violation" else event.kind for event in events)
+    return "; %s; first: %s %s %s" % (
+        ", ".join("%s %d" % kind for kind in sorted(kinds.items())),
+        events[0].writer,
+        events[0].kind,
+        " ".join(events[0].args),
+    )
 
 
 def _orphans_of_the_living(journal: _Journal, kind: str) -> List[_Event]:
