@@ -97,7 +97,19 @@ def test_long_torture_run_holds_every_invariant(tmp_path):
     assert all(line.startswith("ok") for line in invariant_lines(done.stdout)), done.stdout
 
 
-@pytest.mark.parametrize("args", [["--procs", "1"], ["--seconds", "0"], ["--procs", "x"]])
+@pytest.mark.timeout(120)
+def test_lifetime_sets_how_long_killable_workers_live(tmp_path):
+    # 3 killable workers living 2 s on average: one killed every 0.67 s
+    # (the default 0.2 s would kill one every 0.07 s, some 45 in 3 s).
+    done = torture(tmp_path, "--seconds", "3", "--procs", "4", "--lifetime", "2", "--seed", str(SEED), timeout=100)
+    assert done.returncode == 0, done.stdout + done.stderr
+    kills = int(re.search(r"SIGKILLed (\d+) workers", done.stdout).group(1))
+    assert 2 <= kills <= 12, done.stdout
+
+
+@pytest.mark.parametrize(
+    "args", [["--procs", "1"], ["--seconds", "0"], ["--procs", "x"], ["--lifetime", "0"], ["--lifetime", "-1"]]
+)
 def test_bad_torture_arguments_are_one_line_usage_errors(tmp_path, args):
     done = torture(tmp_path, *args, timeout=60)
     assert done.returncode == 2 and done.stdout == ""

@@ -72,6 +72,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--split-dir",
         help="--dir seen through another mount (another NFS client of the same export): half of the workers use it",
     )
+    torture.add_argument(
+        "--lifetime",
+        type=float,
+        default=0.2,
+        help="mean life in seconds of a worker that may be killed (default 0.2; longer where each operation "
+        "takes milliseconds, as on NFS between machines, or workers die starting)",
+    )
     status = commands.add_parser("status", help="show who holds what in a coordination directory (read-only)")
     status.add_argument("--dir", dest="status_dir", required=True, help="the coordination directory to show")
     status.add_argument("--json", dest="sub_json", action="store_true", help="print one JSON document")
@@ -149,15 +156,16 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _torture(args: argparse.Namespace) -> int:
-    if args.procs < 2 or not args.seconds > 0:
+    if args.procs < 2 or not args.seconds > 0 or not args.lifetime > 0:
         raise UsageError(
-            f"torture needs --procs of at least 2 and --seconds above 0, not {args.procs} and {args.seconds}"
+            "torture needs --procs of at least 2 and --seconds and --lifetime above 0, "
+            f"not {args.procs}, {args.seconds} and {args.lifetime}"
         )
     directory = _usable_directory(args.sub_dir or args.dir)
     if args.split_dir is not None and directory is None:
         raise UsageError("torture --split-dir needs --dir: the same directory through another mount")
     torture = _tool("torture").main
-    return torture(directory, args.seconds, args.procs, args.seed, args.split_dir)
+    return torture(directory, args.seconds, args.procs, args.seed, args.split_dir, args.lifetime)
 
 
 def _smoke_command(args: argparse.Namespace) -> int:

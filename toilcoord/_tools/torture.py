@@ -368,7 +368,7 @@ def run_torture(
     procs: int = 4,
     seed: object = None,
     progress_bound: float = 60.0,
-    kill_interval: Optional[float] = None,
+    lifetime: float = _LIFETIME,
     say: Callable[[str], None] = print,
     split_dir: Optional[str] = None,
 ) -> bool:
@@ -382,9 +382,11 @@ def run_torture(
     worker sees coherently.
 
     *procs* workers (at least 2; a quarter of them, at least one, are never
-    killed) run for *seconds*; one of the others is SIGKILLed every
-    *kill_interval* seconds on average (default: each one lives about a
-    fifth of a second, long enough for dozens of operations). Returns True iff every invariant held; then the subdirectory
+    killed) run for *seconds*; each of the others is SIGKILLed after
+    *lifetime* seconds on average (default: a fifth of a second, long
+    enough for dozens of operations on a local disk; storage where an
+    operation takes milliseconds needs longer, or workers die starting).
+    Returns True iff every invariant held; then the subdirectory
     is removed, else it is kept for the post-mortem and its path printed.
     """
     import shutil
@@ -392,12 +394,12 @@ def run_torture(
 
     if procs < 2:
         raise ValueError("the torture needs at least 2 processes (one is never killed), not %d" % procs)
-    if not seconds > 0:
-        raise ValueError("the torture needs a positive number of seconds, not %r" % (seconds,))
+    if not seconds > 0 or not lifetime > 0:
+        raise ValueError("the torture needs positive seconds and lifetime, not %r and %r" % (seconds, lifetime))
     if seed is None:
         seed = random.randrange(1 << 32)
     killable = procs - max(1, procs // 4)
-    kill_interval = kill_interval if kill_interval is not None else _LIFETIME / killable
+    kill_interval = lifetime / killable
     if split_dir is None:
         layout = Layout.make(tempfile.mkdtemp(prefix="toilcoord-torture-", dir=directory))
     else:
@@ -435,10 +437,17 @@ def run_torture(
     return held
 
 
-def main(directory: Optional[str], seconds: float, procs: int, seed: object, split_dir: Optional[str] = None) -> int:
+def main(
+    directory: Optional[str],
+    seconds: float,
+    procs: int,
+    seed: object,
+    split_dir: Optional[str] = None,
+    lifetime: float = _LIFETIME,
+) -> int:
     """``python -m toilcoord torture``: exit status 0 iff every invariant held."""
 
     def say(line: str) -> None:
         print(line, flush=True)
 
-    return 0 if run_torture(directory, seconds, procs, seed, say=say, split_dir=split_dir) else 1
+    return 0 if run_torture(directory, seconds, procs, seed, lifetime=lifetime, say=say, split_dir=split_dir) else 1
