@@ -990,6 +990,33 @@ with manager.open() as defer:
     DeferredFunctionManager.cleanupWorker(base)  # nothing there: nothing to do
 
 
+@pytest.mark.parametrize("removed_through", ["this mount", "another client"])
+def test_state_directory_removed_before_the_new_file_is_made_again(
+    base, out, dfhelpers, monkeypatch, request, removed_through
+):
+    # A cleanupWorker removes the directory, empty, between the newcomer's
+    # check of it and its create there: locally the create fails with
+    # ENOENT; on NFS, removed through another client, with ESTALE (seen in
+    # the NFS rig's run of test_cleanup_worker_racing_newcomers_never_breaks_them).
+    import toilcoord.deferred as deferred
+
+    twin_of = request.getfixturevalue("through_another_client") if removed_through == "another client" else str
+    made = deferred._make_state_dir
+    removed = []
+
+    def made_then_removed(path):
+        fd = made(path)
+        if not removed:
+            os.rmdir(twin_of(path))
+            removed.append(path)
+        return fd
+
+    monkeypatch.setattr(deferred, "_make_state_dir", made_then_removed)
+    with DeferredFunctionManager(base) as manager, manager.open() as defer:
+        defer(dfhelpers.record, out, "ran")
+    assert removed and lines(out) == ["ran"]
+
+
 CHURN = """
 import sys
 import dfhelpers

@@ -277,8 +277,10 @@ def _new_state_file(state_dir: str, prefix: str) -> Tuple[HeldFile, int]:
             continue
         try:
             held = HeldFile.create(state_dir, prefix=prefix, mode=_STATE_FILE_MODE, dir_fd=dir_fd)
-        except FileNotFoundError:
-            continue  # removed by a cleanupWorker while empty: make it again
+        except OSError as error:
+            if error.errno not in (errno.ENOENT, errno.ESTALE):
+                raise
+            continue  # removed by a cleanupWorker while empty (on NFS, a stale handle): make it again
         finally:
             os.close(dir_fd)  # the held file keeps a copy
         try:
