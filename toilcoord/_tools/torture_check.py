@@ -90,7 +90,7 @@ class _Journal:
         """Whether a torn record's writer field can be a killed process's.
         The cut can fall inside the name itself ("@i1" of "@i17 ..."), so a
         prefix of a killed incarnation's name counts too."""
-        return writer in self.killed or any(killed.startswith(writer) for killed in self.killed)
+        return any(killed.startswith(writer) for killed in self.killed)
 
     def of(self, kind: str) -> List[_Event]:
         return self.by_kind.get(kind, [])
