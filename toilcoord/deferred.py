@@ -60,6 +60,9 @@ _STATE_FILE_MODE = 0o600
 # A concurrent cleanupWorker removes the (empty) state directory at most
 # once between our mkdir and our create, so a few attempts are plenty.
 _CREATE_ATTEMPTS = 100
+#: What a create or open in a directory another process just removed raises:
+#: ENOENT, or on NFS, where the directory's handle is stale, ESTALE.
+_REMOVED_MEANWHILE = (errno.ENOENT, errno.ESTALE)
 
 _reported_untrusted: set = set()
 _reported_foreign: set = set()
@@ -278,7 +281,7 @@ def _new_state_file(state_dir: str, prefix: str) -> Tuple[HeldFile, int]:
         try:
             held = HeldFile.create(state_dir, prefix=prefix, mode=_STATE_FILE_MODE, dir_fd=dir_fd)
         except OSError as error:
-            if error.errno not in (errno.ENOENT, errno.ESTALE):
+            if error.errno not in _REMOVED_MEANWHILE:
                 raise
             continue  # removed by a cleanupWorker while empty (on NFS, a stale handle): make it again
         finally:
@@ -288,7 +291,7 @@ def _new_state_file(state_dir: str, prefix: str) -> Tuple[HeldFile, int]:
             write_fd = _open_for_writing(held.name, held.fd, held.dir_fd)
         except OSError as error:
             held.release()
-            if error.errno not in (errno.ENOENT, errno.ESTALE):
+            if error.errno not in _REMOVED_MEANWHILE:
                 raise
             continue  # removed meanwhile (on NFS, a stale handle): make another
         except BaseException:

@@ -65,10 +65,10 @@ class _Journal:
             torn.append("?")
         pos = 0
         for piece in pieces[1:]:
-            fields = piece[:-1].decode("utf-8", "replace").split(" ")
             if b"\n" not in piece:  # cut short: its writer field is whole or cut too
                 torn.append(piece.decode("utf-8", "replace").split(" ")[0])
                 continue
+            fields = piece[:-1].decode("utf-8", "replace").split(" ")
             if not piece.endswith(b"\n") or b"\n" in piece[:-1] or len(fields) < 2:
                 torn.append("?")  # not a cut: no SIGKILL explains it
                 continue
