@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -95,6 +96,35 @@ def test_a_hung_cleanup_is_killed_at_its_timeout_and_the_rest_still_cleaned(tmp_
     assert done.stderr.count("\n") == 1 and "timed out after 2 s" in done.stderr and str(hung) in done.stderr
     assert f"{fine}: mutexes: removed 1 lock files left by dead holders" in done.stdout
     assert _marked(marker) == [], "the killed cleanup left no process behind"
+
+
+def test_a_signal_kills_the_cleanups_children_at_once_not_at_the_timeout(tmp_path, children):
+    # Regression: SIGTERM to a cleanup whose child hung exited only at
+    # --timeout (measured: 30.2 s with --timeout 30), the child running
+    # until then.
+    (tmp_path / "stuck-arena-live").write_text("")
+    holder = children.python(
+        HOLD_MUTEX, str(tmp_path), "stuck-arena-lock", stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert holder.stdout.readline().strip() == b"held"
+    marker = f"{os.getpid()}-{os.urandom(4).hex()}"
+    command = subprocess.Popen(
+        [sys.executable, "-m", "toilcoord", "cleanup", "--dir", str(tmp_path), "--timeout", "600"],
+        cwd=ROOT,
+        env=child_env(TOILCOORD_CLEANUP_MARK=marker),
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(1000):  # until the command has forked its child (bounded: 10 s)
+            if len(_marked(marker)) == 2:
+                break
+            time.sleep(0.01)
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        command.kill()
+        command.wait()
+    assert _marked(marker) == [], "the child went with the command"
 
 
 def test_a_full_filesystem_is_one_line_per_failure_and_the_rest_still_runs(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from .arena import LastProcessStandingArena
 from .files import robust_rmtree
 from .mutex import global_mutex, retire_mutex_files
 from .procnames import destroy_all_process_names, get_process_name, process_name_exists
+from .watchdog import Interruption
 
 __all__ = ["CHECKS", "CheckResult", "import_root", "run_checks", "smoke_check"]
 
@@ -79,28 +81,16 @@ def smoke_check(
     moment, that group is killed, the child reaped, the scratch directory
     removed, and SystemExit(128 + signal) raised: nothing is left behind.
     """
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, _exit_on) for signum in signals}
-    scratch = runner = None
-    try:
+    with Interruption() as interruption:
         scratch = tempfile.mkdtemp(prefix="toilcoord-smoke-", dir=directory)
-        runner = _Runner(scratch)
-        return runner.results(on_result)
-    finally:
-        signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # the cleanup below is not interrupted
         try:
-            if runner is not None:
+            runner = _Runner(scratch, interruption)
+            try:
+                return runner.results(on_result, interruption.fd)
+            finally:
                 runner.stop()
-            if scratch is not None:
-                _remove_scratch(scratch)
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # a pending signal now acts as the caller set
-
-
-def _exit_on(signum: int, _: object) -> None:
-    raise SystemExit(128 + signum)
+            _remove_scratch(scratch)
 
 
 def _remove_scratch(scratch: str) -> None:
@@ -114,32 +104,27 @@ class _Runner:
     """The checks in a forked child leading its own process group; each
     result comes back as a JSON line on a pipe."""
 
-    def __init__(self, scratch: str) -> None:
+    def __init__(self, scratch: str, interruption: Interruption) -> None:
         self._read, write = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.pid = os.fork()
+        self.pid = interruption.fork_group()
         if self.pid == 0:  # pragma: no cover - the child
             code = 1
             try:
-                os.setpgid(0, 0)
                 os.close(self._read)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent's handlers are not ours
-                for result in run_checks(scratch):
-                    os.write(write, json.dumps(result._asdict()).encode() + b"\n")
+                run_checks(scratch, lambda result: os.write(write, json.dumps(result._asdict()).encode() + b"\n"))
                 code = 0
             finally:
                 os._exit(code)
-        try:
-            os.setpgid(self.pid, self.pid)  # whichever of us runs first
-        except OSError:
-            pass
         os.close(write)
         self.reaped = False
 
-    def results(self, on_result: Optional[Callable[[CheckResult], None]]) -> List[CheckResult]:
+    def results(self, on_result: Optional[Callable[[CheckResult], None]], interrupted: int) -> List[CheckResult]:
+        """The results, as they come, until the runner is done, or until
+        the file descriptor *interrupted* is readable (then those so far)."""
         results, buffer = [], b""
         while True:
+            if interrupted in select.select([self._read, interrupted], [], [])[0]:
+                return results
             chunk = os.read(self._read, 65536)
             if not chunk:
                 break
@@ -155,21 +140,19 @@ class _Runner:
         return results
 
     def stop(self, patience: float = 10) -> None:
-        """Kill the runner's group, reap the runner, and wait (boundedly)
-        for its helpers to be gone, so that their files can be removed."""
+        """Kill the runner's group, reap the runner, and wait (at most
+        *patience* seconds) for its helpers to be gone, so that their files
+        can be removed; one stuck in the kernel is left to init."""
         os.close(self._read)
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if not self.reaped:
-            os.waitpid(self.pid, 0)
         deadline = time.monotonic() + patience
         while time.monotonic() < deadline:
             try:
                 os.killpg(self.pid, signal.SIGKILL)  # helpers still dying (init reaps them)
             except ProcessLookupError:
-                return
+                if self.reaped:
+                    return
+            if not self.reaped:
+                self.reaped = os.waitpid(self.pid, os.WNOHANG)[0] != 0
             time.sleep(0.01)
 
 

@@ -17,7 +17,7 @@ import select
 import signal
 import sys
 import time
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence
 
 __all__ = ["Watched", "describe_error", "run_watched"]
 
@@ -42,18 +42,12 @@ class Watched(NamedTuple):
 class _Child:
     """A forked child in a process group of its own, sending JSON lines."""
 
-    def __init__(self, job: Callable[[Callable[[dict], None]], int]) -> None:
+    def __init__(self, job: Callable[[Callable[[dict], None]], int], interruption: Interruption) -> None:
         read, write = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.pid = os.fork()
+        self.pid = interruption.fork_group()
         if self.pid == 0:  # pragma: no cover - the child; its status is the result
             os.close(read)
             _run_child(job, write)
-        try:
-            os.setpgid(self.pid, self.pid)  # also done by the child: whichever runs first
-        except OSError:
-            pass  # it has exited already
         os.close(write)
         self.fd, self.buffer, self.events = read, b"", []  # type: int, bytes, List[dict]
         self.status: Optional[int] = None
@@ -86,7 +80,6 @@ class _Child:
 def _run_child(job: Callable[[Callable[[dict], None]], int], write: int) -> None:  # pragma: no cover
     code = 1
     try:
-        os.setpgid(0, 0)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # nothing of the caller's (its pipes) is held by a hung child
             os.dup2(null, fd)
@@ -124,47 +117,107 @@ def run_watched(jobs: Sequence[Callable[[Callable[[dict], None]], int]], timeout
     of its own with stdin, stdout and stderr on /dev/null. A job gets a
     ``send(dict)`` to report with and returns its exit status. Children
     still running after *timeout* seconds are killed with their groups; so
-    are all of them if this process gets SIGINT, SIGTERM or SIGHUP (which
-    then exits with 128 + the signal)."""
+    are all of them, at once, if this process gets SIGINT, SIGTERM or SIGHUP
+    (which then exits with 128 + the signal, see `Interruption`)."""
     deadline = time.monotonic() + timeout
     children: List[_Child] = []
-    previous = _raise_on_signals()
-    try:
-        children.extend(_Child(job) for job in jobs)
-        _read_until(children, deadline)
-    finally:
-        for child in children:
-            child.finish(deadline)
-        _restore_signals(previous)
+    with Interruption() as interruption:
+        try:
+            for job in jobs:
+                children.append(_Child(job, interruption))
+            _read_until(children, deadline, interruption)
+        finally:
+            for child in children:
+                child.finish(time.monotonic() if interruption.signum else deadline)
     return [Watched(child.events, child.status) for child in children]
 
 
-def _read_until(children: List[_Child], deadline: float) -> None:
+def _read_until(children: List[_Child], deadline: float, interruption: Interruption) -> None:
     open_ = {child.fd: child for child in children}
-    while open_:
+    while open_ and interruption.signum is None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return
-        readable, _, _ = select.select(list(open_), [], [], remaining)
+        readable, _, _ = select.select([*open_, interruption.fd], [], [], remaining)
         for fd in readable:
-            if not open_[fd].read():
+            if fd in open_ and not open_[fd].read():
                 del open_[fd]
 
 
+class Interruption:
+    """SIGINT, SIGTERM and SIGHUP, for as long as the ``with`` block runs:
+    the first one is remembered (`signum`), every process group forked by
+    `fork_group` is SIGKILLed at once, `fd` becomes readable (for ``select``),
+    and leaving the block raises ``SystemExit(128 + signum)``.
+
+    The handler never raises: a signal cannot cut the block's own cleanup
+    short, or strike between a fork and the line that remembers the child,
+    the windows in which a raising handler leaks a child or a directory.
+    Outside the main thread nothing is installed (signals stay the
+    caller's business) and `fd` never becomes readable."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._groups: List[int] = []
+        self._previous: dict = {}
+        self.fd, self._wake = os.pipe()
+
+    def __enter__(self) -> Interruption:
+        try:
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in _SIGNALS}
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        os.close(self.fd)
+        os.close(self._wake)
+        if self.signum is not None:
+            raise SystemExit(128 + self.signum)
+
+    def fork_group(self) -> int:
+        """``os.fork()`` for a child that leads a process group of its own,
+        one to SIGKILL on a signal (at once, if one has come already). In
+        the child the signals are back to their defaults."""
+        sys.stdout.flush()  # nothing buffered is written twice
+        sys.stderr.flush()
+        # Blocked across the fork: the child must not run our handler.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                self._become_child(mask)
+                return 0
+            try:
+                os.setpgid(pid, pid)  # also done by the child: whichever runs first
+            except OSError:
+                pass  # it has exited already
+            self._groups.append(pid)
+            if self.signum is not None:
+                _kill_group(pid)
+            return pid
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def _become_child(self, mask: Iterable[int]) -> None:  # pragma: no cover - in the child
+        try:
+            os.setpgid(0, 0)
+            for signum in self._previous:
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            os.close(self.fd)
+            os.close(self._wake)
+        except BaseException:
+            os._exit(1)  # never back into the parent's code
+
+    def _handle(self, signum: int, _: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+            os.write(self._wake, b"!")
+        for pgid in self._groups:
+            _kill_group(pgid)
+
+
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _exit_on(signum: int, _: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _raise_on_signals() -> dict:
-    try:
-        return {signum: signal.signal(signum, _exit_on) for signum in _SIGNALS}
-    except ValueError:  # not the main thread: signals stay the caller's business
-        return {}
-
-
-def _restore_signals(previous: dict) -> None:
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
