@@ -76,6 +76,20 @@ def _marked(marker):
     return found
 
 
+def _kill_marked(marker):
+    for _ in range(1000):  # bounded: 10 s for the killed to be gone
+        found = _marked(marker)
+        if not found:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.01)
+    raise AssertionError(f"processes marked {marker} outlived SIGKILL: {found}")
+
+
 def test_a_hung_cleanup_is_killed_at_its_timeout_and_the_rest_still_cleaned(tmp_path, children):
     # The arena's mutex held by a stopped process: reaping that arena waits
     # for ever (as a hung NFS call would); the other directory is cleaned.
@@ -101,7 +115,7 @@ def test_a_hung_cleanup_is_killed_at_its_timeout_and_the_rest_still_cleaned(tmp_
 def test_a_signal_kills_the_cleanups_children_at_once_not_at_the_timeout(tmp_path, children):
     # Regression: SIGTERM to a cleanup whose child hung exited only at
     # --timeout (measured: 30.2 s with --timeout 30), the child running
-    # until then.
+    # until then. A SIGHUP ignored by the caller (nohup) stays ignored.
     (tmp_path / "stuck-arena-live").write_text("")
     holder = children.python(
         HOLD_MUTEX, str(tmp_path), "stuck-arena-lock", stdin=subprocess.PIPE, stdout=subprocess.PIPE
@@ -113,18 +127,63 @@ def test_a_signal_kills_the_cleanups_children_at_once_not_at_the_timeout(tmp_pat
         cwd=ROOT,
         env=child_env(TOILCOORD_CLEANUP_MARK=marker),
         stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # as under nohup
     )
     try:
         for _ in range(1000):  # until the command has forked its child (bounded: 10 s)
             if len(_marked(marker)) == 2:
                 break
             time.sleep(0.01)
+        assert len(_marked(marker)) == 2, "the command and its child"
+        command.send_signal(signal.SIGHUP)  # ignored: the first signal it acts on is SIGTERM
         command.send_signal(signal.SIGTERM)
         assert command.wait(timeout=30) == 128 + signal.SIGTERM
     finally:
         command.kill()
         command.wait()
+        _kill_marked(marker)  # if it failed: the child, in a process group of its own
     assert _marked(marker) == [], "the child went with the command"
+
+
+CLOSE_AND_LINGER = """
+import os, sys, time
+from toilcoord.watchdog import run_watched
+
+
+def job(send):
+    os.closerange(3, 4096)  # its pipe too: done, as far as the caller can see
+    other = os.fork()
+    if other == 0:
+        time.sleep(600)
+        os._exit(0)
+    os.setpgid(other, other)
+    os.setpgid(0, other)  # out of reach of the SIGKILL to its own group, as one stuck in the kernel is
+    with open(sys.argv[1], "w"):
+        pass
+    time.sleep(600)
+    return 0
+
+
+run_watched([job], 600)
+"""
+
+
+def test_a_signal_ends_the_wait_for_a_child_that_closed_its_pipe_but_lingers(tmp_path, children):
+    # Regression: the signal was recorded, but the wait for a child that
+    # SIGKILL does not end went on to the deadline (here 600 s).
+    ready = tmp_path / "closed"
+    marker = f"{os.getpid()}-{os.urandom(4).hex()}"
+    caller = children.python(CLOSE_AND_LINGER, str(ready), env=child_env(TOILCOORD_CLEANUP_MARK=marker))
+    try:
+        for _ in range(1000):  # bounded: 10 s
+            if ready.exists():
+                break
+            time.sleep(0.01)
+        assert ready.exists(), "the job closed its pipe"
+        caller.send_signal(signal.SIGTERM)
+        assert caller.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        _kill_marked(marker)  # the child the command abandoned, as it would one stuck in the kernel
 
 
 def test_a_full_filesystem_is_one_line_per_failure_and_the_rest_still_runs(tmp_path):

@@ -106,15 +106,13 @@ class _Runner:
 
     def __init__(self, scratch: str, interruption: Interruption) -> None:
         self._read, write = os.pipe()
-        self.pid = interruption.fork_group()
-        if self.pid == 0:  # pragma: no cover - the child
-            code = 1
-            try:
-                os.close(self._read)
-                run_checks(scratch, lambda result: os.write(write, json.dumps(result._asdict()).encode() + b"\n"))
-                code = 0
-            finally:
-                os._exit(code)
+
+        def child() -> int:  # pragma: no cover - in the child
+            os.close(self._read)
+            run_checks(scratch, lambda result: os.write(write, json.dumps(result._asdict()).encode() + b"\n"))
+            return 0
+
+        self.pid = interruption.fork_group(child)
         os.close(write)
         self.reaped = False
 
@@ -133,8 +131,11 @@ class _Runner:
                 results.append(CheckResult(**json.loads(line)))
                 if on_result is not None:
                     on_result(results[-1])
-        _, status = os.waitpid(self.pid, 0)
-        self.reaped = True
+        while not self.reaped:  # it is exiting: its last close may wait for the filesystem
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            self.reaped = pid != 0
+            if not self.reaped and select.select([interrupted], [], [], 0.01)[0]:
+                return results
         if status != 0 and len(results) < len(CHECKS):
             raise RuntimeError(f"the smoke check's runner died (wait status {status}) after {len(results)} checks")
         return results

@@ -44,10 +44,12 @@ class _Child:
 
     def __init__(self, job: Callable[[Callable[[dict], None]], int], interruption: Interruption) -> None:
         read, write = os.pipe()
-        self.pid = interruption.fork_group()
-        if self.pid == 0:  # pragma: no cover - the child; its status is the result
+
+        def child() -> int:  # pragma: no cover - in the child; its status is the result
             os.close(read)
-            _run_child(job, write)
+            return _run_child(job, write)
+
+        self.pid = interruption.fork_group(child)
         os.close(write)
         self.fd, self.buffer, self.events = read, b"", []  # type: int, bytes, List[dict]
         self.status: Optional[int] = None
@@ -60,25 +62,25 @@ class _Child:
         self.events.extend(json.loads(line) for line in lines if line)
         return bool(data)
 
-    def finish(self, deadline: float) -> None:
+    def finish(self, deadline: float, interruption: Interruption) -> None:
         """Reap the child, killing its process group if it is past
-        *deadline*; one stuck in the kernel is abandoned (init reaps it)."""
+        *deadline* or *interruption* has come; one stuck in the kernel is
+        abandoned (init reaps it)."""
         os.close(self.fd)
         while self.status is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 self.status = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
-            elif time.monotonic() >= deadline:
+            elif time.monotonic() >= deadline or interruption.signum is not None:
                 break
-            else:
-                time.sleep(0.01)  # exiting: its last close may wait for the filesystem
+            else:  # exiting: its last close may wait for the filesystem
+                select.select([interruption.fd], [], [], 0.01)
         if self.status is None:
             _kill_group(self.pid)
             _reap_briefly(self.pid)
 
 
-def _run_child(job: Callable[[Callable[[dict], None]], int], write: int) -> None:  # pragma: no cover
-    code = 1
+def _run_child(job: Callable[[Callable[[dict], None]], int], write: int) -> int:  # pragma: no cover
     try:
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # nothing of the caller's (its pipes) is held by a hung child
@@ -87,14 +89,13 @@ def _run_child(job: Callable[[Callable[[dict], None]], int], write: int) -> None
         def send(event: dict) -> None:
             os.write(write, json.dumps(event).encode() + b"\n")
 
-        code = job(send)
+        return job(send)
     except BaseException as error:
         try:
             os.write(write, json.dumps({"note": f"failed: {describe_error(error)}"}).encode() + b"\n")
         except BaseException:
             pass
-    finally:
-        os._exit(code)
+        return 1
 
 
 def _kill_group(pid: int) -> None:
@@ -128,7 +129,7 @@ def run_watched(jobs: Sequence[Callable[[Callable[[dict], None]], int]], timeout
             _read_until(children, deadline, interruption)
         finally:
             for child in children:
-                child.finish(time.monotonic() if interruption.signum else deadline)
+                child.finish(deadline, interruption)
     return [Watched(child.events, child.status) for child in children]
 
 
@@ -147,14 +148,15 @@ def _read_until(children: List[_Child], deadline: float, interruption: Interrupt
 class Interruption:
     """SIGINT, SIGTERM and SIGHUP, for as long as the ``with`` block runs:
     the first one is remembered (`signum`), every process group forked by
-    `fork_group` is SIGKILLed at once, `fd` becomes readable (for ``select``),
-    and leaving the block raises ``SystemExit(128 + signum)``.
+    `fork_group` is SIGKILLed at once, `fd` becomes readable (for
+    ``select``), and leaving the block raises ``SystemExit(128 + signum)``.
 
     The handler never raises: a signal cannot cut the block's own cleanup
     short, or strike between a fork and the line that remembers the child,
     the windows in which a raising handler leaks a child or a directory.
-    Outside the main thread nothing is installed (signals stay the
-    caller's business) and `fd` never becomes readable."""
+    A signal the caller ignores (``nohup``) stays ignored. Outside the main
+    thread nothing is installed (signals stay the caller's business) and
+    `fd` never becomes readable."""
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
@@ -164,23 +166,31 @@ class Interruption:
 
     def __enter__(self) -> Interruption:
         try:
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in _SIGNALS}
+            for signum in _SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread
             pass
         return self
 
     def __exit__(self, *_: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        os.close(self.fd)
-        os.close(self._wake)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)  # a second signal waits till all is put back
+        try:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+        finally:
+            os.close(self.fd)
+            os.close(self._wake)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if self.signum is not None:
             raise SystemExit(128 + self.signum)
 
-    def fork_group(self) -> int:
-        """``os.fork()`` for a child that leads a process group of its own,
-        one to SIGKILL on a signal (at once, if one has come already). In
-        the child the signals are back to their defaults."""
+    def fork_group(self, child: Callable[[], int]) -> int:
+        """Fork a child that leads a process group of its own, one to
+        SIGKILL on a signal (at once, if one has come already); return its
+        pid. The child, its signals back to their defaults (ignored ones
+        stay ignored), exits with the status ``child()`` returns (1 if it
+        raises): it never comes back into the caller's code."""
         sys.stdout.flush()  # nothing buffered is written twice
         sys.stderr.flush()
         # Blocked across the fork: the child must not run our handler.
@@ -188,8 +198,7 @@ class Interruption:
         try:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child
-                self._become_child(mask)
-                return 0
+                _become_child(child, mask, (self.fd, self._wake))
             try:
                 os.setpgid(pid, pid)  # also done by the child: whichever runs first
             except OSError:
@@ -201,23 +210,27 @@ class Interruption:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
-    def _become_child(self, mask: Iterable[int]) -> None:  # pragma: no cover - in the child
-        try:
-            os.setpgid(0, 0)
-            for signum in self._previous:
-                signal.signal(signum, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            os.close(self.fd)
-            os.close(self._wake)
-        except BaseException:
-            os._exit(1)  # never back into the parent's code
-
     def _handle(self, signum: int, _: object) -> None:
         if self.signum is None:
             self.signum = signum
             os.write(self._wake, b"!")
         for pgid in self._groups:
             _kill_group(pgid)
+
+
+def _become_child(child: Callable[[], int], mask: Iterable[int], ours: Iterable[int]) -> None:  # pragma: no cover
+    code = 1
+    try:
+        os.setpgid(0, 0)
+        for signum in _SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, signal.SIG_DFL)  # also a caller's own, off the main thread
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for fd in ours:
+            os.close(fd)
+        code = child()
+    finally:
+        os._exit(code)
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
