@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -158,8 +159,8 @@ def job(send):
         os._exit(0)
     os.setpgid(other, other)
     os.setpgid(0, other)  # out of reach of the SIGKILL to its own group, as one stuck in the kernel is
-    with open(sys.argv[1], "w"):
-        pass
+    with open(sys.argv[1], "w") as fifo:
+        fifo.write("closed")
     time.sleep(600)
     return 0
 
@@ -171,18 +172,18 @@ run_watched([job], 600)
 def test_a_signal_ends_the_wait_for_a_child_that_closed_its_pipe_but_lingers(tmp_path, children):
     # Regression: the signal was recorded, but the wait for a child that
     # SIGKILL does not end went on to the deadline (here 600 s).
-    ready = tmp_path / "closed"
+    fifo = tmp_path / "closed"
+    os.mkfifo(fifo)
+    ready = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     marker = f"{os.getpid()}-{os.urandom(4).hex()}"
-    caller = children.python(CLOSE_AND_LINGER, str(ready), env=child_env(TOILCOORD_CLEANUP_MARK=marker))
+    caller = children.python(CLOSE_AND_LINGER, str(fifo), env=child_env(TOILCOORD_CLEANUP_MARK=marker))
     try:
-        for _ in range(1000):  # bounded: 10 s
-            if ready.exists():
-                break
-            time.sleep(0.01)
-        assert ready.exists(), "the job closed its pipe"
+        select.select([ready], [], [], 10)
+        assert os.read(ready, 16) == b"closed", "the job closed its pipe"
         caller.send_signal(signal.SIGTERM)
         assert caller.wait(timeout=30) == 128 + signal.SIGTERM
     finally:
+        os.close(ready)
         _kill_marked(marker)  # the child the command abandoned, as it would one stuck in the kernel
 
 
